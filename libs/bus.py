@@ -1,0 +1,613 @@
+"""The bus: how a service consumes and emits contract events with at-least-once delivery and
+exactly-once effects.
+
+Consumer policy, for every subscribed contract:
+
+1. The message is parsed and validated here (not in the framework): not JSON, not an envelope,
+   an unknown major version, the wrong event type or a schema violation each go straight to the
+   dead-letter topic with a reason code.
+2. The handler runs inside one PostgreSQL transaction together with the inbox row (the event id
+   for this consumer group) and the outbox rows of every event it emits. A redelivered event
+   finds its inbox row and is skipped: the effect happens once.
+3. A handler that raises is retried with exponential backoff, each attempt in a fresh
+   transaction; after the last attempt the message is dead-lettered (through the outbox, in the
+   same transaction as its inbox row) and the consumer goes on.
+4. Only then is the offset committed. A database outage is not the message's fault: the
+   message is not dead-lettered but rewound and retried.
+
+Emitted events are published right after the transaction commits; a relay publishes whatever
+that missed (a crash, a broker outage) and, when the broker has lost its topics (a restarted
+embedded broker), re-publishes the retained outbox so downstream work is re-derived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import asyncpg
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.kafka.publisher.usecase import DefaultPublisher
+from pydantic import ValidationError
+
+from visionloop.contracts import (
+    SUPPORTED_MAJOR,
+    SYSTEM_PROJECT,
+    DeadLetter,
+    DeadLetterReason,
+    Envelope,
+    EnvelopeHeader,
+    OriginalMessage,
+    Payload,
+    PipelineStatus,
+    StatusKind,
+)
+from visionloop.contracts.topics import TOPICS, TopicSpec, spec_for
+from visionloop.libs import kafka
+from visionloop.libs.db import BUS_MIGRATIONS, Migration, discover, migrate, quote_ident
+from visionloop.libs.settings import Settings
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P", bound=Payload)
+
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    ConnectionError,
+)
+"""Failures of the platform, not of the message: rewind and retry, never dead-letter."""
+
+
+class PermanentError(Exception):
+    """Raised by a handler for a message that can never succeed: dead-lettered without retries."""
+
+
+@dataclass
+class _Outgoing:
+    envelope: Envelope[Any]
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: dict[str, str]
+    outbox_id: int | None = None
+
+
+@dataclass
+class Unit(Generic[P]):
+    """What a handler gets besides its event: the open transaction and a way to emit events.
+
+    Everything done through `conn` and every `emit` commit together, or not at all.
+    """
+
+    conn: asyncpg.Connection
+    runtime: "Runtime"
+    event: Envelope[P] | None = None
+    emitted: list[_Outgoing] = field(default_factory=list)
+
+    @property
+    def schema(self) -> str:
+        """The service's own schema, quoted, for use in SQL text."""
+        return quote_ident(self.runtime.schema)
+
+    def emit(
+        self,
+        payload: Payload,
+        *,
+        project: str | None = None,
+        key: str | None = None,
+        correlation_id: str | None = None,
+    ) -> Envelope[Any]:
+        """Queue `payload` for publishing when the transaction commits.
+
+        The envelope is filled in: a new event id, this service as producer, and project,
+        correlation and causation taken from the incoming event unless given.
+        """
+        if project is None:
+            if self.event is None:
+                raise ValueError("emit outside a handler needs project=")
+            project = self.event.project
+        envelope = Envelope.of(
+            payload,
+            producer=self.runtime.producer,
+            project=project,
+            correlation_id=correlation_id,
+            causation=self.event,
+        )
+        self.emitted.append(self.runtime._outgoing(envelope, key))
+        return envelope
+
+
+Handler = Callable[[Envelope[P], Unit[P]], Awaitable[None]]
+
+
+@dataclass
+class _Subscription:
+    spec: TopicSpec
+    handler: Handler[Any]
+    group: str
+    model: type[Envelope[Any]]
+
+
+class Runtime:
+    """One service's connection to the loop: broker, database schema, handlers, outbox relay.
+
+    Build it, register handlers with `consume` and emitted contracts with `produces`, then
+    `start()`. The composition root owns it; services only receive it.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        settings: Settings,
+        *,
+        pool: asyncpg.Pool | None,
+        migrations: Iterable[Migration] = (),
+        description: str | None = None,
+    ) -> None:
+        self.service = service
+        self.settings = settings
+        self.pool = pool
+        self.schema = settings.schema_for(service)
+        self.producer = f"{service}/{settings.instance}"
+        self.description = description
+        self.broker: KafkaBroker = kafka.make_broker(settings, service)
+        self.counters: Counter[str] = Counter()
+        self._migrations = discover("bus", BUS_MIGRATIONS) + list(migrations)
+        self._subscriptions: list[_Subscription] = []
+        self._publishers: dict[type[Payload], DefaultPublisher] = {}
+        self._published_ids: list[int] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started_at = time.monotonic()
+        self._epoch: str | None = None
+        self.produces(DeadLetter, PipelineStatus)
+
+    # -- wiring -------------------------------------------------------------------------------
+    def produces(self, *payloads: type[Payload]) -> None:
+        """Declare contracts this service emits (they appear in the AsyncAPI document)."""
+        for payload in payloads:
+            if payload in self._publishers:
+                continue
+            spec = spec_for(payload)
+            self._publishers[payload] = self.broker.publisher(
+                self.settings.topic(spec.name),
+                schema=Envelope[payload],  # type: ignore[valid-type]
+                title=f"{self.service}: {spec.name}",
+                description=f"{payload.__doc__ or ''} Key: {spec.key}.".strip(),
+            )
+
+    def consume(
+        self,
+        payload: type[P],
+        handler: Handler[P],
+        *,
+        group: str | None = None,
+        description: str | None = None,
+    ) -> None:
+        """Run `handler` for every `payload` event, under the consumer policy of this module."""
+        spec = spec_for(payload)
+        group = group or f"{self.settings.topic_prefix}{self.service}.{spec.payload.event_type}"
+        model = Envelope[payload]  # type: ignore[valid-type]
+        sub = _Subscription(spec, handler, group, model)
+        self._subscriptions.append(sub)
+
+        async def on_message(message: Any) -> None:
+            await self._on_message(sub, message)
+
+        # The annotation is what FastStream documents in AsyncAPI; the body arrives raw
+        # (the decoder hands over the framework message) and is validated in _on_message.
+        on_message.__annotations__ = {"message": model, "return": None}
+        on_message.__name__ = f"{self.service}_{spec.payload.event_type.replace('.', '_')}"
+        self.broker.subscriber(
+            self.settings.topic(spec.name),
+            group_id=group,
+            auto_offset_reset="earliest",
+            ack_policy=AckPolicy.NACK_ON_ERROR,
+            session_timeout_ms=self.settings.session_timeout_ms,
+            heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
+            decoder=_raw,
+            title=f"{self.service}: {spec.name}",
+            description=description or handler.__doc__,
+        )(on_message)
+
+    @property
+    def subscriptions(self) -> list[tuple[str, str]]:
+        """(topic, consumer group) of every handler."""
+        return [(self.settings.topic(s.spec.name), s.group) for s in self._subscriptions]
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Migrate the schema, create topics, check the broker epoch, start consuming."""
+        if self.pool is not None:
+            await migrate(self.pool, self.schema, self._migrations)
+        specs = {s.spec for s in self._subscriptions} | {spec_for(p) for p in self._publishers}
+        await kafka.ensure_topics(self.settings, specs)
+        if self.pool is not None:
+            await self._check_epoch()
+        await self.broker.start()
+        if self.pool is not None:
+            self._tasks.append(asyncio.create_task(self._relay_loop(), name=f"{self.service}-relay"))
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name=f"{self.service}-heartbeat"))
+        await self.status(StatusKind.STARTED)
+        log.info("%s started: %d handlers, schema %s", self.service, len(self._subscriptions), self.schema)
+
+    async def stop(self) -> None:
+        """Stop consuming, flush the outbox marks, close the broker connection."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        with contextlib.suppress(Exception):
+            await self.status(StatusKind.STOPPED)
+        await self.broker.stop()
+        if self.pool is not None:
+            with contextlib.suppress(Exception):
+                await self._flush_published_marks()
+
+    # -- emitting outside a handler (HTTP endpoints, timers) ---------------------------------------
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Unit[Any]]:
+        """A unit of work not caused by an event; emitted events publish after it commits."""
+        if self.pool is None:
+            raise RuntimeError(f"{self.service} has no database")
+        async with self.pool.acquire() as conn:
+            unit: Unit[Any] = Unit(conn=conn, runtime=self)
+            async with conn.transaction():
+                yield unit
+                await self._store_outbox(conn, unit.emitted)
+        await self._publish_after_commit(unit.emitted)
+
+    async def emit(self, payload: Payload, *, project: str, key: str | None = None, correlation_id: str | None = None) -> Envelope[Any]:
+        """Emit one event in a transaction of its own (durable through the outbox)."""
+        async with self.transaction() as unit:
+            return unit.emit(payload, project=project, key=key, correlation_id=correlation_id)
+
+    async def publish_now(self, envelope: Envelope[Any], key: str | None = None) -> None:
+        """Publish without the outbox: only for ephemeral facts (heartbeats, progress)."""
+        out = self._outgoing(envelope, key)
+        await self._send(out)
+
+    async def status(self, kind: StatusKind, **fields: Any) -> None:
+        """Publish a pipeline status event for this instance (best effort)."""
+        payload = PipelineStatus(
+            service=self.service,
+            instance=self.settings.instance,
+            kind=kind,
+            uptime_s=time.monotonic() - self._started_at,
+            counters=dict(self.counters),
+            **fields,
+        )
+        envelope = Envelope.of(payload, producer=self.producer, project=SYSTEM_PROJECT)
+        try:
+            await self.publish_now(envelope)
+        except Exception as exc:  # status is advisory; never fail the service for it
+            log.warning("%s: status not published: %s", self.service, exc)
+
+    # -- consuming --------------------------------------------------------------------------------
+    async def _on_message(self, sub: _Subscription, message: KafkaMessage) -> None:
+        record = message.raw_message
+        self.counters["received"] += 1
+        event, reason, problem = self._parse(sub, record.value)
+        if event is None:
+            assert reason is not None
+            await self._dead_letter(sub, record, reason, problem, attempts=1, event_id=None, error_type=None)
+            return
+        attempts = 0
+        backoff = self.settings.retry_backoff_ms / 1000
+        while True:
+            attempts += 1
+            try:
+                handled = await self._handle_once(sub, event)
+                self.counters["handled" if handled else "duplicates_skipped"] += 1
+                return
+            except INFRASTRUCTURE_ERRORS as exc:
+                # Not the message's fault: back off, then rewind (FastStream nacks on raise).
+                log.warning("%s: infrastructure error on %s, will redeliver: %s", self.service, sub.spec.name, exc)
+                self.counters["infrastructure_errors"] += 1
+                await asyncio.sleep(min(backoff * 4, self.settings.retry_backoff_max_ms / 1000))
+                raise
+            except Exception as exc:
+                permanent = isinstance(exc, PermanentError)
+                if permanent or attempts >= self.settings.handler_max_attempts:
+                    log.error(
+                        "%s: %s %s failed %d time(s), dead-lettering: %r",
+                        self.service, sub.spec.payload.event_type, event.event_id, attempts, exc,
+                    )
+                    await self._dead_letter(
+                        sub, record, DeadLetterReason.HANDLER_FAILED, f"{type(exc).__name__}: {exc}",
+                        attempts=attempts, event_id=event.event_id, error_type=type(exc).__name__,
+                        envelope=event,
+                    )
+                    return
+                self.counters["retries"] += 1
+                delay = min(backoff * 2 ** (attempts - 1), self.settings.retry_backoff_max_ms / 1000)
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+
+    def _parse(
+        self, sub: _Subscription, value: bytes | None
+    ) -> tuple[Envelope[Any] | None, DeadLetterReason | None, str]:
+        """Validate a raw message; on failure say why, as a dead-letter reason and a sentence."""
+        try:
+            data = json.loads(value or b"")
+        except (ValueError, UnicodeDecodeError) as exc:
+            return None, DeadLetterReason.NOT_JSON, f"the message is not JSON: {exc}"
+        try:
+            header = EnvelopeHeader.model_validate(data)
+        except ValidationError as exc:
+            return None, DeadLetterReason.NOT_AN_ENVELOPE, f"the message is not a visionloop envelope: {_brief(exc)}"
+        major = int(header.schema_version.split(".", 1)[0])
+        if major != SUPPORTED_MAJOR:
+            return None, DeadLetterReason.UNSUPPORTED_VERSION, (
+                f"schema_version {header.schema_version} has major {major}; this consumer reads "
+                f"major {SUPPORTED_MAJOR} (a new major travels on a new topic)"
+            )
+        if header.event_type != sub.spec.payload.event_type:
+            return None, DeadLetterReason.UNEXPECTED_EVENT_TYPE, (
+                f"event_type {header.event_type!r} on topic {sub.spec.name}, which carries "
+                f"{sub.spec.payload.event_type!r}"
+            )
+        try:
+            return sub.model.model_validate(data), None, ""
+        except ValidationError as exc:
+            return None, DeadLetterReason.SCHEMA_VIOLATION, f"the payload breaks the {sub.spec.name} schema: {_brief(exc)}"
+
+    async def _handle_once(self, sub: _Subscription, event: Envelope[Any]) -> bool:
+        """One attempt in one transaction; False when the inbox says it was handled already."""
+        assert self.pool is not None, "consumers need a database (inbox)"
+        async with self.pool.acquire() as conn:
+            unit: Unit[Any] = Unit(conn=conn, runtime=self, event=event)
+            async with conn.transaction():
+                fresh = await conn.fetchval(
+                    f"INSERT INTO {quote_ident(self.schema)}.inbox (consumer_group, event_id) "
+                    "VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",
+                    sub.group,
+                    event.event_id,
+                )
+                if not fresh:
+                    return False
+                await sub.handler(event, unit)
+                await self._store_outbox(conn, unit.emitted)
+        await self._publish_after_commit(unit.emitted)
+        return True
+
+    async def _dead_letter(
+        self,
+        sub: _Subscription,
+        record: Any,
+        reason: DeadLetterReason,
+        problem: str,
+        *,
+        attempts: int,
+        event_id: Any,
+        error_type: str | None,
+        envelope: Envelope[Any] | None = None,
+    ) -> None:
+        """Send a message to the dead-letter topic, durably, and record it in the inbox."""
+        value: bytes = record.value or b""
+        try:
+            text, b64 = value.decode("utf-8"), None
+        except UnicodeDecodeError:
+            text, b64 = None, base64.b64encode(value).decode("ascii")
+        original = OriginalMessage(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key.decode("utf-8", "replace") if record.key else None,
+            headers={k: v.decode("utf-8", "replace") for k, v in (record.headers or ())},
+            value_text=text,
+            value_base64=b64,
+            timestamp_ms=record.timestamp,
+        )
+        letter = DeadLetter(
+            reason=reason,
+            message=problem[:4096],
+            error_type=error_type,
+            consumer_group=sub.group,
+            service=self.service,
+            attempts=attempts,
+            original_event_id=str(event_id) if event_id else None,
+            original=original,
+        )
+        self.counters[f"dead_lettered.{reason.value}"] += 1
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            unit: Unit[Any] = Unit(conn=conn, runtime=self, event=envelope)
+            async with conn.transaction():
+                if event_id is not None:
+                    await conn.execute(
+                        f"INSERT INTO {quote_ident(self.schema)}.inbox (consumer_group, event_id, outcome) "
+                        "VALUES ($1, $2, 'dead_lettered') ON CONFLICT DO NOTHING",
+                        sub.group,
+                        event_id,
+                    )
+                unit.emit(letter, project=envelope.project if envelope else SYSTEM_PROJECT)
+                await self._store_outbox(conn, unit.emitted)
+        await self._publish_after_commit(unit.emitted)
+
+    # -- outbox -----------------------------------------------------------------------------------
+    def _outgoing(self, envelope: Envelope[Any], key: str | None) -> _Outgoing:
+        payload_type = type(envelope.payload)
+        if payload_type not in self._publishers:
+            raise ValueError(
+                f"{self.service} emits {payload_type.__name__} without declaring it: call "
+                f"runtime.produces({payload_type.__name__})"
+            )
+        spec = TOPICS[payload_type]
+        key = key if key is not None else spec.key_of(envelope)
+        return _Outgoing(
+            envelope=envelope,
+            topic=self.settings.topic(spec.name),
+            key=key.encode() if key is not None else None,
+            value=envelope.model_dump_json().encode(),
+            headers={
+                "event_type": envelope.event_type,
+                "schema_version": envelope.schema_version,
+                "event_id": str(envelope.event_id),
+            },
+        )
+
+    async def _store_outbox(self, conn: asyncpg.Connection, outgoing: list[_Outgoing]) -> None:
+        if not outgoing:
+            return
+        rows = await conn.fetch(
+            f"""INSERT INTO {quote_ident(self.schema)}.outbox (event_id, topic, key, value, headers)
+                SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::bytea[], $5::jsonb[])
+                RETURNING id""",
+            [o.envelope.event_id for o in outgoing],
+            [o.topic for o in outgoing],
+            [o.key for o in outgoing],
+            [o.value for o in outgoing],
+            [json.dumps(o.headers) for o in outgoing],
+        )
+        for out, row in zip(outgoing, rows, strict=True):
+            out.outbox_id = row["id"]
+
+    async def _send(self, out: _Outgoing) -> None:
+        publisher = self._publishers[type(out.envelope.payload)]
+        await publisher.publish(
+            out.value,
+            topic=out.topic,
+            key=out.key,
+            headers=out.headers,
+            correlation_id=out.envelope.correlation_id,
+        )
+        self.counters["published"] += 1
+
+    async def _publish_after_commit(self, outgoing: list[_Outgoing]) -> None:
+        """Fast path: publish what was just committed; the relay covers any failure here."""
+        for out in outgoing:
+            try:
+                await self._send(out)
+            except Exception as exc:
+                log.warning("%s: publish to %s deferred to the relay: %s", self.service, out.topic, exc)
+                self.counters["publish_deferred"] += 1
+                return
+            if out.outbox_id is not None:
+                self._published_ids.append(out.outbox_id)
+
+    async def _flush_published_marks(self) -> None:
+        if not self._published_ids or self.pool is None:
+            return
+        ids, self._published_ids = self._published_ids, []
+        await self.pool.execute(
+            f"UPDATE {quote_ident(self.schema)}.outbox SET published_at = now() "
+            "WHERE id = ANY($1::bigint[]) AND published_at IS NULL",
+            ids,
+        )
+
+    async def relay_once(self, *, min_age_s: float = 2.0, limit: int = 500) -> int:
+        """Publish unpublished outbox rows older than `min_age_s`; return how many went out."""
+        assert self.pool is not None
+        await self._flush_published_marks()
+        schema = quote_ident(self.schema)
+        sent = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            # SKIP LOCKED lets several replicas of one service relay without sending a row twice.
+            rows = await conn.fetch(
+                f"""SELECT id, topic, key, value, headers FROM {schema}.outbox
+                    WHERE published_at IS NULL AND created_at < now() - make_interval(secs => $1)
+                    ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED""",
+                min_age_s,
+                limit,
+            )
+            done = []
+            for row in rows:
+                headers = json.loads(row["headers"])
+                try:
+                    await self.broker.publish(
+                        bytes(row["value"]),
+                        topic=row["topic"],
+                        key=bytes(row["key"]) if row["key"] is not None else None,
+                        headers=headers,
+                    )
+                except Exception as exc:
+                    log.warning("%s: relay could not publish to %s: %s", self.service, row["topic"], exc)
+                    break
+                done.append(row["id"])
+            if done:
+                await conn.execute(
+                    f"UPDATE {schema}.outbox SET published_at = now() WHERE id = ANY($1::bigint[])", done
+                )
+                sent = len(done)
+                self.counters["relayed"] += sent
+            await conn.execute(
+                f"DELETE FROM {schema}.outbox WHERE published_at < now() - make_interval(secs => $1)",
+                self.settings.outbox_retention_s,
+            )
+        return sent
+
+    async def _check_epoch(self) -> None:
+        """Replay the retained outbox when the broker is not the one this schema last saw."""
+        assert self.pool is not None
+        epoch = await kafka.broker_epoch(self.settings)
+        self._epoch = epoch
+        schema = quote_ident(self.schema)
+        async with self.pool.acquire() as conn, conn.transaction():
+            last = await conn.fetchval(
+                f"SELECT value FROM {schema}.bus_state WHERE name = 'broker_epoch' FOR UPDATE"
+            )
+            if last == epoch:
+                return
+            if last is not None:
+                replayed = await conn.execute(
+                    f"UPDATE {schema}.outbox SET published_at = NULL WHERE published_at IS NOT NULL"
+                )
+                log.warning(
+                    "%s: the broker lost its topics (new epoch); re-publishing retained events (%s)",
+                    self.service, replayed,
+                )
+                self.counters["epoch_replays"] += 1
+            await conn.execute(
+                f"""INSERT INTO {schema}.bus_state (name, value) VALUES ('broker_epoch', $1)
+                    ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value""",
+                epoch,
+            )
+
+    async def _relay_loop(self) -> None:
+        ticks = 0
+        while True:
+            await asyncio.sleep(self.settings.outbox_relay_interval_s)
+            ticks += 1
+            try:
+                if ticks % 30 == 0:
+                    await self._check_epoch()
+                while await self.relay_once() > 0:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("%s: outbox relay: %s", self.service, exc)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            await self.status(StatusKind.HEARTBEAT)
+
+
+async def _raw(message: KafkaMessage) -> KafkaMessage:
+    """FastStream decoder that hands the framework message itself to the bus."""
+    return message
+
+
+def _brief(exc: ValidationError) -> str:
+    """A validation error in one line: the first few problems with their locations."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{loc}: {err['msg']}")
+    more = f" (+{exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+    return "; ".join(parts) + more

@@ -1,0 +1,42 @@
+"""What a service is, to the composition root: a name, its migrations and a wiring function.
+
+A service module declares one `SPEC = ServiceSpec(...)`. Its `wire` function receives the
+runtime (bus, schema) and the shared adapters, registers handlers and emitted contracts, and
+may return an ASGI app that the root serves on the service's HTTP port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from visionloop.libs.blob import BlobStore
+from visionloop.libs.bus import Runtime
+from visionloop.libs.db import Migration, discover
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """The I/O a service may use besides the bus; built once per process by the root."""
+
+    blobs: BlobStore
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One of the loop's services."""
+
+    name: str
+    description: str
+    wire: Callable[[Runtime, Adapters], Any]
+    """Registers handlers on the runtime; returns an ASGI app, or None."""
+    migrations_dir: Path | None = None
+    http_port_setting: str | None = None
+    """Name of the Settings field holding the HTTP port, for services with an HTTP API."""
+
+    @property
+    def migrations(self) -> list[Migration]:
+        """The service's own SQL migrations, in order."""
+        return discover(self.name, self.migrations_dir) if self.migrations_dir else []

@@ -1,0 +1,220 @@
+"""Configuration: environment variables with the `VL_` prefix, or a YAML/TOML file.
+
+Precedence, highest first: explicit arguments, `VL_*` environment variables, the file named by
+`VL_CONFIG` (or `--config`), built-in defaults. With `kafka_bootstrap` and `database_url` unset,
+`visionloop up` starts the embedded broker and PostgreSQL and fills them in.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Reads settings from the YAML or TOML file named by `VL_CONFIG`."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        if path is not None:
+            text = path.read_text(encoding="utf-8")
+            data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+            if not isinstance(data, dict):
+                raise ValueError(f"config file {path} must hold a mapping of settings")
+            self._data = {str(k).lower(): v for k, v in data.items()}
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+def _read_secret_file(path: str | None) -> SecretStr | None:
+    if not path:
+        return None
+    return SecretStr(Path(path).read_text(encoding="utf-8").strip())
+
+
+class Settings(BaseSettings):
+    """Everything a visionloop process can be told. Field names map to `VL_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="VL_", extra="ignore", validate_default=True)
+
+    # -- where state lives ----------------------------------------------------------------
+    state_dir: Path = Field(
+        default=Path(".visionloop"),
+        description="Project-local folder for the embedded PostgreSQL data, blobs and logs.",
+    )
+    blob_url: str | None = Field(
+        default=None,
+        description="Blob store: `file:///path` (default `<state_dir>/blobs`) or `s3://bucket/prefix`.",
+    )
+
+    # -- Kafka ---------------------------------------------------------------------------
+    kafka_bootstrap: str | None = Field(
+        default=None, description="`host:port[,host:port]`; unset means the embedded broker."
+    )
+    kafka_embedded: bool = Field(
+        default=False,
+        description=(
+            "The broker at `kafka_bootstrap` is the embedded one (set by `visionloop up` for the "
+            "processes it starts): short group timeouts, memory-only topics."
+        ),
+    )
+    kafka_port: int = Field(default=0, ge=0, le=65535, description="Embedded broker port; 0 = free.")
+    kafka_client_id: str = "visionloop"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: str | None = Field(
+        default=None, description="File holding the SASL password (preferred over the variable)."
+    )
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+    kafka_session_timeout_ms: int | None = Field(
+        default=None,
+        description="Consumer session timeout; default 2000 on the embedded broker, 10000 elsewhere.",
+    )
+    kafka_heartbeat_interval_ms: int | None = Field(
+        default=None, description="Default 500 on the embedded broker, 3000 elsewhere."
+    )
+    kafka_replication_factor: int = Field(default=1, ge=1, description="For topics created at start.")
+    topic_prefix: str = Field(
+        default="", description="Prepended to every topic name (isolation of tests or tenants)."
+    )
+
+    # -- PostgreSQL ----------------------------------------------------------------------
+    database_url: str | None = Field(
+        default=None, description="`postgresql://...`; unset means the embedded PostgreSQL."
+    )
+    database_password_file: str | None = Field(
+        default=None, description="File holding the database password, merged into the URL."
+    )
+    db_pool_min: int = Field(default=1, ge=0)
+    db_pool_max: int = Field(default=8, ge=1)
+    schema_prefix: str = Field(
+        default="", description="Prepended to each service's schema name (isolation of tests)."
+    )
+
+    # -- consumer policy -------------------------------------------------------------------
+    handler_max_attempts: int = Field(
+        default=3, ge=1, le=20, description="Attempts of a failing handler before dead-lettering."
+    )
+    retry_backoff_ms: int = Field(default=200, ge=0, description="First retry delay; doubles.")
+    retry_backoff_max_ms: int = Field(default=5000, ge=0)
+    outbox_relay_interval_s: float = Field(
+        default=1.0, gt=0, description="How often unpublished outbox rows are swept."
+    )
+    outbox_retention_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="Published events kept this long so a fresh broker can be re-fed (replay).",
+    )
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+
+    # -- HTTP ------------------------------------------------------------------------------
+    http_host: str = Field(default="127.0.0.1", description="Bind address of the HTTP services.")
+    ingest_port: int = Field(default=8081, ge=0, le=65535)
+    gateway_port: int = Field(default=8080, ge=0, le=65535)
+    distributor_port: int = Field(default=8082, ge=0, le=65535)
+
+    # -- ingest limits (the intake issue extends these) -------------------------------------
+    ingest_file_root: Path | None = Field(
+        default=None, description="`file://` sources must lie under this folder; unset refuses them."
+    )
+    ingest_inline_max_bytes: int = Field(default=2 * 1024 * 1024, ge=1)
+    ingest_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+    ingest_max_pixels: int = Field(default=80_000_000, ge=1)
+    ingest_max_frames: int = Field(default=1, ge=1)
+    ingest_formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
+
+    instance: str = Field(default_factory=socket.gethostname, description="Names this process.")
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config = os.environ.get("VL_CONFIG")
+        return (init_settings, env_settings, _FileSource(settings_cls, Path(config) if config else None))
+
+    @field_validator("topic_prefix", "schema_prefix")
+    @classmethod
+    def _safe_prefix(cls, value: str) -> str:
+        if value and not all(c.isalnum() or c in "._-" for c in value):
+            raise ValueError("prefixes may hold letters, digits, '.', '_' and '-' only")
+        return value
+
+    # -- derived values --------------------------------------------------------------------
+    @property
+    def embedded_kafka(self) -> bool:
+        """True when no external broker is configured."""
+        return self.kafka_bootstrap is None
+
+    @property
+    def session_timeout_ms(self) -> int:
+        """Consumer session timeout in force (the embedded broker joins in half of it)."""
+        if self.kafka_session_timeout_ms is not None:
+            return self.kafka_session_timeout_ms
+        return 2000 if self._tansu else 10000
+
+    @property
+    def heartbeat_interval_ms(self) -> int:
+        """Consumer heartbeat interval in force."""
+        if self.kafka_heartbeat_interval_ms is not None:
+            return self.kafka_heartbeat_interval_ms
+        return 500 if self._tansu else 3000
+
+    @property
+    def _tansu(self) -> bool:
+        return self.embedded_kafka or self.kafka_embedded
+
+    @property
+    def sasl_password(self) -> SecretStr | None:
+        """The SASL password, from its file when one is named."""
+        return _read_secret_file(self.kafka_sasl_password_file) or self.kafka_sasl_password
+
+    @property
+    def blob_location(self) -> str:
+        """The blob store URL in force."""
+        return self.blob_url or (self.state_dir.resolve() / "blobs").as_uri()
+
+    def schema_for(self, service: str) -> str:
+        """PostgreSQL schema owned by `service` (hyphens become underscores)."""
+        return f"{self.schema_prefix}{service}".replace("-", "_").lower()
+
+    def topic(self, name: str) -> str:
+        """A registry topic name with this deployment's prefix."""
+        return f"{self.topic_prefix}{name}"
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings as a dict with secrets and URL passwords masked, safe to print or log."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        data = self.model_dump(mode="json")
+        for key in ("kafka_sasl_password",):
+            if data.get(key):
+                data[key] = "***"
+        url = data.get("database_url")
+        if url:
+            parts = urlsplit(url)
+            if parts.password:
+                netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+                data["database_url"] = urlunsplit(parts._replace(netloc=netloc))
+        return data

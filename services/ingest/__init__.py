@@ -1,0 +1,1 @@
+"""ingest: step 1 of the loop (see service.py)."""

@@ -1,0 +1,79 @@
+"""Session fixtures: one real Tansu broker and one real PostgreSQL for the whole test run.
+
+Each test gets its own topic prefix and schema prefix, so tests never see each other's
+messages or tables. Everything listens on loopback or a Unix socket.
+
+`VL_TEST_DATABASE_URL` points the suite at an existing PostgreSQL (CI may start Debian's)
+instead of the embedded pgserver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from visionloop.libs.embedded import EmbeddedBroker, EmbeddedPostgres
+from visionloop.libs.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_STATE = REPO / ".visionloop" / "test"
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """A real Kafka-protocol broker (Tansu) on a free loopback port, for the whole session."""
+    broker = EmbeddedBroker(TEST_STATE / "logs" / f"broker-{os.getpid()}.log")
+    yield broker.start()
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A real PostgreSQL: VL_TEST_DATABASE_URL, or pgserver under the project's state folder."""
+    external = os.environ.get("VL_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    postgres = EmbeddedPostgres(TEST_STATE / "postgres")
+    yield postgres.start()
+    postgres.stop()
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, database_url: str, tmp_path: Path) -> Settings:
+    """Settings for one test: own topics, own schemas, own blob folder, fast retries."""
+    tag = uuid.uuid4().hex[:8]
+    return Settings(
+        state_dir=tmp_path / "state",
+        kafka_bootstrap=kafka_bootstrap,
+        kafka_embedded=True,
+        database_url=database_url,
+        blob_url=(tmp_path / "blobs").as_uri(),
+        topic_prefix=f"t{tag}.",
+        schema_prefix=f"t{tag}_",
+        retry_backoff_ms=20,
+        retry_backoff_max_ms=200,
+        outbox_relay_interval_s=0.2,
+        heartbeat_interval_s=1.0,
+        instance=f"test-{tag}",
+    )
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """An asyncpg pool on the test database; drops this test's schemas afterwards."""
+    p = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
+    assert p is not None
+    yield p
+    schemas = await p.fetch(
+        "SELECT nspname FROM pg_namespace WHERE nspname LIKE $1", settings.schema_prefix + "%"
+    )
+    for row in schemas:
+        await p.execute(f'DROP SCHEMA IF EXISTS "{row["nspname"]}" CASCADE')
+    await p.close()

@@ -1,0 +1,88 @@
+"""The composition root: the one place that wires real adapters to services in a process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import uvicorn
+
+from visionloop import services
+from visionloop.libs.blob import open_blob_store
+from visionloop.libs.bus import Runtime
+from visionloop.libs.db import create_pool
+from visionloop.libs.service import Adapters, ServiceSpec
+from visionloop.libs.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_runtime(spec: ServiceSpec, settings: Settings, pool: asyncpg.Pool | None, adapters: Adapters) -> tuple[Runtime, Any]:
+    """A service's runtime with its handlers wired; also its ASGI app, if it has one."""
+    runtime = Runtime(
+        spec.name, settings, pool=pool, migrations=spec.migrations, description=spec.description
+    )
+    app = spec.wire(runtime, adapters)
+    return runtime, app
+
+
+@dataclass
+class ServiceHost:
+    """Runs some of the loop's services in this process against configured infrastructure."""
+
+    settings: Settings
+    names: list[str]
+    runtimes: list[Runtime] = field(default_factory=list)
+    endpoints: dict[str, str] = field(default_factory=dict)
+    _pool: asyncpg.Pool | None = None
+    _servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        """Connect, migrate, create topics and start every service (all or nothing)."""
+        self._pool = await create_pool(self.settings)
+        adapters = Adapters(blobs=open_blob_store(self.settings.blob_location))
+        try:
+            for name in self.names:
+                spec = services.get(name)
+                runtime, app = build_runtime(spec, self.settings, self._pool, adapters)
+                await runtime.start()
+                self.runtimes.append(runtime)
+                if app is not None and spec.http_port_setting:
+                    await self._serve(spec.name, app, getattr(self.settings, spec.http_port_setting))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _serve(self, name: str, app: Any, port: int) -> None:
+        config = uvicorn.Config(app, host=self.settings.http_host, port=port, log_level="warning", lifespan="off")
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve(), name=f"{name}-http")
+        while not server.started:
+            if task.done():
+                task.result()  # raises the bind error
+                raise RuntimeError(f"{name}: HTTP server stopped during start-up")
+            await asyncio.sleep(0.02)
+        bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
+        self.endpoints[name] = f"http://{self.settings.http_host}:{bound}"
+        self._servers.append((server, task))
+
+    async def stop(self) -> None:
+        """Stop HTTP servers, then services in reverse order, then the pool."""
+        for server, task in self._servers:
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await task
+        self._servers.clear()
+        for runtime in reversed(self.runtimes):
+            try:
+                await runtime.stop()
+            except Exception as exc:
+                log.warning("%s did not stop cleanly: %s", runtime.service, exc)
+        self.runtimes.clear()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None

@@ -1,0 +1,383 @@
+"""The `visionloop` command: one vocabulary for running, inspecting and measuring the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from visionloop import __version__
+
+app = typer.Typer(
+    name="visionloop",
+    help="A closed loop that keeps object detectors learning from the images they see.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+contracts_app = typer.Typer(help="JSON Schemas and the AsyncAPI document of the contracts.", no_args_is_help=True)
+bench_app = typer.Typer(help="Committed benchmarks; results go to docs/benchmarks.md.", no_args_is_help=True)
+app.add_typer(contracts_app, name="contracts")
+app.add_typer(bench_app, name="bench")
+
+console = Console(stderr=True)
+out = Console()
+
+RUN_FILE = "run.json"
+"""Written by `up` under the state folder: where the running embedded stack can be reached."""
+
+
+def _settings(config: Path | None = None, **overrides: Any):  # noqa: ANN202 - Settings, imported lazily
+    if config is not None:
+        os.environ["VL_CONFIG"] = str(config)
+    from visionloop.libs.settings import Settings
+
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _attach(settings):  # noqa: ANN001, ANN202
+    """Fill unset infrastructure from the run file of a `visionloop up` in progress."""
+    if settings.kafka_bootstrap and settings.database_url:
+        return settings
+    path = settings.state_dir / RUN_FILE
+    if not path.exists():
+        console.print(
+            "[red]no infrastructure configured[/]: set VL_KAFKA_BOOTSTRAP and VL_DATABASE_URL, "
+            f"or start `visionloop up` (looked for {path})"
+        )
+        raise typer.Exit(2)
+    run = json.loads(path.read_text())
+    return settings.model_copy(
+        update={
+            "kafka_bootstrap": settings.kafka_bootstrap or run["kafka_bootstrap"],
+            "kafka_embedded": settings.kafka_bootstrap is None and run.get("kafka_embedded", False),
+            "database_url": settings.database_url or run["database_url"],
+            "blob_url": settings.blob_url or run.get("blob_url"),
+        }
+    )
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("aiokafka", "faststream", "visionloop.kafka", "pgserver"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML or TOML settings file (VL_CONFIG).")]
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out.print(__version__)
+
+
+@app.command()
+def up(
+    services: Annotated[str | None, typer.Option(help="Comma-separated services to run (default: all).")] = None,
+    smoke: Annotated[bool, typer.Option("--smoke", help="Push a sample image through, print the outcome, stop.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Start the embedded broker and PostgreSQL (unless configured externally) and every service.
+
+    Ctrl-C stops everything cleanly.
+    """
+    from visionloop import services as registry
+    from visionloop.app import ServiceHost
+    from visionloop.libs.embedded import EmbeddedStack
+
+    settings = _settings(config)
+    _logging(settings.log_level)
+    names = [n.strip() for n in services.split(",")] if services else list(registry.available())
+    for name in names:
+        registry.get(name)  # unknown names fail before anything starts
+    stack = EmbeddedStack(settings)
+    with console.status("starting the embedded broker and PostgreSQL"):
+        settings = stack.start()
+    run_file = settings.state_dir / RUN_FILE
+    try:
+        code = asyncio.run(_up(settings, names, run_file, smoke))
+    finally:
+        run_file.unlink(missing_ok=True)
+        with console.status("stopping the embedded broker and PostgreSQL"):
+            stack.stop()
+    console.print("[green]stopped cleanly[/]")
+    raise typer.Exit(code)
+
+
+async def _up(settings, names: list[str], run_file: Path, smoke: bool) -> int:  # noqa: ANN001
+    from visionloop.app import ServiceHost
+
+    host = ServiceHost(settings, names)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    with console.status(f"starting {len(names)} service(s)"):
+        await host.start()
+    try:
+        run_file.write_text(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "kafka_bootstrap": settings.kafka_bootstrap,
+                    "kafka_embedded": settings.kafka_embedded,
+                    "database_url": settings.database_url,
+                    "blob_url": settings.blob_location,
+                    "services": names,
+                    "endpoints": host.endpoints,
+                    "started_at": time.time(),
+                },
+                indent=2,
+            )
+        )
+        _print_where(settings, names, host.endpoints)
+        if smoke:
+            return await _smoke(settings)
+        console.print("[bold]running[/] — Ctrl-C to stop")
+        await stop.wait()
+        return 0
+    finally:
+        with console.status("stopping services"):
+            await host.stop()
+
+
+def _print_where(settings, names: list[str], endpoints: dict[str, str]) -> None:  # noqa: ANN001
+    table = Table(title="visionloop is up", show_header=False)
+    table.add_row("Kafka bootstrap", settings.kafka_bootstrap + ("  (embedded Tansu, memory only)" if settings.kafka_embedded else ""))
+    table.add_row("PostgreSQL", settings.redacted()["database_url"])
+    table.add_row("Blob store", settings.blob_location)
+    table.add_row("State folder", str(settings.state_dir))
+    table.add_row("Services", ", ".join(names) or "none")
+    for name, url in endpoints.items():
+        table.add_row(f"{name} HTTP", url)
+    table.add_row("Status", "visionloop status   (from another terminal)")
+    console.print(table)
+
+
+async def _smoke(settings) -> int:  # noqa: ANN001
+    """Publish one synthetic image as an upstream system would; wait for ingest's answer."""
+    from visionloop.libs.scenes import render_scene
+
+    scene = render_scene(seed=int(time.time()) % 100_000)
+    submission_id = f"smoke-{uuid.uuid4().hex[:8]}"
+    result = await submit_and_wait(settings, scene.encode(), project="demo", submission_id=submission_id, timeout_s=30)
+    if result is None:
+        console.print(f"[red]no answer for {submission_id} within 30 s[/]")
+        return 1
+    console.print(f"[green]sample image {submission_id}[/] -> {result['event_type']}: {json.dumps(result['payload'])[:400]}")
+    return 0 if result["event_type"] == "image.ingested" else 1
+
+
+async def submit_and_wait(settings, data: bytes, *, project: str, submission_id: str, timeout_s: float) -> dict[str, Any] | None:  # noqa: ANN001
+    """Submit inline bytes on the submit topic; return ingest's answer (or None on time-out)."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from visionloop.contracts import Envelope, ImageIngested, ImageRejected, ImageSubmitted, topic_of
+    from visionloop.libs.kafka import client_kwargs
+
+    kwargs = client_kwargs(settings)
+    answers = [topic_of(ImageIngested, settings.topic_prefix), topic_of(ImageRejected, settings.topic_prefix)]
+    consumer = AIOKafkaConsumer(*answers, **kwargs, auto_offset_reset="latest", enable_auto_commit=False)  # type: ignore[arg-type]
+    await consumer.start()
+    producer = AIOKafkaProducer(**kwargs, acks="all")  # type: ignore[arg-type]
+    await producer.start()
+    try:
+        await consumer.seek_to_end()
+        envelope = Envelope.of(
+            ImageSubmitted(submission_id=submission_id, inline_bytes=data, filename=f"{submission_id}.jpg"),
+            producer="visionloop-cli",
+            project=project,
+        )
+        await producer.send_and_wait(
+            topic_of(ImageSubmitted, settings.topic_prefix),
+            envelope.model_dump_json().encode(),
+            key=submission_id.encode(),
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for record in records:
+                    data_ = json.loads(record.value)
+                    if data_.get("payload", {}).get("submission_id") == submission_id:
+                        return data_
+        return None
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+@app.command()
+def run(
+    service: Annotated[str, typer.Argument(help="The service to run, e.g. ingest.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Run one service as its own process against configured infrastructure (VL_KAFKA_BOOTSTRAP, VL_DATABASE_URL)."""
+    from visionloop import services as registry
+
+    settings = _attach(_settings(config))
+    _logging(settings.log_level)
+    try:
+        registry.get(service)
+    except KeyError as exc:
+        console.print(f"[red]{exc.args[0]}[/]")
+        raise typer.Exit(2) from None
+
+    async def main() -> None:
+        from visionloop.app import ServiceHost
+
+        host = ServiceHost(settings, [service])
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await host.start()
+        console.print(f"[bold]{service}[/] running against {settings.kafka_bootstrap} — Ctrl-C to stop")
+        try:
+            await stop.wait()
+        finally:
+            await host.stop()
+
+    asyncio.run(main())
+
+
+@app.command()
+def status(
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object instead of tables.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """What is running, topic lag per consumer group, and the last event on each topic."""
+    from visionloop import services as registry
+    from visionloop.app import build_runtime
+    from visionloop.libs.blob import LocalBlobStore
+    from visionloop.libs.service import Adapters
+    from visionloop.observe import snapshot
+
+    settings = _attach(_settings(config))
+    adapters = Adapters(blobs=LocalBlobStore(settings.state_dir / "blobs"))
+    groups: list[tuple[str, str]] = []
+    for spec in registry.available().values():
+        runtime, _ = build_runtime(spec, settings, None, adapters)
+        groups += runtime.subscriptions
+    snap = asyncio.run(snapshot(settings, groups))
+    if json_output:
+        out.print(snap.to_json(), highlight=False, soft_wrap=True)
+        return
+    services_table = Table(title=f"services (status topic, last 60 s) — broker {snap.bootstrap}")
+    for column in ("service", "instance", "state", "seen", "uptime", "handled", "dead-lettered"):
+        services_table.add_column(column)
+    for inst in snap.instances:
+        dead = sum(v for k, v in inst.counters.items() if k.startswith("dead_lettered"))
+        services_table.add_row(
+            inst.service, inst.instance, inst.kind, f"{inst.seen_s_ago:.0f} s ago", f"{inst.uptime_s:.0f} s",
+            str(inst.counters.get("handled", 0)), str(dead),
+        )
+    out.print(services_table)
+    lag_table = Table(title="consumer lag")
+    for column in ("group", "topic", "committed", "end", "lag"):
+        lag_table.add_column(column)
+    for lag in snap.lags:
+        lag_table.add_row(lag.group, lag.topic, str(lag.committed), str(lag.end), str(lag.lag))
+    out.print(lag_table)
+    events_table = Table(title="last events")
+    for column in ("topic", "messages", "last event", "at", "producer", "project"):
+        events_table.add_column(column)
+    for ev in snap.last_events:
+        events_table.add_row(ev.topic, str(ev.messages), ev.event_type or "-", ev.occurred_at or "-", ev.producer or "-", ev.project or "-")
+    out.print(events_table)
+
+
+@app.command()
+def submit(
+    paths: Annotated[list[Path], typer.Argument(help="Image files to submit.", exists=True, dir_okay=False)],
+    project: Annotated[str, typer.Option(help="Project the images belong to.")] = "demo",
+    wait: Annotated[float, typer.Option(help="Seconds to wait for ingest's answer per image.")] = 30.0,
+    config: ConfigOpt = None,
+) -> None:
+    """Submit image files (inline bytes) as an upstream system would, and print ingest's answer."""
+    settings = _attach(_settings(config))
+    failures = 0
+    for path in paths:
+        submission_id = f"cli-{uuid.uuid4().hex[:12]}"
+        result = asyncio.run(submit_and_wait(settings, path.read_bytes(), project=project, submission_id=submission_id, timeout_s=wait))
+        if result is None:
+            failures += 1
+            out.print(f"{path}: no answer within {wait:.0f} s")
+            continue
+        payload = result["payload"]
+        if result["event_type"] == "image.ingested":
+            out.print(f"{path}: ingested as {payload['image']['image_id']}")
+        else:
+            failures += 1
+            out.print(f"{path}: rejected ({payload['reason']}): {payload['message']}")
+    raise typer.Exit(1 if failures else 0)
+
+
+@contracts_app.command("export")
+def contracts_export() -> None:
+    """Regenerate contracts/schemas/*.json and contracts/asyncapi.yaml from the code."""
+    from visionloop import asyncapi
+    from visionloop.contracts import schemas
+
+    problems = schemas.check()
+    written = schemas.export()
+    doc = asyncapi.export()
+    out.print(f"wrote {len(written)} JSON Schemas to {schemas.SCHEMA_DIR} and {doc}")
+    if problems:
+        console.print("[yellow]these changes are not additive against the previous schemas:[/]")
+        for problem in problems:
+            console.print(f"  {problem}")
+
+
+@contracts_app.command("check")
+def contracts_check() -> None:
+    """Fail when the models changed in a way that is not additive against the committed schemas."""
+    from visionloop import asyncapi
+    from visionloop.contracts import schemas
+
+    problems = schemas.check()
+    stale = asyncapi.DOCUMENT.read_text(encoding="utf-8") != asyncapi.generate()
+    for problem in problems:
+        console.print(f"[red]breaking[/] {problem}")
+    if stale:
+        console.print("[yellow]contracts/asyncapi.yaml is stale: run `visionloop contracts export`[/]")
+    if problems or stale:
+        raise typer.Exit(1)
+    out.print("contracts: compatible with the committed schemas; AsyncAPI document up to date")
+
+
+@bench_app.command("bus")
+def bench_bus(
+    events: Annotated[int, typer.Option(help="Events per arm.")] = 2000,
+    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
+) -> None:
+    """Bus round trip on the embedded stack: the framework hop vs raw aiokafka, same broker, same run."""
+    from visionloop.bench.bus import run_bus_bench
+
+    result = run_bus_bench(events=events, console=console)
+    if json_output:
+        out.print(json.dumps(result), highlight=False, soft_wrap=True)
+
+
+def main() -> None:
+    """Entry point of the `visionloop` script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
