@@ -6,6 +6,7 @@ Import payloads from here; the topic registry is `visionloop.contracts.topics`.
 from visionloop.contracts.common import (
     SYSTEM_PROJECT,
     Box,
+    Detection,
     ImageRef,
     Metrics,
     ModelRef,
@@ -15,7 +16,6 @@ from visionloop.contracts.common import (
 from visionloop.contracts.deadletter import DeadLetter, DeadLetterReason, OriginalMessage
 from visionloop.contracts.envelope import SUPPORTED_MAJOR, Envelope, EnvelopeHeader, Payload
 from visionloop.contracts.image import (
-    Detection,
     ImageAccepted,
     ImageHashes,
     ImageIngested,

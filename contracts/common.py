@@ -94,6 +94,12 @@ class Box(Frozen):
         return self.y2 - self.y1
 
 
+class Detection(Box):
+    """A model's box; `score` is required."""
+
+    score: float = Field(ge=0.0, le=1.0, description="Model confidence.")  # type: ignore[assignment]
+
+
 class ImageRef(Frozen):
     """An image by reference: its id is the SHA-256 of its original bytes."""
 

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, Field, PlainSerializer, PlainValidator, model_validator
 
 from visionloop.contracts.common import (
-    Box,
+    Detection,
     DomainTags,
     Frozen,
     ImageRef,
@@ -175,12 +175,6 @@ class ImageRejected(Payload):
     details: dict[str, str | int | float | bool | None] = Field(
         default_factory=dict, description="Measured values behind the decision (sizes, limits...)."
     )
-
-
-class Detection(Box):
-    """A model's box; `score` is required."""
-
-    score: float = Field(ge=0.0, le=1.0, description="Model confidence.")  # type: ignore[assignment]
 
 
 class RecognitionMeta(Frozen):

@@ -6,7 +6,7 @@ from enum import StrEnum
 
 from pydantic import AwareDatetime, Field
 
-from visionloop.contracts.common import Box, Frozen, ImageRef, ModelRef, Stage
+from visionloop.contracts.common import Box, Detection, Frozen, ImageRef, ModelRef, Stage
 from visionloop.contracts.envelope import Payload
 
 
@@ -76,7 +76,7 @@ class LabelSubmitted(Payload):
     duration_s: float | None = Field(default=None, ge=0.0, description="Time the task was open.")
     actions: LabelActions = Field(default_factory=LabelActions)
     prelabel_model: ModelRef | None = Field(default=None, description="Model of the pre-labels.")
-    prelabels: list[Box] = Field(
+    prelabels: list[Detection] = Field(
         default_factory=list, max_length=2000, description="Pre-labels the person started from."
     )
     uncertainty: float | None = Field(default=None, ge=0.0, le=1.0)

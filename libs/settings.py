@@ -71,17 +71,23 @@ class Settings(BaseSettings):
         ),
     )
     kafka_port: int = Field(default=0, ge=0, le=65535, description="Embedded broker port; 0 = free.")
-    kafka_client_id: str = "visionloop"
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
-    kafka_sasl_username: str | None = None
-    kafka_sasl_password: SecretStr | None = None
+    kafka_client_id: str = Field(default="visionloop", description="Prefix of every Kafka client id.")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="Kafka transport: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        default="SCRAM-SHA-512", description="SASL mechanism when the protocol is SASL_*."
+    )
+    kafka_sasl_username: str | None = Field(default=None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, description="SASL password (prefer the _FILE variant); never printed."
+    )
     kafka_sasl_password_file: str | None = Field(
         default=None, description="File holding the SASL password (preferred over the variable)."
     )
-    kafka_ssl_cafile: str | None = None
-    kafka_ssl_certfile: str | None = None
-    kafka_ssl_keyfile: str | None = None
+    kafka_ssl_cafile: str | None = Field(default=None, description="CA bundle that signs the brokers' certificates.")
+    kafka_ssl_certfile: str | None = Field(default=None, description="Client certificate (mutual TLS).")
+    kafka_ssl_keyfile: str | None = Field(default=None, description="Client private key (mutual TLS).")
     kafka_session_timeout_ms: int | None = Field(
         default=None,
         description="Consumer session timeout; default 2000 on the embedded broker, 10000 elsewhere.",
@@ -101,8 +107,8 @@ class Settings(BaseSettings):
     database_password_file: str | None = Field(
         default=None, description="File holding the database password, merged into the URL."
     )
-    db_pool_min: int = Field(default=1, ge=0)
-    db_pool_max: int = Field(default=8, ge=1)
+    db_pool_min: int = Field(default=1, ge=0, description="Connections each process keeps open.")
+    db_pool_max: int = Field(default=8, ge=1, description="Most connections each process opens.")
     schema_prefix: str = Field(
         default="", description="Prepended to each service's schema name (isolation of tests)."
     )
@@ -112,7 +118,7 @@ class Settings(BaseSettings):
         default=3, ge=1, le=20, description="Attempts of a failing handler before dead-lettering."
     )
     retry_backoff_ms: int = Field(default=200, ge=0, description="First retry delay; doubles.")
-    retry_backoff_max_ms: int = Field(default=5000, ge=0)
+    retry_backoff_max_ms: int = Field(default=5000, ge=0, description="Longest retry delay.")
     outbox_relay_interval_s: float = Field(
         default=1.0, gt=0, description="How often unpublished outbox rows are swept."
     )
@@ -121,26 +127,37 @@ class Settings(BaseSettings):
         ge=0,
         description="Published events kept this long so a fresh broker can be re-fed (replay).",
     )
-    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    heartbeat_interval_s: float = Field(
+        default=5.0, gt=0, description="How often each service publishes its status (heartbeat)."
+    )
 
     # -- HTTP ------------------------------------------------------------------------------
     http_host: str = Field(default="127.0.0.1", description="Bind address of the HTTP services.")
-    ingest_port: int = Field(default=8081, ge=0, le=65535)
-    gateway_port: int = Field(default=8080, ge=0, le=65535)
-    distributor_port: int = Field(default=8082, ge=0, le=65535)
+    ingest_port: int = Field(default=8081, ge=0, le=65535, description="ingest's HTTP port (0 = free).")
+    gateway_port: int = Field(default=8080, ge=0, le=65535, description="Labelling gateway HTTP port.")
+    distributor_port: int = Field(
+        default=8082, ge=0, le=65535, description="Distributor HTTP port (package downloads)."
+    )
 
     # -- ingest limits (the intake issue extends these) -------------------------------------
     ingest_file_root: Path | None = Field(
         default=None, description="`file://` sources must lie under this folder; unset refuses them."
     )
-    ingest_inline_max_bytes: int = Field(default=2 * 1024 * 1024, ge=1)
-    ingest_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
-    ingest_max_pixels: int = Field(default=80_000_000, ge=1)
-    ingest_max_frames: int = Field(default=1, ge=1)
-    ingest_formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
+    ingest_inline_max_bytes: int = Field(
+        default=2 * 1024 * 1024, ge=1, description="Largest image accepted inline in a submit event."
+    )
+    ingest_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1, description="Largest image file accepted.")
+    ingest_max_pixels: int = Field(
+        default=80_000_000, ge=1, description="Pixel-count cap (decompression bombs are refused)."
+    )
+    ingest_max_frames: int = Field(default=1, ge=1, description="Most frames an (animated) file may hold.")
+    ingest_formats: list[str] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"],
+        description="Image formats accepted, as Pillow names them.",
+    )
 
     instance: str = Field(default_factory=socket.gethostname, description="Names this process.")
-    log_level: str = "INFO"
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
     @classmethod
     def settings_customise_sources(
@@ -203,6 +220,10 @@ class Settings(BaseSettings):
         """A registry topic name with this deployment's prefix."""
         return f"{self.topic_prefix}{name}"
 
+    def __repr_args__(self) -> Any:
+        # repr() of settings ends up in logs and tracebacks: never show secrets there.
+        yield from self.redacted().items()
+
     def redacted(self) -> dict[str, Any]:
         """Settings as a dict with secrets and URL passwords masked, safe to print or log."""
         from urllib.parse import urlsplit, urlunsplit
@@ -218,3 +239,19 @@ class Settings(BaseSettings):
                 netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
                 data["database_url"] = urlunsplit(parts._replace(netloc=netloc))
         return data
+
+
+def settings_reference() -> str:
+    """Markdown table of every setting: variable, default, meaning (docs/configuration.md)."""
+    lines = [
+        "| variable | default | meaning |",
+        "|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default = "(computed)" if name == "instance" else str(field.default_factory())  # type: ignore[call-arg]
+        else:
+            default = "" if field.default is None else str(field.default)
+        meaning = (field.description or "").replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `VL_{name.upper()}` | `{default}` | {meaning} |" if default else f"| `VL_{name.upper()}` | | {meaning} |")
+    return "\n".join(lines)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import yaml
 
 from faststream.specification import AsyncAPI
 
@@ -34,7 +37,9 @@ def generate() -> str:
         ),
         schema_version="3.0.0",
     )
-    return spec.to_specification().to_yaml()
+    # FastStream keeps publishers in a set: sort every mapping so the text is reproducible.
+    document = json.loads(spec.to_specification().to_json())
+    return yaml.safe_dump(document, sort_keys=True, allow_unicode=True, width=100)
 
 
 def export(path: Path = DOCUMENT) -> Path:

@@ -87,6 +87,20 @@ def version() -> None:
 
 
 @app.command()
+def config(
+    docs: Annotated[bool, typer.Option("--docs", help="Print the Markdown reference of every setting.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Print the settings in force (secrets masked), or the reference of every setting."""
+    from visionloop.libs.settings import Settings, settings_reference
+
+    if docs:
+        out.print(settings_reference(), highlight=False, markup=False, soft_wrap=True)
+        return
+    out.print_json(json.dumps(_settings(config).redacted()))
+
+
+@app.command()
 def up(
     services: Annotated[str | None, typer.Option(help="Comma-separated services to run (default: all).")] = None,
     smoke: Annotated[bool, typer.Option("--smoke", help="Push a sample image through, print the outcome, stop.")] = False,

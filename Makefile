@@ -1,0 +1,36 @@
+# visionloop — one entry point. `make demo` and `make test` are the README's quick start.
+SHELL := /bin/bash
+VENV ?= $(or $(VL_VENV),$(HOME)/.local/share/visionloop/venv)
+VL := $(VENV)/bin/visionloop
+
+.PHONY: help setup demo up test contracts contracts-check bench-bus compose-check clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
+
+setup:  ## create or reuse the environment and install this checkout
+	@./scripts/setup.sh >/dev/null
+
+demo: setup  ## set up, start the embedded stack, push a sample image through the loop, stop
+	$(VL) up --smoke
+
+up: setup  ## set up and run every service on the embedded stack until Ctrl-C
+	$(VL) up
+
+test:  ## set up and run the whole test suite
+	./scripts/test.sh
+
+contracts: setup  ## regenerate contracts/schemas/*.json and contracts/asyncapi.yaml
+	$(VL) contracts export
+
+contracts-check: setup  ## fail on a non-additive contract change or a stale AsyncAPI document
+	$(VL) contracts check
+
+bench-bus: setup  ## bus round-trip benchmark (results: docs/benchmarks.md)
+	$(VL) bench bus
+
+compose-check:  ## validate compose.yaml offline (Debian's docker-compose)
+	docker-compose -f compose.yaml config -q
+
+clean:  ## remove the project-local state (embedded PostgreSQL data, blobs, logs)
+	rm -rf .visionloop

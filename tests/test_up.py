@@ -1,0 +1,72 @@
+"""`visionloop up` on the embedded default: starts, answers, and stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def state_dir() -> Path:
+    # Under the project's state folder: pgserver (as root) opens read access on its parents.
+    path = REPO / ".visionloop" / "test" / f"up-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    return path
+
+
+def _env(state_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VL_")}
+    return env | {"VL_STATE_DIR": str(state_dir), "VL_INGEST_PORT": "0", "VL_HEARTBEAT_INTERVAL_S": "1"}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "visionloop.cli", *args]
+
+
+def test_up_smoke_pushes_a_sample_image_through(state_dir: Path) -> None:
+    done = subprocess.run(_cli("up", "--smoke"), env=_env(state_dir), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "image.ingested" in done.stderr
+    assert "stopped cleanly" in done.stderr
+    assert not (state_dir / "run.json").exists()
+
+
+def test_up_runs_until_interrupted_and_stops_everything(state_dir: Path) -> None:
+    proc = subprocess.Popen(_cli("up"), env=_env(state_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        run_file = state_dir / "run.json"
+        deadline = time.monotonic() + 120
+        while not run_file.exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "visionloop up did not come up within 120 s"
+            time.sleep(0.2)
+        run = json.loads(run_file.read_text())
+        assert run["services"] and run["kafka_embedded"] is True
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("tansu" in " ".join(c.cmdline()) for c in children)
+
+        status = subprocess.run(_cli("status", "--json"), env=_env(state_dir), capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr[-3000:]
+        snap = json.loads(status.stdout.strip().splitlines()[-1])
+        assert {i["service"] for i in snap["instances"]} >= {"ingest"}
+        assert any(lag["topic"] == "vl.image.submitted.v1" for lag in snap["lags"])
+        assert any(e["topic"] == "vl.pipeline.status.v1" and e["messages"] > 0 for e in snap["last_events"])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped cleanly" in err
+    assert not run_file.exists()
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    assert not (state_dir / "postgres" / "postmaster.pid").exists()
