@@ -6,7 +6,7 @@ distribution never claims a generic top-level import name in site-packages. Ever
 else lives in pyproject.toml.
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 ROOTS = {
     "visionloop": "visionloop",
@@ -18,6 +18,10 @@ ROOTS = {
 packages: list[str] = []
 for namespace, folder in ROOTS.items():
     packages.append(namespace)
-    packages += [f"{namespace}.{sub}" for sub in find_packages(folder)]
+    # Namespace discovery also lists data folders (schemas/, migrations/) so their files ship.
+    packages += [
+        f"{namespace}.{sub}"
+        for sub in find_namespace_packages(folder, exclude=["*__pycache__*"])
+    ]
 
 setup(packages=packages, package_dir=ROOTS)

@@ -21,7 +21,7 @@ from visionloop.contracts import (
     Payload,
     topic_of,
 )
-from visionloop.contracts import schemas as contract_schemas
+from visionloop.contracts import jsonschemas as contract_schemas
 from visionloop.contracts.envelope import EnvelopeHeader
 from visionloop.contracts.topics import TopicSpec
 

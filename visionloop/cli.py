@@ -346,7 +346,7 @@ def submit(
 def contracts_export() -> None:
     """Regenerate contracts/schemas/*.json and contracts/asyncapi.yaml from the code."""
     from visionloop import asyncapi
-    from visionloop.contracts import schemas
+    from visionloop.contracts import jsonschemas as schemas
 
     problems = schemas.check()
     written = schemas.export()
@@ -362,7 +362,7 @@ def contracts_export() -> None:
 def contracts_check() -> None:
     """Fail when the models changed in a way that is not additive against the committed schemas."""
     from visionloop import asyncapi
-    from visionloop.contracts import schemas
+    from visionloop.contracts import jsonschemas as schemas
 
     problems = schemas.check()
     stale = asyncapi.DOCUMENT.read_text(encoding="utf-8") != asyncapi.generate()
