@@ -231,3 +231,22 @@ def test_emitting_an_undeclared_contract_is_refused(settings) -> None:  # noqa: 
     runtime = Runtime("lonely", settings, pool=None)
     with pytest.raises(ValueError, match="produces"):
         runtime._outgoing(Envelope.of(_ingested(1), producer="x", project="p"), None)
+
+
+async def test_topics_are_created_from_the_registry_and_existing_ones_tolerated(settings) -> None:  # noqa: ANN001
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from visionloop.contracts import TOPICS
+    from visionloop.libs.kafka import client_kwargs, ensure_topics
+
+    created = await ensure_topics(settings, TOPICS.values())
+    assert len(created) == len(TOPICS)
+    assert await ensure_topics(settings, TOPICS.values()) == []  # a second start finds them all
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    await admin.start()
+    try:
+        described = await admin.describe_topics([settings.topic(s.name) for s in TOPICS.values()])
+    finally:
+        await admin.close()
+    partitions = {d["topic"]: len(d["partitions"]) for d in described}
+    assert partitions == {settings.topic(s.name): s.partitions for s in TOPICS.values()}
