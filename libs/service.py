@@ -1,8 +1,8 @@
 """What a service is, to the composition root: a name, its migrations and a wiring function.
 
 A service module declares one `SPEC = ServiceSpec(...)`. Its `wire` function receives the
-runtime (bus, schema) and the shared adapters, registers handlers and emitted contracts, and
-may return an ASGI app that the root serves on the service's HTTP port.
+runtime (bus, schema), the shared adapters and the service's own settings, registers handlers
+and emitted contracts, and may return an ASGI app that the root serves on `config.port`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from visionloop.libs.blob import BlobStore
 from visionloop.libs.bus import Runtime
 from visionloop.libs.db import Migration, discover
+from visionloop.libs.settings import ServiceSettings
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,11 @@ class ServiceSpec:
 
     name: str
     description: str
-    wire: Callable[[Runtime, Adapters], Any]
-    """Registers handlers on the runtime; returns an ASGI app, or None."""
+    wire: Callable[[Runtime, Adapters, Any], Any]
+    """`wire(runtime, adapters, config)` registers handlers; returns an ASGI app, or None."""
+    settings: type[ServiceSettings] | None = None
+    """The service's own settings class (`VL_<SERVICE>_*`), if it has settings."""
     migrations_dir: Path | None = None
-    http_port_setting: str | None = None
-    """Name of the Settings field holding the HTTP port, for services with an HTTP API."""
 
     @property
     def migrations(self) -> list[Migration]:

@@ -11,7 +11,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import Field, SecretStr, field_validator
@@ -19,7 +19,11 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 
 class _FileSource(PydanticBaseSettingsSource):
-    """Reads settings from the YAML or TOML file named by `VL_CONFIG`."""
+    """Reads settings from the YAML or TOML file named by `VL_CONFIG`.
+
+    Platform settings sit at the top level; a service's settings sit under its section
+    (e.g. `ingest:`), named by the settings class's `section`.
+    """
 
     def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
         super().__init__(settings_cls)
@@ -29,6 +33,11 @@ class _FileSource(PydanticBaseSettingsSource):
             data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
             if not isinstance(data, dict):
                 raise ValueError(f"config file {path} must hold a mapping of settings")
+            section = getattr(settings_cls, "section", None)
+            if section:
+                data = data.get(section) or {}
+                if not isinstance(data, dict):
+                    raise ValueError(f"section {section!r} of {path} must hold a mapping of settings")
             self._data = {str(k).lower(): v for k, v in data.items()}
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
@@ -44,8 +53,38 @@ def _read_secret_file(path: str | None) -> SecretStr | None:
     return SecretStr(Path(path).read_text(encoding="utf-8").strip())
 
 
-class Settings(BaseSettings):
-    """Everything a visionloop process can be told. Field names map to `VL_<NAME>`."""
+class _FileBacked(BaseSettings):
+    """Environment first, then the `VL_CONFIG` file, then defaults."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config = os.environ.get("VL_CONFIG")
+        return (init_settings, env_settings, _FileSource(settings_cls, Path(config) if config else None))
+
+
+class ServiceSettings(_FileBacked):
+    """Base of a service's own settings: `VL_<SECTION>_<NAME>`, or `<section>:` in the file.
+
+    Subclasses set `section` and `model_config = service_config("<section>")`.
+    """
+
+    section: ClassVar[str] = ""
+
+
+def service_config(section: str) -> SettingsConfigDict:
+    """The pydantic-settings config of a service's settings class."""
+    return SettingsConfigDict(env_prefix=f"VL_{section.upper()}_", extra="ignore", validate_default=True)
+
+
+class Settings(_FileBacked):
+    """Everything the platform (bus, state, embedded stack, HTTP) can be told: `VL_<NAME>`."""
 
     model_config = SettingsConfigDict(env_prefix="VL_", extra="ignore", validate_default=True)
 
@@ -133,43 +172,9 @@ class Settings(BaseSettings):
 
     # -- HTTP ------------------------------------------------------------------------------
     http_host: str = Field(default="127.0.0.1", description="Bind address of the HTTP services.")
-    ingest_port: int = Field(default=8081, ge=0, le=65535, description="ingest's HTTP port (0 = free).")
-    gateway_port: int = Field(default=8080, ge=0, le=65535, description="Labelling gateway HTTP port.")
-    distributor_port: int = Field(
-        default=8082, ge=0, le=65535, description="Distributor HTTP port (package downloads)."
-    )
-
-    # -- ingest limits (the intake issue extends these) -------------------------------------
-    ingest_file_root: Path | None = Field(
-        default=None, description="`file://` sources must lie under this folder; unset refuses them."
-    )
-    ingest_inline_max_bytes: int = Field(
-        default=2 * 1024 * 1024, ge=1, description="Largest image accepted inline in a submit event."
-    )
-    ingest_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1, description="Largest image file accepted.")
-    ingest_max_pixels: int = Field(
-        default=80_000_000, ge=1, description="Pixel-count cap (decompression bombs are refused)."
-    )
-    ingest_max_frames: int = Field(default=1, ge=1, description="Most frames an (animated) file may hold.")
-    ingest_formats: list[str] = Field(
-        default_factory=lambda: ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"],
-        description="Image formats accepted, as Pillow names them.",
-    )
 
     instance: str = Field(default_factory=socket.gethostname, description="Names this process.")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        config = os.environ.get("VL_CONFIG")
-        return (init_settings, env_settings, _FileSource(settings_cls, Path(config) if config else None))
 
     @field_validator("topic_prefix", "schema_prefix")
     @classmethod
@@ -241,17 +246,31 @@ class Settings(BaseSettings):
         return data
 
 
-def settings_reference() -> str:
-    """Markdown table of every setting: variable, default, meaning (docs/configuration.md)."""
+def settings_reference(classes: list[type[BaseSettings]] | None = None) -> str:
+    """Markdown tables of every setting: variable, default, meaning (docs/configuration.md).
+
+    Platform settings first, then each service's section.
+    """
+    classes = classes or [Settings]
+    return "\n\n".join(_reference_table(cls) for cls in classes)
+
+
+def _reference_table(cls: type[BaseSettings]) -> str:
+    section = getattr(cls, "section", "")
+    prefix = f"VL_{section.upper()}_" if section else "VL_"
+    title = f"### `{section}` (file section `{section}:`)" if section else "### Platform"
     lines = [
+        title,
+        "",
         "| variable | default | meaning |",
         "|---|---|---|",
     ]
-    for name, field in Settings.model_fields.items():
+    for name, field in cls.model_fields.items():
         if field.default_factory is not None:
             default = "(computed)" if name == "instance" else str(field.default_factory())  # type: ignore[call-arg]
         else:
             default = "" if field.default is None else str(field.default)
         meaning = (field.description or "").replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| `VL_{name.upper()}` | `{default}` | {meaning} |" if default else f"| `VL_{name.upper()}` | | {meaning} |")
+        shown = f"`{default}`" if default else ""
+        lines.append(f"| `{prefix}{name.upper()}` | {shown} | {meaning} |")
     return "\n".join(lines)

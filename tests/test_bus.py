@@ -30,6 +30,7 @@ from visionloop.libs.bus import Runtime
 from visionloop.libs.embedded import EmbeddedBroker
 from visionloop.libs.scenes import render_scene
 from visionloop.libs.service import Adapters
+from visionloop.services.ingest.config import IngestSettings
 from visionloop.services.ingest.service import SPEC as INGEST
 
 HERE = Path(__file__).parent
@@ -53,7 +54,7 @@ def _ingested(n: int) -> ImageIngested:
 
 def _ingest_runtime(settings, pool) -> Runtime:  # noqa: ANN001
     runtime = Runtime("ingest", settings, pool=pool, migrations=INGEST.migrations)
-    INGEST.wire(runtime, Adapters(blobs=open_blob_store(settings.blob_location)))
+    INGEST.wire(runtime, Adapters(blobs=open_blob_store(settings.blob_location)), IngestSettings())
     return runtime
 
 

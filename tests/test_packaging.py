@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,8 +12,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_maps_folders_under_one_namespace(tmp_path: Path) -> None:
+    # Build from a copy: setuptools writes build/ next to the sources.
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".visionloop", "build", "*.egg-info", "__pycache__", "tests"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
         check=True,
         timeout=300,
     )

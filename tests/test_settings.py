@@ -67,7 +67,21 @@ def test_prefixes_are_validated() -> None:
 
 
 def test_configuration_reference_is_current() -> None:
+    from visionloop import services
     from visionloop.libs.settings import settings_reference
 
+    classes = [Settings] + [s.settings for s in services.available().values() if s.settings]
     doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
-    assert settings_reference() in doc, "regenerate docs/configuration.md with `visionloop config --docs`"
+    assert settings_reference(classes) in doc, "regenerate docs/configuration.md with `visionloop config --docs`"
+
+
+def test_service_settings_read_their_own_section(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from visionloop.services.ingest.config import IngestSettings
+
+    config = tmp_path / "vl.yaml"
+    config.write_text("topic_prefix: x.\ningest:\n  max_frames: 3\n  formats: [PNG]\n")
+    monkeypatch.setenv("VL_CONFIG", str(config))
+    monkeypatch.setenv("VL_INGEST_MAX_FRAMES", "5")
+    ingest = IngestSettings()
+    assert ingest.max_frames == 5 and ingest.formats == ["PNG"]
+    assert Settings().topic_prefix == "x."

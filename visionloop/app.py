@@ -21,12 +21,23 @@ from visionloop.libs.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def build_runtime(spec: ServiceSpec, settings: Settings, pool: asyncpg.Pool | None, adapters: Adapters) -> tuple[Runtime, Any]:
-    """A service's runtime with its handlers wired; also its ASGI app, if it has one."""
+def build_runtime(
+    spec: ServiceSpec,
+    settings: Settings,
+    pool: asyncpg.Pool | None,
+    adapters: Adapters,
+    config: Any = None,
+) -> tuple[Runtime, Any]:
+    """A service's runtime with its handlers wired; also its ASGI app, if it has one.
+
+    `config` overrides the service's own settings (read from the environment otherwise).
+    """
     runtime = Runtime(
         spec.name, settings, pool=pool, migrations=spec.migrations, description=spec.description
     )
-    app = spec.wire(runtime, adapters)
+    if config is None and spec.settings is not None:
+        config = spec.settings()
+    app = spec.wire(runtime, adapters, config)
     return runtime, app
 
 
@@ -48,11 +59,12 @@ class ServiceHost:
         try:
             for name in self.names:
                 spec = services.get(name)
-                runtime, app = build_runtime(spec, self.settings, self._pool, adapters)
+                config = spec.settings() if spec.settings else None
+                runtime, app = build_runtime(spec, self.settings, self._pool, adapters, config)
                 await runtime.start()
                 self.runtimes.append(runtime)
-                if app is not None and spec.http_port_setting:
-                    await self._serve(spec.name, app, getattr(self.settings, spec.http_port_setting))
+                if app is not None:
+                    await self._serve(spec.name, app, config.port)
         except BaseException:
             await self.stop()
             raise

@@ -92,12 +92,17 @@ def config(
     config: ConfigOpt = None,
 ) -> None:
     """Print the settings in force (secrets masked), or the reference of every setting."""
+    from visionloop import services as registry
     from visionloop.libs.settings import Settings, settings_reference
 
+    service_settings = [s.settings for s in registry.available().values() if s.settings is not None]
     if docs:
-        out.print(settings_reference(), highlight=False, markup=False, soft_wrap=True)
+        out.print(settings_reference([Settings, *service_settings]), highlight=False, markup=False, soft_wrap=True)
         return
-    out.print_json(json.dumps(_settings(config).redacted()))
+    shown = _settings(config).redacted()
+    for cls in service_settings:
+        shown[cls.section] = cls().model_dump(mode="json")
+    out.print_json(json.dumps(shown))
 
 
 @app.command()

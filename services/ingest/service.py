@@ -18,18 +18,18 @@ from visionloop.contracts import (
 )
 from visionloop.libs.bus import Runtime, Unit
 from visionloop.libs.service import Adapters, ServiceSpec
+from visionloop.services.ingest.config import IngestSettings
 from visionloop.services.ingest.inspect import Limits, Refusal, inspect_image
 from visionloop.services.ingest.sources import read_source
 
 
-def wire(runtime: Runtime, adapters: Adapters) -> None:
+def wire(runtime: Runtime, adapters: Adapters, config: IngestSettings) -> None:
     """Register ingest's handler on the runtime."""
-    settings = runtime.settings
     limits = Limits(
-        max_bytes=settings.ingest_max_bytes,
-        max_pixels=settings.ingest_max_pixels,
-        max_frames=settings.ingest_max_frames,
-        formats=frozenset(f.upper() for f in settings.ingest_formats),
+        max_bytes=config.max_bytes,
+        max_pixels=config.max_pixels,
+        max_frames=config.max_frames,
+        formats=frozenset(f.upper() for f in config.formats),
     )
 
     async def on_submitted(event: Envelope[ImageSubmitted], unit: Unit[ImageSubmitted]) -> None:
@@ -38,9 +38,9 @@ def wire(runtime: Runtime, adapters: Adapters) -> None:
         try:
             data = await read_source(
                 submission,
-                file_root=settings.ingest_file_root,
-                inline_max=settings.ingest_inline_max_bytes,
-                max_bytes=settings.ingest_max_bytes,
+                file_root=config.file_root,
+                inline_max=config.inline_max_bytes,
+                max_bytes=config.max_bytes,
             )
             facts = inspect_image(data, limits)
         except Refusal as refusal:
@@ -102,5 +102,6 @@ SPEC = ServiceSpec(
     name="ingest",
     description="Stores every submitted image once (content-addressed) or refuses it with a reason.",
     wire=wire,
+    settings=IngestSettings,
     migrations_dir=Path(__file__).parent / "migrations",
 )
