@@ -170,7 +170,13 @@ class ImageRejected(Payload):
         default=None, description="For duplicates: the image this one duplicates."
     )
     hamming_distance: int | None = Field(
-        default=None, ge=0, le=64, description="For near duplicates: distance between the hashes."
+        default=None,
+        ge=0,
+        le=128,
+        description=(
+            "For duplicates: Hamming distance between the perceptual hashes (pHash plus dHash, "
+            "0-128 bits; 0 for exact duplicates)."
+        ),
     )
     details: dict[str, str | int | float | bool | None] = Field(
         default_factory=dict, description="Measured values behind the decision (sizes, limits...)."

@@ -52,16 +52,29 @@ def render_scene(
     classes: tuple[str, ...] = SHAPES[:3],
     objects: tuple[int, int] = (1, 4),
     size: tuple[float, float] = (0.12, 0.35),
-    noise: float = 18.0,
+    noise: float = 8.0,
+    background: str = "field",
 ) -> Scene:
-    """Draw a scene: a noisy gradient background and `objects` non-overlapping shapes.
+    """Draw a scene: a noisy background and `objects` non-overlapping shapes.
 
-    `size` bounds an object's side as a fraction of the shorter image side.
+    `size` bounds an object's side as a fraction of the shorter image side. `background` is
+    `field` (a smooth random field: distinct scenes look distinct, as real ones do) or
+    `gradient` (a plain linear gradient).
     """
     rng = np.random.default_rng(seed)
-    base = rng.integers(40, 200, size=3)
-    gradient = np.linspace(0.0, 1.0, width)[None, :, None] * rng.integers(-40, 40, size=3)
-    pixels = base + gradient + rng.normal(0.0, noise, size=(height, width, 3))
+    base = rng.integers(60, 190, size=3)
+    if background == "field":
+        coarse = rng.normal(0.0, 45.0, size=(5, 5, 3))
+        layers = [
+            np.asarray(Image.fromarray(coarse[:, :, c].astype(np.float32), "F").resize((width, height), Image.Resampling.BICUBIC))
+            for c in range(3)
+        ]
+        structure = np.stack(layers, axis=-1)
+    elif background == "gradient":
+        structure = np.linspace(0.0, 1.0, width)[None, :, None] * rng.integers(-40, 40, size=3)
+    else:
+        raise ValueError(f"unknown background {background!r} (field, gradient)")
+    pixels = base + structure + rng.normal(0.0, noise, size=(height, width, 3))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
     boxes: list[SceneBox] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -63,3 +64,77 @@ async def publish(settings: Settings, payload: Payload, *, project: str = "demo"
     await produce(settings, topic_of(payload, settings.topic_prefix), envelope.model_dump_json().encode(),
                   key.encode() if key else None)
     return envelope
+
+
+class Services:
+    """Real services of the loop, wired by the composition root, started in this event loop."""
+
+    def __init__(self, settings: Settings, pool: Any, **configs: Any) -> None:
+        from visionloop.libs.blob import open_blob_store
+        from visionloop.libs.service import Adapters
+
+        self.settings = settings
+        self.pool = pool
+        self.configs = configs
+        self.adapters = Adapters(blobs=open_blob_store(settings.blob_location))
+        self.runtimes: list[Any] = []
+
+    async def start(self, name: str, *, instance: str | None = None) -> Any:
+        """Start one service (a second call with another instance name adds a replica)."""
+        from visionloop import services
+        from visionloop.app import build_runtime
+
+        settings = self.settings if instance is None else self.settings.model_copy(update={"instance": instance})
+        spec = services.get(name)
+        runtime, _ = build_runtime(spec, settings, self.pool, self.adapters, self.configs.get(name.replace("-", "_")))
+        await runtime.start()
+        self.runtimes.append(runtime)
+        return runtime
+
+    async def stop(self) -> None:
+        """Stop every started service, newest first."""
+        for runtime in reversed(self.runtimes):
+            await runtime.stop()
+        self.runtimes.clear()
+
+    async def __aenter__(self) -> "Services":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+class Collector:
+    """Reads topics from the start in the background and keeps every decoded message."""
+
+    def __init__(self, settings: Settings, *topics: str) -> None:
+        self._consumer = AIOKafkaConsumer(*topics, **client_kwargs(settings), auto_offset_reset="earliest", enable_auto_commit=False)
+        self.messages: list[dict[str, Any]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> "Collector":
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for record in records:
+                    try:
+                        self.messages.append(json.loads(record.value))
+                    except ValueError:
+                        self.messages.append({"_raw": record.value})
+
+    async def wait(self, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Wait until at least `count` messages arrived; return them all."""
+        await eventually(lambda: len(self.messages) >= count, timeout=timeout)
+        return self.messages
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._consumer.stop()

@@ -1,0 +1,1 @@
+"""dedup/quality: step 2 of the loop (see service.py)."""
