@@ -217,6 +217,7 @@ class Runtime:
             ack_policy=AckPolicy.NACK_ON_ERROR,
             session_timeout_ms=self.settings.session_timeout_ms,
             heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
+            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
             decoder=_raw,
             title=f"{self.service}: {spec.name}",
             description=description or handler.__doc__,

@@ -82,6 +82,11 @@ def client_kwargs(settings: Settings) -> dict[str, object]:
     return kwargs
 
 
+def consumer_kwargs(settings: Settings) -> dict[str, object]:
+    """Options for plain aiokafka consumers: connection plus the fetch long-poll limit in force."""
+    return client_kwargs(settings) | {"fetch_max_wait_ms": settings.fetch_max_wait_ms}
+
+
 def make_broker(settings: Settings, client_id: str) -> KafkaBroker:
     """A FastStream KafkaBroker configured from settings.
 

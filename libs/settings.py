@@ -134,6 +134,13 @@ class Settings(_FileBacked):
     kafka_heartbeat_interval_ms: int | None = Field(
         default=None, description="Default 500 on the embedded broker, 3000 elsewhere."
     )
+    kafka_fetch_max_wait_ms: int | None = Field(
+        default=None,
+        description=(
+            "Longest a consumer's fetch waits for data; default 50 on the embedded broker (its "
+            "long polls delay a consumer's other requests), 500 elsewhere."
+        ),
+    )
     kafka_replication_factor: int = Field(default=1, ge=1, description="For topics created at start.")
     topic_prefix: str = Field(
         default="", description="Prepended to every topic name (isolation of tests or tenants)."
@@ -202,6 +209,13 @@ class Settings(_FileBacked):
         if self.kafka_heartbeat_interval_ms is not None:
             return self.kafka_heartbeat_interval_ms
         return 500 if self._tansu else 3000
+
+    @property
+    def fetch_max_wait_ms(self) -> int:
+        """Consumer fetch long-poll limit in force."""
+        if self.kafka_fetch_max_wait_ms is not None:
+            return self.kafka_fetch_max_wait_ms
+        return 50 if self._tansu else 500
 
     @property
     def _tansu(self) -> bool:

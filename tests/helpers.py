@@ -10,7 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from visionloop.contracts import Envelope, Payload, topic_of
-from visionloop.libs.kafka import client_kwargs
+from visionloop.libs.kafka import client_kwargs, consumer_kwargs
 from visionloop.libs.settings import Settings
 
 
@@ -30,7 +30,7 @@ async def eventually(predicate, timeout: float = 20.0, interval: float = 0.05): 
 
 async def read_topic(settings: Settings, topic: str, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
     """Read at least `count` messages from the start of `topic` (no consumer group); JSON-decoded."""
-    consumer = AIOKafkaConsumer(topic, **client_kwargs(settings), auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(topic, **consumer_kwargs(settings), auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     found: list[dict[str, Any]] = []
     try:
@@ -108,7 +108,7 @@ class Collector:
     """Reads topics from the start in the background and keeps every decoded message."""
 
     def __init__(self, settings: Settings, *topics: str) -> None:
-        self._consumer = AIOKafkaConsumer(*topics, **client_kwargs(settings), auto_offset_reset="earliest", enable_auto_commit=False)
+        self._consumer = AIOKafkaConsumer(*topics, **consumer_kwargs(settings), auto_offset_reset="earliest", enable_auto_commit=False)
         self.messages: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
 

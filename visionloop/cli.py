@@ -207,11 +207,11 @@ async def submit_and_wait(settings, data: bytes, *, project: str, submission_id:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     from visionloop.contracts import Envelope, ImageIngested, ImageRejected, ImageSubmitted, topic_of
-    from visionloop.libs.kafka import client_kwargs
+    from visionloop.libs.kafka import client_kwargs, consumer_kwargs
 
     kwargs = client_kwargs(settings)
     answers = [topic_of(ImageIngested, settings.topic_prefix), topic_of(ImageRejected, settings.topic_prefix)]
-    consumer = AIOKafkaConsumer(*answers, **kwargs, auto_offset_reset="latest", enable_auto_commit=False)  # type: ignore[arg-type]
+    consumer = AIOKafkaConsumer(*answers, **consumer_kwargs(settings), auto_offset_reset="latest", enable_auto_commit=False)  # type: ignore[arg-type]
     await consumer.start()
     producer = AIOKafkaProducer(**kwargs, acks="all")  # type: ignore[arg-type]
     await producer.start()
@@ -389,6 +389,21 @@ def bench_bus(
     from visionloop.bench.bus import run_bus_bench
 
     result = run_bus_bench(events=events, console=console)
+    if json_output:
+        out.print(json.dumps(result), highlight=False, soft_wrap=True)
+
+
+@bench_app.command("intake")
+def bench_intake(
+    max_index: Annotated[int, typer.Option(help="Largest index size for query latency (100k, 1M, 10M).")] = 10_000_000,
+    images: Annotated[int, typer.Option(help="Images in the end-to-end backlog.")] = 300,
+    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
+) -> None:
+    """Hashing, near-duplicate search and precision/recall, and ingest+dedup end to end."""
+    from visionloop.bench.intake import run_intake_bench
+
+    sizes = [s for s in (100_000, 1_000_000, 10_000_000) if s <= max_index]
+    result = run_intake_bench(sizes=sizes, e2e_images=images, console=console)
     if json_output:
         out.print(json.dumps(result), highlight=False, soft_wrap=True)
 
