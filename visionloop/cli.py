@@ -166,7 +166,7 @@ async def _up(settings, names: list[str], run_file: Path, smoke: bool) -> int:  
         )
         _print_where(settings, names, host.endpoints)
         if smoke:
-            return await _smoke(settings)
+            return await _smoke(settings, names)
         console.print("[bold]running[/] — Ctrl-C to stop")
         await stop.wait()
         return 0
@@ -188,33 +188,52 @@ def _print_where(settings, names: list[str], endpoints: dict[str, str]) -> None:
     console.print(table)
 
 
-async def _smoke(settings) -> int:  # noqa: ANN001
-    """Publish one synthetic image as an upstream system would; wait for ingest's answer."""
+FINAL_EVENTS = {
+    "dedup": {"image.accepted", "image.rejected"},
+    "ingest": {"image.ingested", "image.rejected"},
+}
+"""The last event of an image's trail, by the furthest service that runs (in loop order)."""
+
+
+def _final_events(names: list[str]) -> set[str]:
+    for service in ("dedup", "ingest"):
+        if service in names:
+            return FINAL_EVENTS[service]
+    return {"image.rejected"}
+
+
+async def _smoke(settings, names: list[str]) -> int:  # noqa: ANN001
+    """Publish one synthetic image as an upstream system would; follow it through the services."""
     from visionloop.libs.scenes import render_scene
 
     scene = render_scene(seed=int(time.time()) % 100_000)
     submission_id = f"smoke-{uuid.uuid4().hex[:8]}"
-    result = await submit_and_wait(settings, scene.encode(), project="demo", submission_id=submission_id, timeout_s=30)
-    if result is None:
-        console.print(f"[red]no answer for {submission_id} within 30 s[/]")
+    final = _final_events(names)
+    trail = await submit_and_follow(settings, scene.encode(), project="demo", submission_id=submission_id, final=final, timeout_s=30)
+    for event in trail:
+        payload = event["payload"]
+        detail = payload.get("reason") or payload.get("image", {}).get("image_id", "")[:16]
+        console.print(f"  {event['producer']:<28} {event['event_type']:<18} {detail}")
+    if not trail or trail[-1]["event_type"] not in final:
+        console.print(f"[red]sample image {submission_id}: no final answer within 30 s[/]")
         return 1
-    console.print(f"[green]sample image {submission_id}[/] -> {result['event_type']}: {json.dumps(result['payload'])[:400]}")
-    return 0 if result["event_type"] == "image.ingested" else 1
+    console.print(f"[green]sample image {submission_id} -> {trail[-1]['event_type']}[/]")
+    return 0 if trail[-1]["event_type"] != "image.rejected" else 1
 
 
-async def submit_and_wait(settings, data: bytes, *, project: str, submission_id: str, timeout_s: float) -> dict[str, Any] | None:  # noqa: ANN001
-    """Submit inline bytes on the submit topic; return ingest's answer (or None on time-out)."""
+async def submit_and_follow(settings, data: bytes, *, project: str, submission_id: str, final: set[str], timeout_s: float) -> list[dict[str, Any]]:  # noqa: ANN001
+    """Submit inline bytes on the submit topic; return the image's events until one in `final`."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    from visionloop.contracts import Envelope, ImageIngested, ImageRejected, ImageSubmitted, topic_of
+    from visionloop.contracts import TOPICS, Envelope, ImageSubmitted, topic_of
     from visionloop.libs.kafka import client_kwargs, consumer_kwargs
 
-    kwargs = client_kwargs(settings)
-    answers = [topic_of(ImageIngested, settings.topic_prefix), topic_of(ImageRejected, settings.topic_prefix)]
-    consumer = AIOKafkaConsumer(*answers, **consumer_kwargs(settings), auto_offset_reset="latest", enable_auto_commit=False)  # type: ignore[arg-type]
+    image_topics = [topic_of(p, settings.topic_prefix) for p in TOPICS if p.event_type.startswith("image.") and p is not ImageSubmitted]
+    consumer = AIOKafkaConsumer(*image_topics, **consumer_kwargs(settings), auto_offset_reset="latest", enable_auto_commit=False)  # type: ignore[arg-type]
     await consumer.start()
-    producer = AIOKafkaProducer(**kwargs, acks="all")  # type: ignore[arg-type]
+    producer = AIOKafkaProducer(**client_kwargs(settings), acks="all")  # type: ignore[arg-type]
     await producer.start()
+    trail: list[dict[str, Any]] = []
     try:
         await consumer.seek_to_end()
         envelope = Envelope.of(
@@ -222,20 +241,25 @@ async def submit_and_wait(settings, data: bytes, *, project: str, submission_id:
             producer="visionloop-cli",
             project=project,
         )
-        await producer.send_and_wait(
-            topic_of(ImageSubmitted, settings.topic_prefix),
-            envelope.model_dump_json().encode(),
-            key=submission_id.encode(),
-        )
+        await producer.send_and_wait(topic_of(ImageSubmitted, settings.topic_prefix), envelope.model_dump_json().encode(), key=submission_id.encode())
+        image_id = None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                for record in records:
-                    data_ = json.loads(record.value)
-                    if data_.get("payload", {}).get("submission_id") == submission_id:
-                        return data_
-        return None
+            batch = await consumer.getmany(timeout_ms=200)
+            # Partitions come back in no particular order: replay the batch in time order.
+            for record in sorted((r for rs in batch.values() for r in rs), key=lambda r: r.timestamp):
+                event = json.loads(record.value)
+                payload = event.get("payload", {})
+                ours = payload.get("submission_id") == submission_id or (
+                    image_id is not None and payload.get("image", {}).get("image_id") == image_id
+                )
+                if not ours:
+                    continue
+                trail.append(event)
+                image_id = image_id or payload.get("image", {}).get("image_id")
+                if event["event_type"] in final:
+                    return trail
+        return trail
     finally:
         await producer.stop()
         await consumer.stop()
@@ -329,21 +353,25 @@ def submit(
     config: ConfigOpt = None,
 ) -> None:
     """Submit image files (inline bytes) as an upstream system would, and print ingest's answer."""
+    from visionloop import services as registry
+
     settings = _attach(_settings(config))
+    final = _final_events(list(registry.available()))
     failures = 0
     for path in paths:
         submission_id = f"cli-{uuid.uuid4().hex[:12]}"
-        result = asyncio.run(submit_and_wait(settings, path.read_bytes(), project=project, submission_id=submission_id, timeout_s=wait))
-        if result is None:
+        trail = asyncio.run(submit_and_follow(settings, path.read_bytes(), project=project, submission_id=submission_id, final=final, timeout_s=wait))
+        if not trail:
             failures += 1
             out.print(f"{path}: no answer within {wait:.0f} s")
             continue
-        payload = result["payload"]
-        if result["event_type"] == "image.ingested":
-            out.print(f"{path}: ingested as {payload['image']['image_id']}")
-        else:
+        last = trail[-1]
+        payload = last["payload"]
+        if last["event_type"] == "image.rejected":
             failures += 1
-            out.print(f"{path}: rejected ({payload['reason']}): {payload['message']}")
+            out.print(f"{path}: rejected by {payload['stage']} ({payload['reason']}): {payload['message']}")
+        else:
+            out.print(f"{path}: {last['event_type']} ({payload['image']['image_id']})")
     raise typer.Exit(1 if failures else 0)
 
 
