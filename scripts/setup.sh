@@ -9,7 +9,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VL_VENV:-$HOME/.local/share/visionloop/venv}"
-extras="${VL_EXTRAS:-cpu,train,s3,dev}"
+extras="${VL_EXTRAS:-cpu,train,s3,bench,dev}"
 
 pick_python() {
   for candidate in "${VL_PYTHON:-}" python3.11 python3.12 python3; do

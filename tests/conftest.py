@@ -77,3 +77,14 @@ async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     for row in schemas:
         await p.execute(f'DROP SCHEMA IF EXISTS "{row["nspname"]}" CASCADE')
     await p.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible server (moto) on a free loopback port, for the whole session."""
+    moto_server = pytest.importorskip("moto.server", reason="S3 tests need moto[server]")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

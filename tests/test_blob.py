@@ -8,7 +8,7 @@ import os
 import re
 import tracemalloc
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,17 +34,6 @@ class Backend:
     store: BlobStore
     overwrite: Callable[[str, bytes], None]
     stored_names: Callable[[], list[str]]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server on a free loopback port, shared by the module."""
-    moto_server = pytest.importorskip("moto.server", reason="S3 tests need moto[server]")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture

@@ -2,6 +2,10 @@
 
 Nothing here touches the network, the disk or the bus: it takes bytes and limits and answers
 with the facts of the image or a refusal that carries a reason code and a sentence.
+
+The bytes are judged by their first bytes (magic numbers) before any decoder sees them, and
+Pillow is only offered the decoders of the accepted formats, so a file that claims to be a
+JPEG never reaches, say, the EPS plugin (which runs Ghostscript).
 """
 
 from __future__ import annotations
@@ -14,6 +18,30 @@ from dataclasses import dataclass, field
 from PIL import Image, UnidentifiedImageError
 
 from visionloop.contracts import ImageRejectReason
+
+MAGIC_BYTES = 16
+"""How many leading bytes `sniff_format` needs to recognise every format it knows."""
+
+_SIGNATURES: tuple[tuple[int, bytes, tuple[str, ...]], ...] = (
+    (0, b"\xff\xd8\xff", ("JPEG", "MPO")),
+    (0, b"\x89PNG\r\n\x1a\n", ("PNG",)),
+    (0, b"GIF87a", ("GIF",)),
+    (0, b"GIF89a", ("GIF",)),
+    (8, b"WEBP", ("WEBP",)),  # after b"RIFF" + length, checked below
+    (0, b"BM", ("BMP",)),
+    (0, b"II*\x00", ("TIFF",)),
+    (0, b"MM\x00*", ("TIFF",)),
+    (0, b"II+\x00", ("TIFF",)),  # BigTIFF
+    (0, b"MM\x00+", ("TIFF",)),
+    (0, b"\x00\x00\x01\x00", ("ICO",)),
+    (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", ("JPEG2000",)),
+    (0, b"\xff\x4f\xff\x51", ("JPEG2000",)),
+    (4, b"ftypavif", ("AVIF",)),
+    (4, b"ftypavis", ("AVIF",)),
+    (0, b"qoif", ("QOI",)),
+)
+SNIFFED_FORMATS = frozenset(f for _, _, names in _SIGNATURES for f in names)
+"""Formats `sniff_format` recognises; for others the magic-byte check defers to Pillow."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +77,55 @@ class Refusal(Exception):
         return f"{self.reason.value}: {self.message}"
 
 
+def sniff_format(head: bytes) -> tuple[str, ...]:
+    """The formats (Pillow names) whose magic number `head` starts with; empty when none."""
+    for offset, magic, names in _SIGNATURES:
+        if head[offset : offset + len(magic)] == magic:
+            if names == ("WEBP",) and head[:4] != b"RIFF":
+                continue
+            return names
+    return ()
+
+
+def check_magic(head: bytes, formats: frozenset[str]) -> None:
+    """Refuse bytes whose first bytes show they are no accepted image, before any decoding.
+
+    Recognised but not accepted: `unsupported_format`. Not recognised at all: `not_an_image`,
+    unless an accepted format is one this check cannot recognise (then Pillow decides).
+    Empty input passes: `inspect_image` refuses zero bytes with its own sentence.
+    """
+    if not head:
+        return
+    names = sniff_format(head)
+    if names:
+        if not formats.intersection(names):
+            raise Refusal(
+                ImageRejectReason.UNSUPPORTED_FORMAT,
+                f"the bytes are {names[0]}, which is not accepted here (accepted: "
+                f"{', '.join(sorted(formats))})",
+                {"format": names[0]},
+            )
+        return
+    if formats <= SNIFFED_FORMATS:
+        raise Refusal(
+            ImageRejectReason.NOT_AN_IMAGE,
+            f"the bytes do not start like any accepted image format{_looks_like(head)}; "
+            f"send {', '.join(sorted(formats))} files",
+            {"head": head[:8].hex()},
+        )
+
+
+def _looks_like(head: bytes) -> str:
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html")):
+        return " (they look like an HTML page)"
+    if text.startswith((b"<?xml", b"<svg")):
+        return " (they look like XML or SVG text)"
+    if text[:1] in (b"{", b"["):
+        return " (they look like JSON)"
+    return ""
+
+
 def inspect_image(data: bytes, limits: Limits) -> ImageFacts:
     """Decode the header and pixels of `data` safely; raise Refusal when it must not be kept."""
     size = len(data)
@@ -60,12 +137,20 @@ def inspect_image(data: bytes, limits: Limits) -> ImageFacts:
             f"the image is {size} bytes, over the {limits.max_bytes}-byte limit",
             {"bytes": size, "limit": limits.max_bytes},
         )
+    check_magic(data[:MAGIC_BYTES], limits.formats)
     with warnings.catch_warnings():
-        # Pillow warns, then raises, past MAX_IMAGE_PIXELS; we check the size ourselves first.
+        # Hostile files make plugins warn a lot; only the bomb warning matters (as an error),
+        # and Pillow warns, then raises, past MAX_IMAGE_PIXELS: we check the size ourselves first.
+        warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data), formats=_decoders(limits.formats)) as image:
                 fmt = (image.format or "").upper()
+                # A camera's multi-picture JPEG (MPO) is a JPEG whose first picture is the
+                # photo; the others are previews or depth maps, not frames of an animation.
+                still = fmt == "MPO"
+                if still:
+                    fmt = "JPEG"
                 if fmt not in limits.formats:
                     raise Refusal(
                         ImageRejectReason.UNSUPPORTED_FORMAT,
@@ -81,12 +166,11 @@ def inspect_image(data: bytes, limits: Limits) -> ImageFacts:
                         f"{limits.max_pixels}-pixel limit",
                         {"width": width, "height": height, "limit": limits.max_pixels},
                     )
-                frames = getattr(image, "n_frames", 1)
-                if frames > limits.max_frames:
+                if not still and _has_frame(image, limits.max_frames):
                     raise Refusal(
                         ImageRejectReason.TOO_MANY_FRAMES,
-                        f"the file has {frames} frames; at most {limits.max_frames} are accepted",
-                        {"frames": frames, "limit": limits.max_frames},
+                        f"the file has more than {limits.max_frames} frame(s); send a still image",
+                        {"limit": limits.max_frames},
                     )
                 image.load()  # decodes every pixel: truncated or corrupt data fails here
                 if _rotated(image):
@@ -99,8 +183,12 @@ def inspect_image(data: bytes, limits: Limits) -> ImageFacts:
             raise Refusal(
                 ImageRejectReason.NOT_AN_IMAGE, "the bytes are not an image format Pillow knows"
             ) from exc
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:
-            raise Refusal(ImageRejectReason.CORRUPT, f"the image does not decode: {exc}") from exc
+        except Exception as exc:
+            # Decoders fed hostile bytes raise more than OSError (TypeError, struct.error,
+            # IndexError...): whatever they raise, the bytes do not decode.
+            raise Refusal(
+                ImageRejectReason.CORRUPT, f"the image does not decode: {type(exc).__name__}: {exc}"
+            ) from exc
     return ImageFacts(
         sha256=hashlib.sha256(data).hexdigest(),
         width=width,
@@ -108,6 +196,28 @@ def inspect_image(data: bytes, limits: Limits) -> ImageFacts:
         format=fmt,
         byte_size=size,
     )
+
+
+def _decoders(formats: frozenset[str]) -> list[str]:
+    """The Pillow plugins to offer: those of the accepted formats, nothing else."""
+    return sorted(formats)
+
+
+def _has_frame(image: Image.Image, index: int) -> bool:
+    """Whether frame number `index` (0-based, at least 1) exists, seeking no further than it.
+
+    `n_frames` would walk (and for GIF, decode) every frame of a file that may hold
+    thousands; stopping one past the cap keeps the cost bounded by the cap.
+    """
+    if not getattr(image, "is_animated", False):
+        return False
+    try:
+        image.seek(index)
+    except EOFError:
+        return False
+    finally:
+        image.seek(0)
+    return True
 
 
 def _rotated(image: Image.Image) -> bool:
