@@ -10,20 +10,11 @@ from typing import Any
 import pytest
 import yaml
 
+from visionloop.services import ALL_SERVICES
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "compose.yaml"
-SERVICES = [
-    "ingest",
-    "dedup",
-    "recognizer",
-    "labeling-gateway",
-    "verifier",
-    "trainer",
-    "evaluator",
-    "converter",
-    "packager",
-    "distributor",
-]
+SERVICES = list(ALL_SERVICES)
 HTTP_PORTS = {"ingest": 8081, "labeling-gateway": 8080, "distributor": 8082}
 
 

@@ -11,9 +11,9 @@ from PIL import Image
 
 from visionloop.contracts import ImageRejectReason
 from visionloop.libs.scenes import render_scene
-from visionloop.libs.variants import KINDS, variant
 from visionloop.services.dedup.config import DedupSettings, Policy
 from visionloop.services.dedup.decide import check_exact, check_near, check_quality
+from visionloop.services.dedup.evaluate import near_duplicate_quality
 from visionloop.services.dedup.hashing import blur_variance, hamming, hash_image
 from visionloop.services.dedup.index import HashIndex, Match
 
@@ -72,27 +72,6 @@ def test_blur_variance_orders_sharp_above_blurred() -> None:
 
 def test_near_duplicate_precision_and_recall_on_generated_variants() -> None:
     """Resize, recompression, 2-5% crops and brightness changes are found; distinct scenes are not."""
-    rng = np.random.default_rng(7)
-    radius = Policy().near_duplicate_radius
-    index = HashIndex()
-    originals = [render_scene(seed=10_000 + i, width=640, height=480) for i in range(60)]
-    for i, scene in enumerate(originals):
-        h, _ = hash_image(scene.encode(quality=85))
-        index.add(f"orig{i}", h.phash, h.dhash)
-    true_pos = false_neg = false_pos = 0
-    for i, scene in enumerate(originals):
-        for kind in KINDS:
-            h, _ = hash_image(variant(scene.image, kind, rng))
-            match = index.nearest(h.phash, h.dhash, radius)
-            if match is not None and match.image_id == f"orig{i}":
-                true_pos += 1
-            else:
-                false_neg += 1
-                false_pos += match is not None
-    for j in range(200):
-        h, _ = hash_image(render_scene(seed=50_000 + j, width=640, height=480).encode(quality=85))
-        false_pos += index.nearest(h.phash, h.dhash, radius) is not None
-    recall = true_pos / (true_pos + false_neg)
-    precision = true_pos / (true_pos + false_pos)
-    assert recall >= 0.95, recall
-    assert precision >= 0.99, precision
+    quality = near_duplicate_quality(Policy().near_duplicate_radius, originals=60, distinct=200, seed=7)
+    assert quality.recall >= 0.95, quality
+    assert quality.precision >= 0.99, quality

@@ -108,39 +108,15 @@ def bench_queries(sizes: list[int], queries: int = 500) -> dict[str, Any]:
 
 def bench_precision_recall(originals: int = 300, distinct: int = 500) -> dict[str, float]:
     """Near-duplicate precision and recall with the default policy on generated variants."""
-    from visionloop.libs.scenes import render_scene
-    from visionloop.libs.variants import KINDS, variant
     from visionloop.services.dedup.config import Policy
-    from visionloop.services.dedup.hashing import hash_image
-    from visionloop.services.dedup.index import HashIndex
+    from visionloop.services.dedup.evaluate import near_duplicate_quality
 
-    radius = Policy().near_duplicate_radius
-    rng = np.random.default_rng(42)
-    index = HashIndex()
-    scenes = [render_scene(seed=200_000 + i, width=640, height=480) for i in range(originals)]
-    for i, scene in enumerate(scenes):
-        h, _ = hash_image(scene.encode(quality=85))
-        index.add(f"o{i}", h.phash, h.dhash)
-    tp = fn = fp = 0
-    per_kind = {k: 0 for k in KINDS}
-    for i, scene in enumerate(scenes):
-        for kind in KINDS:
-            h, _ = hash_image(variant(scene.image, kind, rng))
-            match = index.nearest(h.phash, h.dhash, radius)
-            if match is not None and match.image_id == f"o{i}":
-                tp += 1
-                per_kind[kind] += 1
-            else:
-                fn += 1
-                fp += match is not None
-    for j in range(distinct):
-        h, _ = hash_image(render_scene(seed=900_000 + j, width=640, height=480).encode(quality=85))
-        fp += index.nearest(h.phash, h.dhash, radius) is not None
+    quality = near_duplicate_quality(Policy().near_duplicate_radius, originals=originals, distinct=distinct)
     return {
-        "near_dup_precision": round(tp / max(tp + fp, 1), 4),
-        "near_dup_recall": round(tp / (tp + fn), 4),
-        "near_dup_radius": radius,
-        **{f"recall_{k}": round(v / originals, 4) for k, v in per_kind.items()},
+        "near_dup_precision": round(quality.precision, 4),
+        "near_dup_recall": round(quality.recall, 4),
+        "near_dup_radius": quality.radius,
+        **{f"recall_{k}": round(v, 4) for k, v in quality.recall_by_kind.items()},
     }
 
 
