@@ -83,30 +83,35 @@ def wire(runtime: Runtime, adapters: Adapters, config: DedupSettings) -> None:
         image = ingested.image
         project = event.project
         policy = config.policy(project)
-        await unit.conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(project))
-
-        earlier = await unit.conn.fetchval(
-            f"SELECT outcome FROM {unit.schema}.decisions WHERE image_id = $1", image.image_id
-        )
-        verdict = check_exact(image.image_id, earlier)
-        if not verdict.accepted:
-            # The first decision stays the image's decision; this sighting is only reported.
-            _reject(unit, ingested, verdict)
+        # A cheap look first: a resubmission needs no reading or hashing.
+        earlier = await _earlier(unit, image.image_id)
+        if earlier is not None:
+            _reject(unit, ingested, check_exact(image.image_id, earlier))
             return
 
-        hashes, blur, verdict = None, None, ACCEPT
+        # Reading and hashing happen before the project lock is taken, so the lock is held only
+        # for the decision itself.
+        hashes, grey, verdict = None, None, ACCEPT
         try:
             hashes, grey = hash_image(await adapters.blobs.get(image.blob_uri))
         except BlobMissing as exc:
             verdict = Verdict(False, ImageRejectReason.BLOB_MISSING, str(exc))
         except (OSError, ValueError, SyntaxError) as exc:
             verdict = Verdict(False, ImageRejectReason.CORRUPT, f"the stored image does not decode: {exc}")
-        else:
-            blur = blur_variance(grey) if policy.min_blur_variance is not None else None
+        blur = blur_variance(grey) if grey is not None and policy.min_blur_variance is not None else None
+
+        await unit.conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(project))
+        earlier = await _earlier(unit, image.image_id)  # decisive now: under the lock
+        if earlier is not None:
+            # The first decision stays the image's decision; this sighting is only reported.
+            _reject(unit, ingested, check_exact(image.image_id, earlier))
+            return
+        if verdict.accepted:
             verdict = check_quality(image.width, image.height, blur, policy)
-            if verdict.accepted:
-                index = await indexes.refreshed(unit, project)
-                verdict = check_near(index.nearest(hashes.phash, hashes.dhash, policy.near_duplicate_radius), policy)
+        if verdict.accepted:
+            assert hashes is not None
+            index = await indexes.refreshed(unit, project)
+            verdict = check_near(index.nearest(hashes.phash, hashes.dhash, policy.near_duplicate_radius), policy)
         await _decide(unit, project, image.image_id, verdict)
         if not verdict.accepted:
             _reject(unit, ingested, verdict)
@@ -125,6 +130,10 @@ def wire(runtime: Runtime, adapters: Adapters, config: DedupSettings) -> None:
 
     runtime.consume(ImageIngested, on_ingested)
     runtime.produces(ImageAccepted, ImageRejected)
+
+
+async def _earlier(unit: Unit[ImageIngested], image_id: str) -> str | None:
+    return await unit.conn.fetchval(f"SELECT outcome FROM {unit.schema}.decisions WHERE image_id = $1", image_id)
 
 
 async def _decide(unit: Unit[ImageIngested], project: str, image_id: str, verdict: Verdict) -> None:
