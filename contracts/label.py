@@ -6,7 +6,7 @@ from enum import StrEnum
 
 from pydantic import AwareDatetime, Field
 
-from visionloop.contracts.common import Box, Detection, Frozen, ImageRef, ModelRef, Stage
+from visionloop.contracts.common import Box, ClassName, Detection, Frozen, ImageRef, ModelRef, Stage
 from visionloop.contracts.envelope import Payload
 
 
@@ -88,6 +88,24 @@ class LabelSubmitted(Payload):
     for_test_set: bool = Field(
         default=False, description="True when the label defines a frozen test image (import)."
     )
+    class_names: list[ClassName] | None = Field(
+        default=None,
+        max_length=1000,
+        description=(
+            "The project's taxonomy (ordered class list) when the submission was made; the "
+            "verifier refuses boxes of other classes. Null: the verifier uses the last taxonomy "
+            "it saw for the project."
+        ),
+    )
+    consensus_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=16,
+        description=(
+            "How many people label the task of a `consensus_group`; the verifier votes once "
+            "that many distinct labellers have submitted."
+        ),
+    )
 
 
 class VerificationMethod(StrEnum):
@@ -121,6 +139,11 @@ class LabelVerified(Payload):
     boxes: list[Box] = Field(max_length=2000)
     provenance: Provenance
     for_test_set: bool = False
+    class_names: list[ClassName] | None = Field(
+        default=None,
+        max_length=1000,
+        description="The project's taxonomy (ordered class list) the boxes were checked against.",
+    )
 
 
 class LabelRejectReason(StrEnum):
@@ -136,6 +159,10 @@ class LabelRejectReason(StrEnum):
     MISSING_DECISION = "missing_decision"
     NO_CONSENSUS = "no_consensus"
     STALE_TASK = "stale_task"
+    NEEDS_REVIEW = "needs_review"
+    """Pre-labels that calibration cannot auto-accept: a person reviews them."""
+    SPOT_CHECK = "spot_check"
+    """Auto-acceptable pre-labels drawn for a human spot check (keeps calibration honest)."""
 
 
 class BoxIssue(Frozen):

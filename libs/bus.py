@@ -15,9 +15,18 @@ Consumer policy, for every subscribed contract:
 4. Only then is the offset committed. A database outage is not the message's fault: the
    message is not dead-lettered but rewound and retried.
 
-Emitted events are published right after the transaction commits; a relay publishes whatever
+Emitted events are handed to the broker client right after the transaction commits, in order;
+the offset commit does not wait for the broker's acknowledgements (the committed outbox row is
+the durable record; each acknowledgement marks its row published). A relay publishes whatever
 that missed (a crash, a broker outage) and, when the broker has lost its topics (a restarted
 embedded broker), re-publishes the retained outbox so downstream work is re-derived.
+
+`consume_batch` keeps this policy per message for handlers that are cheaper per batch than per
+message (model inference): up to N messages (or what arrives within T ms) are read at once, a
+`prepare` step runs once for all of them outside any transaction, then every message's effect,
+inbox row and outbox rows commit in one transaction, and only then are the offsets committed.
+A message whose preparation or effect fails falls back to the one-message path (its own
+transaction, retries, dead letter) without holding back the others.
 """
 
 from __future__ import annotations
@@ -25,13 +34,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Generic, TypeVar
 
 import asyncpg
@@ -132,13 +143,20 @@ class Unit(Generic[P]):
 
 Handler = Callable[[Envelope[P], Unit[P]], Awaitable[None]]
 
+BatchPrepare = Callable[[list[Envelope[P]]], Awaitable[Sequence[Any]]]
+"""Work for a whole batch, outside any transaction: one result (or exception) per event, in order."""
+BatchHandler = Callable[[Envelope[P], Unit[P], Any], Awaitable[None]]
+"""One event's effect inside the transaction, given its prepared result."""
+
 
 @dataclass
 class _Subscription:
     spec: TopicSpec
-    handler: Handler[Any]
+    handler: Any
     group: str
     model: type[Envelope[Any]]
+    prepare: Any = None
+    """Set for batch subscriptions (`consume_batch`)."""
 
 
 class Runtime:
@@ -169,7 +187,13 @@ class Runtime:
         self._subscriptions: list[_Subscription] = []
         self._publishers: dict[type[Payload], DefaultPublisher] = {}
         self._published_ids: list[int] = []
+        self._unacked: set[asyncio.Future[Any]] = set()
+        """Publishes handed to the client whose broker acknowledgement has not come yet."""
+        self._releasing: set[asyncio.Future[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        self.gauges: dict[str, float] = {}
+        """Current values a service reports in every heartbeat (queue depth, calibration...)."""
         self._started_at = time.monotonic()
         self._epoch: str | None = None
         self.produces(DeadLetter, PipelineStatus)
@@ -223,6 +247,76 @@ class Runtime:
             description=description or handler.__doc__,
         )(on_message)
 
+    def background(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Run `work()` as a task from `start()` until `stop()` (workers behind HTTP endpoints).
+
+        `work` should loop; an exception ends it and is logged, and it is restarted after a pause.
+        """
+        self._background.append((name, work))
+
+    def consume_batch(
+        self,
+        payload: type[P],
+        handler: BatchHandler[P],
+        *,
+        prepare: BatchPrepare[P],
+        max_records: int = 16,
+        max_wait_ms: int = 0,
+        group: str | None = None,
+        description: str | None = None,
+    ) -> None:
+        """Handle `payload` events in batches: `prepare` once per batch, `handler` once per event.
+
+        The consumer reads up to `max_records` messages; when fewer are waiting it lingers up to
+        `max_wait_ms` for more (0: take what is there, so batches grow only under load). Then:
+
+        1. Malformed messages are dead-lettered as in `consume`; events this consumer group
+           handled before (inbox) are skipped.
+        2. `prepare(events)` runs once, outside any transaction, and returns one result per
+           event, in order; an element that is an exception is that event's failure. It must
+           have no durable effects: it runs again for a retried or redelivered event.
+        3. Every event's `handler(event, unit, result)`, inbox row and outbox rows commit in one
+           transaction; the emitted events are published after the commit.
+        4. An event whose preparation failed, or every event of a batch whose transaction failed,
+           goes through the one-message path: its own transaction, retries with backoff (its
+           `prepare` run again for that event alone), then a dead letter; `PermanentError`
+           skips the retries. A database outage rewinds the whole batch, as in `consume`.
+        5. Only then are the batch's offsets committed.
+
+        Events of one batch that needed retries take effect after the batch's other events, so
+        use this for events that do not depend on each other's order (images, not a ledger).
+        """
+        if max_records < 1:
+            raise ValueError("max_records must be at least 1")
+        spec = spec_for(payload)
+        group = group or f"{self.settings.topic_prefix}{self.service}.{spec.payload.event_type}"
+        model = Envelope[payload]  # type: ignore[valid-type]
+        sub = _Subscription(spec, handler, group, model, prepare=prepare)
+        self._subscriptions.append(sub)
+
+        async def on_batch(message: Any) -> None:
+            await self._on_batch(sub, message)
+
+        on_batch.__annotations__ = {"message": list[model], "return": None}  # type: ignore[valid-type]
+        on_batch.__name__ = f"{self.service}_{spec.payload.event_type.replace('.', '_')}_batch"
+        subscriber = self.broker.subscriber(
+            self.settings.topic(spec.name),
+            group_id=group,
+            batch=True,
+            max_records=max_records,
+            batch_timeout_ms=_BATCH_POLL_MS,
+            auto_offset_reset="earliest",
+            ack_policy=AckPolicy.NACK_ON_ERROR,
+            session_timeout_ms=self.settings.session_timeout_ms,
+            heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
+            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
+            decoder=_raw,
+            title=f"{self.service}: {spec.name}",
+            description=description or handler.__doc__,
+        )
+        subscriber(on_batch)
+        _linger(subscriber, max_records, max_wait_ms)
+
     @property
     def subscriptions(self) -> list[tuple[str, str]]:
         """(topic, consumer group) of every handler."""
@@ -241,6 +335,8 @@ class Runtime:
         if self.pool is not None:
             self._tasks.append(asyncio.create_task(self._relay_loop(), name=f"{self.service}-relay"))
         self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name=f"{self.service}-heartbeat"))
+        for name, work in self._background:
+            self._tasks.append(asyncio.create_task(self._keep_running(name, work), name=f"{self.service}-{name}"))
         await self.status(StatusKind.STARTED)
         log.info("%s started: %d handlers, schema %s", self.service, len(self._subscriptions), self.schema)
 
@@ -254,7 +350,9 @@ class Runtime:
         self._tasks.clear()
         with contextlib.suppress(Exception):
             await self.status(StatusKind.STOPPED)
-        await self.broker.stop()
+        await self.broker.stop()  # the client sends what it holds before it closes
+        if self._unacked or self._releasing:
+            await asyncio.wait({*self._unacked, *self._releasing}, timeout=10)
         if self.pool is not None:
             with contextlib.suppress(Exception):
                 await self._flush_published_marks()
@@ -284,6 +382,7 @@ class Runtime:
 
     async def status(self, kind: StatusKind, **fields: Any) -> None:
         """Publish a pipeline status event for this instance (best effort)."""
+        fields.setdefault("gauges", dict(self.gauges))
         payload = PipelineStatus(
             service=self.service,
             instance=self.settings.instance,
@@ -307,12 +406,30 @@ class Runtime:
             assert reason is not None
             await self._dead_letter(sub, record, reason, problem, attempts=1, event_id=None, error_type=None)
             return
-        attempts = 0
+        await self._with_retries(sub, record, event, lambda attempt: self._handle_once(sub, event))
+
+    async def _with_retries(
+        self,
+        sub: _Subscription,
+        record: Any,
+        event: Envelope[Any],
+        attempt: Callable[[int], Awaitable[bool]],
+        *,
+        attempts: int = 0,
+        failure: BaseException | None = None,
+    ) -> None:
+        """Run `attempt(n)` until it succeeds, retrying with backoff, then dead-letter.
+
+        `attempts` and `failure` carry an attempt that already failed elsewhere (a batch).
+        """
         backoff = self.settings.retry_backoff_ms / 1000
         while True:
-            attempts += 1
             try:
-                handled = await self._handle_once(sub, event)
+                if failure is not None:
+                    exc, failure = failure, None
+                    raise exc
+                attempts += 1
+                handled = await attempt(attempts)
                 self.counters["handled" if handled else "duplicates_skipped"] += 1
                 return
             except INFRASTRUCTURE_ERRORS as exc:
@@ -337,6 +454,133 @@ class Runtime:
                 self.counters["retries"] += 1
                 delay = min(backoff * 2 ** (attempts - 1), self.settings.retry_backoff_max_ms / 1000)
                 await asyncio.sleep(delay * (0.5 + random.random() / 2))
+
+    async def _on_batch(self, sub: _Subscription, message: KafkaMessage) -> None:
+        """The batch policy of `consume_batch`; FastStream commits the offsets when this returns."""
+        records = message.raw_message
+        if not isinstance(records, tuple):
+            records = (records,)
+        self.counters["received"] += len(records)
+        self.counters["batches"] += 1
+        malformed: list[tuple[Any, DeadLetterReason, str]] = []
+        parsed: dict[Any, tuple[Any, Envelope[Any]]] = {}
+        for record in records:
+            event, reason, problem = self._parse(sub, record.value)
+            if event is None:
+                assert reason is not None
+                malformed.append((record, reason, problem))
+            elif event.event_id in parsed:  # the same event twice in one batch (a relayed copy)
+                self.counters["duplicates_skipped"] += 1
+            else:
+                parsed[event.event_id] = (record, event)
+        assert self.pool is not None, "consumers need a database (inbox)"
+        done = {
+            row["event_id"]
+            for row in await self.pool.fetch(
+                f"SELECT event_id FROM {quote_ident(self.schema)}.inbox "
+                "WHERE consumer_group = $1 AND event_id = ANY($2::uuid[])",
+                sub.group,
+                list(parsed),
+            )
+        } if parsed else set()
+        self.counters["duplicates_skipped"] += len(done)
+        fresh = [item for key, item in parsed.items() if key not in done]
+        if fresh:
+            try:
+                await self._handle_batch(sub, fresh)
+            except INFRASTRUCTURE_ERRORS as exc:
+                # Not the messages' fault: back off, then rewind the whole batch (nack).
+                log.warning("%s: infrastructure error on %s, will redeliver: %s", self.service, sub.spec.name, exc)
+                self.counters["infrastructure_errors"] += 1
+                await asyncio.sleep(min(self.settings.retry_backoff_ms * 4, self.settings.retry_backoff_max_ms) / 1000)
+                raise
+        for record, reason, problem in malformed:
+            await self._dead_letter(sub, record, reason, problem, attempts=1, event_id=None, error_type=None)
+
+    async def _handle_batch(self, sub: _Subscription, fresh: list[tuple[Any, Envelope[Any]]]) -> None:
+        """Prepare once, commit what prepared in one transaction, settle the rest one by one."""
+        results = await self._prepare(sub, [event for _, event in fresh])
+        pairs = list(zip(fresh, results, strict=True))
+        ready = [(r, e, res) for (r, e), res in pairs if not isinstance(res, BaseException)]
+        failed: list[tuple[Any, Envelope[Any], Any]] = [(r, e, res) for (r, e), res in pairs if isinstance(res, BaseException)]
+        if ready:
+            try:
+                await self._handle_together(sub, ready)
+            except INFRASTRUCTURE_ERRORS:
+                raise
+            except Exception as exc:
+                # One event's effect failed and rolled the transaction back: settle each alone.
+                log.warning(
+                    "%s: batch of %d on %s failed (%r); handling its events one by one",
+                    self.service, len(ready), sub.spec.name, exc,
+                )
+                self.counters["batch_fallbacks"] += 1
+                failed = [(r, e, _Prepared(res)) for r, e, res in ready] + failed
+        for record, event, outcome in failed:
+            await self._settle_alone(sub, record, event, outcome)
+
+    async def _prepare(self, sub: _Subscription, events: list[Envelope[Any]]) -> list[Any]:
+        """`prepare` for a batch; a failure of the whole call becomes every event's failure."""
+        try:
+            results = list(await sub.prepare(events))
+        except INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception as exc:
+            log.warning("%s: preparing a batch of %d failed: %r", self.service, len(events), exc)
+            return [exc] * len(events)
+        if len(results) != len(events):
+            problem = RuntimeError(f"prepare returned {len(results)} results for {len(events)} events")
+            return [problem] * len(events)
+        return results
+
+    async def _settle_alone(self, sub: _Subscription, record: Any, event: Envelope[Any], outcome: Any) -> None:
+        """The one-message path for an event of a batch: its first result, then fresh attempts."""
+
+        async def attempt(n: int) -> bool:
+            if n == 1 and isinstance(outcome, _Prepared):
+                result = outcome.value
+            else:
+                (result,) = await self._prepare(sub, [event])
+                if isinstance(result, BaseException):
+                    raise result
+
+            async def handler(ev: Envelope[Any], unit: Unit[Any]) -> None:
+                await sub.handler(ev, unit, result)
+
+            return await self._handle_once(sub, event, handler)
+
+        if isinstance(outcome, BaseException):
+            await self._with_retries(sub, record, event, attempt, attempts=1, failure=outcome)
+        else:
+            await self._with_retries(sub, record, event, attempt)
+
+    async def _handle_together(self, sub: _Subscription, ready: list[tuple[Any, Envelope[Any], Any]]) -> None:
+        """Every prepared event's effect, inbox row and outbox rows in one transaction."""
+        assert self.pool is not None
+        schema = quote_ident(self.schema)
+        units: list[Unit[Any]] = []
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                fresh = {
+                    row["event_id"]
+                    for row in await conn.fetch(
+                        f"INSERT INTO {schema}.inbox (consumer_group, event_id) "
+                        "SELECT $1, unnest($2::uuid[]) ON CONFLICT DO NOTHING RETURNING event_id",
+                        sub.group,
+                        [event.event_id for _, event, _ in ready],
+                    )
+                }
+                for _, event, result in ready:
+                    if event.event_id not in fresh:
+                        continue
+                    unit: Unit[Any] = Unit(conn=conn, runtime=self, event=event)
+                    await sub.handler(event, unit, result)
+                    units.append(unit)
+                emitted = [out for unit in units for out in unit.emitted]
+                await self._store_outbox(conn, emitted)
+        self.counters["handled"] += len(units)
+        self.counters["duplicates_skipped"] += len(ready) - len(units)
+        await self._publish_after_commit(emitted, concurrently=True)
 
     def _parse(
         self, sub: _Subscription, value: bytes | None
@@ -366,10 +610,13 @@ class Runtime:
         except ValidationError as exc:
             return None, DeadLetterReason.SCHEMA_VIOLATION, f"the payload breaks the {sub.spec.name} schema: {_brief(exc)}"
 
-    async def _handle_once(self, sub: _Subscription, event: Envelope[Any]) -> bool:
+    async def _handle_once(self, sub: _Subscription, event: Envelope[Any], handler: Handler[Any] | None = None) -> bool:
         """One attempt in one transaction; False when the inbox says it was handled already."""
         assert self.pool is not None, "consumers need a database (inbox)"
-        async with self.pool.acquire() as conn:
+        handler = handler or sub.handler
+        conn = await self.pool.acquire()
+        committed = False
+        try:
             unit: Unit[Any] = Unit(conn=conn, runtime=self, event=event)
             async with conn.transaction():
                 fresh = await conn.fetchval(
@@ -380,10 +627,32 @@ class Runtime:
                 )
                 if not fresh:
                     return False
-                await sub.handler(event, unit)
+                await handler(event, unit)
                 await self._store_outbox(conn, unit.emitted)
+            committed = True
+        finally:
+            if committed:
+                # The connection's reset for the pool (a round trip) overlaps the publish and
+                # the offset commit instead of preceding them.
+                self._release_later(conn)
+            else:
+                await self.pool.release(conn)
         await self._publish_after_commit(unit.emitted)
         return True
+
+    def _release_later(self, conn: asyncpg.Connection) -> None:
+        assert self.pool is not None
+        pool = self.pool
+
+        async def release() -> None:
+            try:
+                await pool.release(conn)
+            except Exception as exc:  # asyncpg has closed it; the pool opens a fresh one
+                log.warning("%s: resetting a database connection failed: %s", self.service, exc)
+
+        task = asyncio.ensure_future(release())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def _dead_letter(
         self,
@@ -464,6 +733,18 @@ class Runtime:
     async def _store_outbox(self, conn: asyncpg.Connection, outgoing: list[_Outgoing]) -> None:
         if not outgoing:
             return
+        if len(outgoing) == 1:  # the common case: plain parameters encode cheaper than arrays
+            (out,) = outgoing
+            out.outbox_id = await conn.fetchval(
+                f"""INSERT INTO {quote_ident(self.schema)}.outbox (event_id, topic, key, value, headers)
+                    VALUES ($1, $2, $3, $4, $5::jsonb) RETURNING id""",
+                out.envelope.event_id,
+                out.topic,
+                out.key,
+                out.value,
+                json.dumps(out.headers),
+            )
+            return
         rows = await conn.fetch(
             f"""INSERT INTO {quote_ident(self.schema)}.outbox (event_id, topic, key, value, headers)
                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::bytea[], $5::jsonb[])
@@ -488,17 +769,53 @@ class Runtime:
         )
         self.counters["published"] += 1
 
-    async def _publish_after_commit(self, outgoing: list[_Outgoing]) -> None:
-        """Fast path: publish what was just committed; the relay covers any failure here."""
+    async def _publish_after_commit(self, outgoing: list[_Outgoing], *, concurrently: bool = False) -> None:
+        """Fast path: publish what was just committed; the relay covers any failure here.
+
+        `concurrently` sends every event at once (the client batches them into few requests);
+        their order on the wire is then not guaranteed, so only batches of independent events
+        use it.
+        """
+        if concurrently and len(outgoing) > 1:
+            sent = await asyncio.gather(*(self._send(out) for out in outgoing), return_exceptions=True)
+            for out, outcome in zip(outgoing, sent, strict=True):
+                if isinstance(outcome, BaseException):
+                    log.warning("%s: publish to %s deferred to the relay: %s", self.service, out.topic, outcome)
+                    self.counters["publish_deferred"] += 1
+                elif out.outbox_id is not None:
+                    self._published_ids.append(out.outbox_id)
+            return
+        # Handed to the client in order (so in order on the wire, per partition) without waiting
+        # for the broker's acknowledgements: the outbox row is already the durable record, so
+        # the offset commit need not wait for them. Each acknowledgement marks its row.
         for out in outgoing:
             try:
-                await self._send(out)
+                publisher = self._publishers[type(out.envelope.payload)]
+                acked = await publisher.publish(
+                    out.value,
+                    topic=out.topic,
+                    key=out.key,
+                    headers=out.headers,
+                    correlation_id=out.envelope.correlation_id,
+                    no_confirm=True,
+                )
             except Exception as exc:
                 log.warning("%s: publish to %s deferred to the relay: %s", self.service, out.topic, exc)
                 self.counters["publish_deferred"] += 1
                 return
-            if out.outbox_id is not None:
-                self._published_ids.append(out.outbox_id)
+            self._unacked.add(acked)
+            acked.add_done_callback(functools.partial(self._on_ack, out))
+
+    def _on_ack(self, out: _Outgoing, acked: asyncio.Future[Any]) -> None:
+        self._unacked.discard(acked)
+        problem = acked.exception() if not acked.cancelled() else asyncio.CancelledError()
+        if problem is not None:
+            log.warning("%s: publish to %s deferred to the relay: %s", self.service, out.topic, problem)
+            self.counters["publish_deferred"] += 1
+            return
+        self.counters["published"] += 1
+        if out.outbox_id is not None:
+            self._published_ids.append(out.outbox_id)
 
     async def _flush_published_marks(self) -> None:
         if not self._published_ids or self.pool is None:
@@ -593,10 +910,55 @@ class Runtime:
             except Exception as exc:
                 log.warning("%s: outbox relay: %s", self.service, exc)
 
+    async def _keep_running(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                await work()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s: background task %s failed; restarting it in 1 s", self.service, name)
+                self.counters[f"background_failures.{name}"] += 1
+            await asyncio.sleep(1.0)
+
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             await self.status(StatusKind.HEARTBEAT)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A prepared result carried to the one-message path (it may itself be any value)."""
+
+    value: Any
+
+
+_BATCH_POLL_MS = 200
+"""How long a batch consumer's fetch waits when nothing is buffered (it wakes when data comes)."""
+
+
+def _linger(subscriber: Any, max_records: int, max_wait_ms: int) -> None:
+    """Make a FastStream batch subscriber wait up to `max_wait_ms` to fill its batch.
+
+    FastStream's batch subscriber takes whatever one `getmany` returns; this replaces its
+    `get_msg` (FastStream's hook for reading one batch) with one that, having found fewer than
+    `max_records` messages, polls again until the batch is full or the time is up. Records of
+    one partition stay in order.
+    """
+
+    async def get_msg(consumer: Any) -> tuple[Any, ...]:
+        got = await consumer.getmany(timeout_ms=_BATCH_POLL_MS, max_records=max_records)
+        records = list(chain.from_iterable(got.values()))
+        if records and max_wait_ms > 0 and len(records) < max_records:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + max_wait_ms / 1000
+            while len(records) < max_records and (left := deadline - loop.time()) > 0:
+                more = await consumer.getmany(timeout_ms=max(1, int(left * 1000)), max_records=max_records - len(records))
+                records.extend(chain.from_iterable(more.values()))
+        return tuple(records)
+
+    subscriber.get_msg = get_msg
 
 
 async def _raw(message: KafkaMessage) -> KafkaMessage:

@@ -29,6 +29,16 @@ contracts_app = typer.Typer(help="JSON Schemas and the AsyncAPI document of the 
 bench_app = typer.Typer(help="Committed benchmarks; results go to docs/benchmarks.md.", no_args_is_help=True)
 app.add_typer(contracts_app, name="contracts")
 app.add_typer(bench_app, name="bench")
+library_app = typer.Typer(help="The model library: register ONNX detectors, move aliases, list what serves.", no_args_is_help=True)
+app.add_typer(library_app, name="library")
+gateway_app = typer.Typer(help="The labelling gateway: projects and API tokens.", no_args_is_help=True)
+gateway_token_app = typer.Typer(help="API tokens (stored hashed; shown once).", no_args_is_help=True)
+gateway_project_app = typer.Typer(help="Projects and their taxonomy.", no_args_is_help=True)
+gateway_app.add_typer(gateway_token_app, name="token")
+gateway_app.add_typer(gateway_project_app, name="project")
+app.add_typer(gateway_app, name="gateway")
+verifier_app = typer.Typer(help="The verifier: auto-accept calibration.", no_args_is_help=True)
+app.add_typer(verifier_app, name="verifier")
 
 console = Console(stderr=True)
 out = Console()
@@ -432,6 +442,275 @@ def bench_intake(
 
     sizes = [s for s in (100_000, 1_000_000, 10_000_000) if s <= max_index]
     result = run_intake_bench(sizes=sizes, e2e_images=images, console=console)
+    if json_output:
+        out.print(json.dumps(result), highlight=False, soft_wrap=True)
+
+
+@bench_app.command("gateway")
+def bench_gateway(
+    tasks: Annotated[int, typer.Option(help="Tasks in the queue the labellers drain.")] = 2000,
+    labellers: Annotated[int, typer.Option(help="Concurrent simulated labellers (HTTP clients).")] = 50,
+    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
+) -> None:
+    """Labelling gateway: next-task + submit round trips over real HTTP with concurrent labellers."""
+    from visionloop.bench.gateway import run_gateway_bench
+
+    result = run_gateway_bench(tasks=tasks, labellers=labellers, console=console)
+    if json_output:
+        out.print(json.dumps(result), highlight=False, soft_wrap=True)
+
+
+@gateway_project_app.command("create")
+def gateway_project_create(
+    project: Annotated[str, typer.Argument(help="Project slug.")],
+    classes: Annotated[str, typer.Option(help="Comma-separated class names, in order (appended if the project exists).")] = "",
+    config: ConfigOpt = None,
+) -> None:
+    """Create a project with its taxonomy, or append classes to it."""
+    from visionloop.services.labeling_gateway.admin import create_project
+
+    settings = _attach(_settings(config))
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    taxonomy = asyncio.run(create_project(settings, project, names))
+    out.print(f"{project}: {', '.join(taxonomy) or '(no classes yet)'}")
+
+
+@gateway_token_app.command("create")
+def gateway_token_create(
+    project: Annotated[str | None, typer.Option(help="The token's project (omit only for an all-projects admin token).")] = None,
+    role: Annotated[str, typer.Option(help="annotator, reviewer or admin.")] = "annotator",
+    user: Annotated[str, typer.Option(help="Who uses the token (recorded on every submission).")] = "",
+    config: ConfigOpt = None,
+) -> None:
+    """Create an API token and print it once (only its hash is stored)."""
+    from visionloop.services.labeling_gateway.admin import create_token
+    from visionloop.services.labeling_gateway.store import Conflict
+
+    settings = _attach(_settings(config))
+    try:
+        token_id, token = asyncio.run(create_token(settings, project=project, role=role, user_id=user or f"{role}-{uuid.uuid4().hex[:6]}"))
+    except (Conflict, ValueError) as exc:
+        console.print(f"[red]{getattr(exc, 'message', exc)}[/]")
+        raise typer.Exit(2) from None
+    console.print(f"token {token_id} ({role}, project {project or 'all'}); it is shown once — keep it:")
+    out.print(token, highlight=False)
+
+
+@gateway_token_app.command("revoke")
+def gateway_token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (the part after `vl_`).")],
+    config: ConfigOpt = None,
+) -> None:
+    """Revoke a token."""
+    from visionloop.services.labeling_gateway.admin import revoke_token
+
+    settings = _attach(_settings(config))
+    if not asyncio.run(revoke_token(settings, token_id)):
+        console.print(f"[red]no active token {token_id}[/]")
+        raise typer.Exit(1)
+    out.print(f"revoked {token_id}")
+
+
+@verifier_app.command("calibration")
+def verifier_calibration(
+    project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Auto-accept calibration per class: threshold, estimated precision, samples."""
+    from visionloop.libs.db import create_pool
+    from visionloop.services.verifier.service import calibration_report
+
+    settings = _attach(_settings(config))
+
+    async def load() -> list[dict[str, Any]]:
+        pool = await create_pool(settings, min_size=1, max_size=1)
+        try:
+            exists = await pool.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{settings.schema_for('verifier')}.calibration")
+            return await calibration_report(pool, settings.schema_for("verifier"), project) if exists else []
+        finally:
+            await pool.close()
+
+    rows = asyncio.run(load())
+    if json_output:
+        out.print(json.dumps({"project": project, "classes": rows}), highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"auto-accept calibration{f' — {project}' if project else ''}")
+    for column in ("project", "model", "class", "threshold", "precision", "target", "support", "samples", "status"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            r["project"], r["model_id"], r["class_name"],
+            "-" if r["threshold"] is None else f"{r['threshold']:.3f}",
+            "-" if r["precision"] is None else f"{r['precision']:.3f}",
+            f"{r['target']:.2f}", str(r["support"]), str(r["samples"]), r["status"],
+        )
+    out.print(table)
+    if not rows:
+        console.print("no calibration yet: it grows as people verify pre-labels (review tasks)")
+
+
+# -- the model library ------------------------------------------------------------------------------
+
+
+def _domain_tags(pairs: list[str]) -> dict[str, str]:
+    tags = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            console.print(f"[red]--domain {pair!r}[/]: write tags as KEY=VALUE, e.g. --domain site=plant-3")
+            raise typer.Exit(2)
+        tags[key.strip()] = value.strip()
+    return tags
+
+
+@library_app.command("add")
+def library_add(
+    path: Annotated[Path, typer.Argument(help="The ONNX detector (Ultralytics export, task=detect).", exists=True, dir_okay=False)],
+    project: Annotated[str, typer.Option(help="Project the model serves.")],
+    classes: Annotated[str | None, typer.Option(help="Class names in head order, comma-separated (default: the file's metadata).")] = None,
+    imgsz: Annotated[int | None, typer.Option(help="Square input size (default: the file's metadata).")] = None,
+    domain: Annotated[list[str] | None, typer.Option(help="Domain tag the model serves, KEY=VALUE; repeatable. None: the whole project.")] = None,
+    alias: Annotated[str | None, typer.Option(help="Give it an alias now: production or candidate.")] = None,
+    target: Annotated[str, typer.Option(help="Where it runs: server or edge.")] = "server",
+    model_id: Annotated[str | None, typer.Option(help="Model line (default: <project>-detector).")] = None,
+    version: Annotated[int | None, typer.Option(help="Version within the line (default: the next).")] = None,
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8.")] = "fp32",
+    dataset_version: Annotated[str, typer.Option(help="Dataset version it was trained on.")] = "manual",
+    parent: Annotated[str | None, typer.Option(help="The model it was fine-tuned from, MODEL_ID:VERSION.")] = None,
+    metrics: Annotated[Path | None, typer.Option(help="JSON file of its test-set metrics (map50_95, map50, ...).", exists=True, dir_okay=False)] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Register an ONNX detector in the model library (stored in the blob store; emits `model registered`)."""
+    from visionloop.contracts import Alias, Metrics, ModelRef, Precision, Target
+    from visionloop.libs.library import LibraryError, LibraryWriter
+
+    settings = _attach(_settings(config))
+    try:
+        chosen_alias = Alias(alias) if alias else None
+        chosen_target, chosen_precision = Target(target), Precision(precision)
+        parent_ref = None
+        if parent:
+            parent_id, _, parent_version = parent.rpartition(":")
+            parent_ref = ModelRef(model_id=parent_id, version=int(parent_version))
+        measured = Metrics.model_validate_json(metrics.read_text()) if metrics else None
+    except ValueError as exc:
+        console.print(f"[red]invalid option[/]: {exc}")
+        raise typer.Exit(2) from None
+
+    async def main() -> Any:
+        async with LibraryWriter(settings) as library:
+            return await library.add(
+                path.read_bytes(), project=project, model_id=model_id,
+                class_names=[c.strip() for c in classes.split(",") if c.strip()] if classes else None,
+                input_size=imgsz, domain=_domain_tags(domain or []), alias=chosen_alias,
+                target=chosen_target, precision=chosen_precision, version=version,
+                dataset_version=dataset_version, parent=parent_ref, metrics=measured,
+            )
+
+    try:
+        entry = asyncio.run(main())
+    except LibraryError as exc:
+        console.print(f"[red]refused ({exc.reason})[/]: {exc}")
+        raise typer.Exit(1) from None
+    aliases = ", ".join(sorted(entry.aliases)) or "no alias"
+    out.print(
+        f"registered {entry.model_id} v{entry.version} ({entry.target.value}, {aliases}) for project "
+        f"{entry.project}: {len(entry.class_names)} classes, {entry.input_size}px, sha256 {entry.artifact_sha256[:16]}…"
+    )
+
+
+@library_app.command("promote")
+def library_promote(
+    model_id: Annotated[str, typer.Argument(help="The model line.")],
+    version: Annotated[int, typer.Argument(help="The version to point the alias at.")],
+    alias: Annotated[str, typer.Option(help="production (the old one becomes previous) or candidate.")] = "production",
+    target: Annotated[str, typer.Option(help="server or edge.")] = "server",
+    config: ConfigOpt = None,
+) -> None:
+    """Point an alias at a registered version (emits `model registered`; recognizers reload)."""
+    from visionloop.contracts import Alias, Target
+    from visionloop.libs.library import LibraryError, LibraryWriter
+
+    settings = _attach(_settings(config))
+
+    async def main() -> Any:
+        async with LibraryWriter(settings) as library:
+            return await library.promote(model_id, version, Alias(alias), target=Target(target))
+
+    try:
+        entry = asyncio.run(main())
+    except (LibraryError, ValueError) as exc:
+        console.print(f"[red]refused ({getattr(exc, 'reason', 'invalid')})[/]: {exc}")
+        raise typer.Exit(1) from None
+    out.print(f"{entry.model_id} v{entry.version} ({entry.target.value}) is now {alias}")
+
+
+@library_app.command("list")
+def library_list(
+    project: Annotated[str | None, typer.Option(help="Only this project's models.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON array instead of a table.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Every model version in the library, with its aliases."""
+    from visionloop.libs.db import create_pool
+    from visionloop.libs.library import SERVICE, ModelLibrary
+
+    settings = _attach(_settings(config))
+
+    async def main() -> Any:
+        pool = await create_pool(settings, min_size=1, max_size=1)
+        try:
+            return await ModelLibrary(pool, settings.schema_for(SERVICE)).entries(project)
+        finally:
+            await pool.close()
+
+    entries = asyncio.run(main())
+    if json_output:
+        rows = [
+            {
+                "model_id": e.model_id, "version": e.version, "target": e.target.value, "project": e.project,
+                "domain": e.domain, "class_names": e.class_names, "input_size": e.input_size,
+                "precision": e.precision.value, "aliases": sorted(e.aliases), "artifact_uri": e.artifact_uri,
+                "artifact_sha256": e.artifact_sha256, "dataset_version": e.dataset_version,
+                "parent": e.parent.model_dump() if e.parent else None,
+                "metrics": e.metrics.model_dump() if e.metrics else None,
+                "registered_at": e.registered_at.isoformat(),
+            }
+            for e in entries
+        ]
+        out.print(json.dumps(rows), highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"model library{f' — project {project}' if project else ''}")
+    for column in ("project", "model", "version", "target", "domain", "aliases", "classes", "input", "precision", "mAP50-95", "sha256", "registered"):
+        table.add_column(column)
+    for e in entries:
+        table.add_row(
+            e.project, e.model_id, str(e.version), e.target.value,
+            ", ".join(f"{k}={v}" for k, v in e.domain.items()) or "(all)",
+            ", ".join(sorted(e.aliases)) or "-", ", ".join(e.class_names), str(e.input_size), e.precision.value,
+            f"{e.metrics.map50_95:.3f}" if e.metrics else "-", e.artifact_sha256[:12],
+            e.registered_at.strftime("%Y-%m-%d %H:%M"),
+        )
+    out.print(table)
+    if not entries:
+        console.print("the library is empty: `visionloop library add MODEL.onnx --project P --alias production`")
+
+
+@bench_app.command("recognizer")
+def bench_recognizer(
+    images: Annotated[int, typer.Option(help="Images in the throughput backlog.")] = 400,
+    imgsz: Annotated[int, typer.Option(help="Model input size (640 is the usual production size).")] = 640,
+    batch: Annotated[int, typer.Option(help="The recognizer's batch_max (N).")] = 8,
+    infer_batch: Annotated[int, typer.Option(help="Images per session.run in both arms (the recognizer's inference_batch; 1 is fastest on CPU).")] = 1,
+    wait_ms: Annotated[int, typer.Option(help="The recognizer's batch_wait_ms (T).")] = 0,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads in both arms (0 = one per core).")] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
+) -> None:
+    """Recognizer throughput through the real broker with micro-batching vs raw ONNX Runtime, same run."""
+    from visionloop.bench.recognizer import run_recognizer_bench
+
+    result = run_recognizer_bench(images=images, imgsz=imgsz, batch=batch, infer_batch=infer_batch, wait_ms=wait_ms, threads=threads, console=console)
     if json_output:
         out.print(json.dumps(result), highlight=False, soft_wrap=True)
 

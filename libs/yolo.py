@@ -1,0 +1,313 @@
+"""Ultralytics YOLO, offline: the one place that prepares its environment, datasets and exports.
+
+Ultralytics reads its environment when it is first imported: where its config lives
+(`YOLO_CONFIG_DIR`), whether it may reach the internet (`YOLO_OFFLINE`) and whether it may
+pip-install what it misses (`YOLO_AUTOINSTALL`). Left alone it writes under `~/.config`, downloads
+`Arial.ttf` for its plots and installs packages at export. `ultralytics()` sets all of that first
+(a private config folder under the state folder, a local TTF copied in as `Arial.ttf`, no
+network, no installs) and only then imports it, so the recognizer's tests, the benchmark and the
+trainer run on a machine without internet exactly as on one with it.
+
+Training here always starts from a model yaml (`yolo11n.yaml`) or from weights the loop made
+itself: nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FONT_CANDIDATES = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+)
+"""System fonts tried for the `Arial.ttf` Ultralytics wants for plots (then matplotlib's copy)."""
+
+
+class YoloUnavailable(RuntimeError):
+    """Ultralytics (the `train` extra) is not installed, or was imported before it was configured."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _font() -> Path | None:
+    for candidate in FONT_CANDIDATES:
+        if Path(candidate).is_file():
+            return Path(candidate)
+    try:
+        import matplotlib
+
+        bundled = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        return bundled if bundled.is_file() else None
+    except ImportError:
+        return None
+
+
+def configure(state_dir: Path) -> Path:
+    """Prepare Ultralytics' environment under `state_dir`; return its private config folder.
+
+    Sets `YOLO_CONFIG_DIR=<state_dir>/ultralytics`, `YOLO_OFFLINE=1`, `YOLO_AUTOINSTALL=0` and
+    `YOLO_VERBOSE=0` (unless already set), and places a TTF there as `Ultralytics/Arial.ttf` and
+    `Arial.Unicode.ttf` so plotting never downloads one. Must run before `import ultralytics`;
+    `ultralytics()` does both in the right order.
+    """
+    config_dir = (Path(state_dir) / "ultralytics").resolve()
+    fonts = config_dir / "Ultralytics"
+    fonts.mkdir(parents=True, exist_ok=True)
+    font = _font()
+    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+        target = fonts / name
+        if font is not None and not target.exists():
+            shutil.copyfile(font, target)
+    os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ["YOLO_AUTOINSTALL"] = "0"
+    os.environ.setdefault("YOLO_VERBOSE", "0")
+    return config_dir
+
+
+def ultralytics(state_dir: Path) -> ModuleType:
+    """The `ultralytics` module, configured for offline use under `state_dir` (see `configure`).
+
+    If Ultralytics was imported elsewhere first, its module-level switches are corrected so that
+    nothing auto-installs or goes online; its config folder then stays where it was.
+    """
+    config_dir = configure(state_dir)
+    already = "ultralytics" in sys.modules
+    try:
+        import ultralytics as module
+        from ultralytics.utils import checks
+    except ImportError as exc:
+        raise YoloUnavailable(
+            "ultralytics_missing",
+            f"Ultralytics is not installed ({exc}); install the training extra: pip install 'visionloop[train]'.",
+        ) from None
+    # Ultralytics reads YOLO_AUTOINSTALL once at import; make sure a module imported before
+    # configure() cannot pip-install anything either.
+    checks.AUTOINSTALL = False
+    from ultralytics import utils
+
+    utils.AUTOINSTALL = False
+    if already and Path(utils.USER_CONFIG_DIR).resolve() != config_dir / "Ultralytics":
+        log.debug("ultralytics was imported before configure(); its config stays in %s", utils.USER_CONFIG_DIR)
+    utils.SETTINGS.update({"sync": False})
+    return module
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training image and its boxes (pixel corners and class names)."""
+
+    name: str
+    image: Any
+    """A PIL image."""
+    boxes: Sequence[tuple[float, float, float, float, str]]
+
+
+def write_dataset(root: Path, train: Iterable[Sample], val: Iterable[Sample], class_names: Sequence[str]) -> Path:
+    """Write an Ultralytics YOLO dataset (images/, labels/, data.yaml) under `root`; return the yaml.
+
+    Class ids follow `class_names` order, which must never change within a project: a model's
+    head order is its class list.
+    """
+    import yaml
+
+    index = {name: i for i, name in enumerate(class_names)}
+    for split, samples in (("train", train), ("val", val)):
+        images, labels = root / "images" / split, root / "labels" / split
+        images.mkdir(parents=True, exist_ok=True)
+        labels.mkdir(parents=True, exist_ok=True)
+        for sample in samples:
+            w, h = sample.image.size
+            sample.image.convert("RGB").save(images / f"{sample.name}.png")
+            lines = []
+            for x1, y1, x2, y2, name in sample.boxes:
+                if name not in index:
+                    raise ValueError(f"class {name!r} of sample {sample.name} is not in {list(class_names)}")
+                cx, cy = (x1 + x2) / 2 / w, (y1 + y2) / 2 / h
+                lines.append(f"{index[name]} {cx:.6f} {cy:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
+            (labels / f"{sample.name}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+    data = root / "data.yaml"
+    data.write_text(
+        yaml.safe_dump(
+            {"path": str(root.resolve()), "train": "images/train", "val": "images/val",
+             "names": dict(enumerate(class_names))},
+            sort_keys=False,
+        )
+    )
+    return data
+
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "device": "cpu",
+    "workers": 0,
+    "plots": False,
+    "amp": False,
+    "mosaic": 0.0,
+    "val": True,
+    "verbose": False,
+    "exist_ok": True,
+    "deterministic": True,
+    "seed": 0,
+}
+"""Options every CPU training run here uses (no dataloader workers, no AMP, no plots)."""
+
+
+def train(
+    state_dir: Path,
+    data: Path,
+    *,
+    model: str | Path = "yolo11n.yaml",
+    out_dir: Path,
+    name: str = "train",
+    **options: Any,
+) -> Path:
+    """Train a detector with Ultralytics' `train`; return the path of `best.pt`.
+
+    `model` is a model yaml (a fresh detector, nothing downloaded) or weights to fine-tune;
+    `options` are Ultralytics' own train arguments (`epochs`, `imgsz`, `batch`, ...), over
+    `TRAIN_DEFAULTS`.
+    """
+    ul = ultralytics(state_dir)
+    yolo = ul.YOLO(str(model))
+    args = TRAIN_DEFAULTS | {"project": str(out_dir.resolve()), "name": name} | options
+    yolo.train(data=str(data), **args)
+    weights = out_dir.resolve() / name / "weights"
+    best = weights / "best.pt"
+    return best if best.exists() else weights / "last.pt"
+
+
+def export_onnx(state_dir: Path, weights: Path, *, imgsz: int, dynamic: bool = True, opset: int | None = None) -> Path:
+    """Export weights to ONNX with Ultralytics' `export` (no simplifier: it would need onnxslim)."""
+    ul = ultralytics(state_dir)
+    yolo = ul.YOLO(str(weights))
+    args: dict[str, Any] = {"format": "onnx", "imgsz": imgsz, "dynamic": dynamic, "simplify": False, "device": "cpu"}
+    if opset is not None:
+        args["opset"] = opset
+    return Path(yolo.export(**args))
+
+
+def recipe_key(recipe: dict[str, Any]) -> str:
+    """A short stable hash of a training recipe (for caching what it produces)."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# -- a small detector of synthetic scenes (tests, benchmarks, demos) ------------------------------
+SYNTHETIC_RECIPE: dict[str, Any] = {
+    "classes": ["circle", "square", "triangle"],
+    "train_images": 160,
+    "val_images": 40,
+    "scene": {"width": 160, "height": 120, "objects": [1, 3], "size": [0.25, 0.5]},
+    "seed": 1000,
+    "model": "yolo11n.yaml",
+    "train": {"epochs": 30, "imgsz": 128, "batch": 16, "hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0},
+}
+"""A detector that learns `libs/scenes.py` shapes well in about a minute on two CPU cores.
+
+Colour augmentation is off so that the model keys on both shape and colour: shapes of classes
+it never saw (crosses, diamonds) then score low instead of passing for a known class.
+"""
+
+
+@dataclass(frozen=True)
+class SyntheticDetector:
+    """A trained detector of synthetic scenes, cached on disk by its recipe."""
+
+    folder: Path
+    weights: Path
+    class_names: tuple[str, ...]
+    state_dir: Path
+
+    def onnx(self, imgsz: int = 128, *, dynamic: bool = True) -> Path:
+        """The weights exported to ONNX at `imgsz` (cached next to them)."""
+        target = self.folder / f"model-{imgsz}{'-dynamic' if dynamic else ''}.onnx"
+        if not target.exists():
+            with _locked(self.folder / ".lock"):
+                if not target.exists():
+                    exported = export_onnx(self.state_dir, self.weights, imgsz=imgsz, dynamic=dynamic)
+                    shutil.copyfile(exported, target.with_suffix(".tmp"))
+                    os.replace(target.with_suffix(".tmp"), target)
+        return target
+
+
+class _locked:
+    """An exclusive file lock (two processes never train the same recipe at once)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "w")  # noqa: SIM115
+        fcntl.flock(self._f, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        fcntl.flock(self._f, fcntl.LOCK_UN)
+        self._f.close()
+
+
+def synthetic_detector(cache_dir: Path, *, state_dir: Path | None = None, recipe: dict[str, Any] | None = None) -> SyntheticDetector:
+    """Train (once per recipe, cached under `cache_dir/<recipe hash>`) a detector of synthetic scenes.
+
+    The cache key covers the recipe and the Ultralytics and torch versions, so a changed recipe
+    or library trains afresh; a cached model is reused across test sessions and benchmark runs.
+    """
+    from visionloop.libs.scenes import render_scene
+
+    recipe = recipe or SYNTHETIC_RECIPE
+    ul_version = _version("ultralytics")
+    key = recipe_key({**recipe, "ultralytics": ul_version, "torch": _version("torch")})
+    folder = Path(cache_dir).resolve() / key
+    state_dir = state_dir or folder / "state"
+    weights = folder / "best.pt"
+    classes = tuple(recipe["classes"])
+    if not weights.exists():
+        with _locked(folder / ".lock"):
+            if not weights.exists():
+                scene = recipe["scene"]
+
+                def samples(first: int, count: int) -> Iterable[Sample]:
+                    for seed in range(first, first + count):
+                        s = render_scene(
+                            seed=seed, width=scene["width"], height=scene["height"], classes=classes,
+                            objects=tuple(scene["objects"]), size=tuple(scene["size"]),
+                        )
+                        yield Sample(f"s{seed}", s.image, [(b.x1, b.y1, b.x2, b.y2, b.class_name) for b in s.boxes])
+
+                seed = recipe["seed"]
+                data = write_dataset(
+                    folder / "dataset", samples(seed, recipe["train_images"]),
+                    samples(seed + 100_000, recipe["val_images"]), classes,
+                )
+                best = train(state_dir, data, model=recipe["model"], out_dir=folder / "runs", **recipe["train"])
+                shutil.copyfile(best, weights.with_suffix(".tmp"))
+                os.replace(weights.with_suffix(".tmp"), weights)
+                (folder / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    return SyntheticDetector(folder=folder, weights=weights, class_names=classes, state_dir=state_dir)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "missing"

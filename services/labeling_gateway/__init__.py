@@ -1,0 +1,1 @@
+"""labeling-gateway: step 4 of the loop (see service.py)."""

@@ -1,0 +1,295 @@
+"""The gateway's decisions, pure: which tasks an image becomes, and whether a submission is
+acceptable (and as which canonical boxes).
+
+- An unrecognised image becomes an *annotate* task that starts from whatever the model found.
+- A recognised image becomes a *review* task carrying the pre-labels; with auto-accept on, the
+  task waits (`verifying`) while the verifier judges the pre-labels, and joins the queue only
+  if they are not auto-accepted (or are drawn for a spot check).
+- A rejected submission comes back as a *re-annotate* task that starts from the rejected boxes
+  (from nothing when a reviewer rejected the pre-labels) and shows the verifier's issues.
+
+Priority is the recognizer's uncertainty (most informative first); the queue breaks ties by age.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from visionloop.contracts import Box, Detection, LabelRejectReason, ModelRef, ReviewDecision
+from visionloop.libs.boxes import clip, geometry_problem
+from visionloop.services.labeling_gateway.actions import same_boxes
+from visionloop.services.labeling_gateway.config import Policy
+from visionloop.services.labeling_gateway.store import NewTask
+
+MAX_ISSUES_SHOWN = 50
+"""Problems listed in one refusal's details (the count is always given)."""
+
+
+def annotate_tasks(
+    project: str,
+    image_id: str,
+    *,
+    uncertainty: float,
+    detections: Sequence[Detection],
+    model: ModelRef | None,
+    policy: Policy,
+) -> list[NewTask]:
+    """An unrecognised image: draw every box, starting from what the model found."""
+    return _group(
+        NewTask(
+            project=project,
+            image_id=image_id,
+            kind="annotate",
+            state="queued",
+            priority=uncertainty,
+            uncertainty=uncertainty,
+            start_boxes=list(detections),
+            prelabel_model=model if detections else None,
+        ),
+        policy.consensus_labellers,
+    )
+
+
+def review_task(
+    project: str,
+    image_id: str,
+    *,
+    uncertainty: float,
+    prelabels: Sequence[Detection],
+    model: ModelRef,
+    policy: Policy,
+) -> NewTask:
+    """A recognised image: a person accepts, corrects or rejects the pre-labels.
+
+    With auto-accept the task first waits for the verifier (`verifying`). Review tasks are
+    always one person's decision; consensus is for drawing boxes.
+    """
+    return NewTask(
+        project=project,
+        image_id=image_id,
+        kind="review",
+        state="verifying" if policy.auto_accept else "queued",
+        priority=uncertainty,
+        uncertainty=uncertainty,
+        start_boxes=list(prelabels),
+        prelabel_model=model,
+    )
+
+
+def reannotate_tasks(
+    project: str,
+    image_id: str,
+    *,
+    rejected_boxes: Sequence[Box],
+    reason: LabelRejectReason,
+    message: str,
+    issues: Sequence[dict[str, Any]],
+    priority: float,
+    uncertainty: float | None,
+    parent_task: str | None,
+    model: ModelRef | None,
+    policy: Policy,
+) -> list[NewTask]:
+    """A rejected submission: label the image again, starting from the rejected boxes.
+
+    When a reviewer rejected the pre-labels, those boxes are wrong by their word: start empty.
+    """
+    start = [] if reason is LabelRejectReason.REVIEWER_REJECTED else list(rejected_boxes)
+    shown = [{"index": None, "reason": reason.value, "message": message}, *issues][:MAX_ISSUES_SHOWN]
+    return _group(
+        NewTask(
+            project=project,
+            image_id=image_id,
+            kind="reannotate",
+            state="queued",
+            priority=priority,
+            uncertainty=uncertainty,
+            start_boxes=start,
+            prelabel_model=model if start else None,
+            issues=shown,
+            parent_task=parent_task,
+        ),
+        policy.consensus_labellers,
+    )
+
+
+def _group(task: NewTask, size: int) -> list[NewTask]:
+    """`size` slots of one task, one per labeller, sharing a group id (one slot when 1)."""
+    if size <= 1:
+        return [task]
+    group_id = f"g-{uuid.uuid4().hex}"
+    slots = []
+    for _ in range(size):
+        slot = NewTask(**{**task.__dict__, "task_id": f"t-{uuid.uuid4().hex}"})
+        slot.group_id = group_id
+        slot.group_size = size
+        slots.append(slot)
+    return slots
+
+
+# -- submissions -------------------------------------------------------------------------------------
+
+
+class BoxIn(BaseModel):
+    """A submitted box: corners `x1, y1, x2, y2` in pixels, or `x, y, width, height` in percent
+    of the image (top-left corner and size, as Label Studio draws them)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=True)
+
+    class_name: str = Field(min_length=1, max_length=64, description="A class of the project's taxonomy.")
+    x1: float | None = Field(default=None, description="Pixels (units `pixel`).")
+    y1: float | None = Field(default=None, description="Pixels (units `pixel`).")
+    x2: float | None = Field(default=None, description="Pixels (units `pixel`).")
+    y2: float | None = Field(default=None, description="Pixels (units `pixel`).")
+    x: float | None = Field(default=None, description="Percent of the image width (units `percent`).")
+    y: float | None = Field(default=None, description="Percent of the image height (units `percent`).")
+    width: float | None = Field(default=None, description="Percent of the image width (units `percent`).")
+    height: float | None = Field(default=None, description="Percent of the image height (units `percent`).")
+
+
+class SubmitIn(BaseModel):
+    """The answer to a leased task."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=True)
+
+    lease_id: uuid.UUID = Field(description="The lease the task was handed out under (from `next`).")
+    units: Literal["pixel", "percent"] = Field(default="pixel", description="How the boxes are given.")
+    decision: ReviewDecision | None = Field(
+        default=None,
+        description=(
+            "Review tasks only: `accept` keeps the pre-labels (send no boxes), `correct` replaces "
+            "them with `boxes`, `reject` says they are wrong (the image is labelled again)."
+        ),
+    )
+    boxes: list[BoxIn] | None = Field(
+        default=None, description="Every object in the image; an empty list says there is none."
+    )
+
+
+@dataclass
+class Refusal(Exception):
+    """A request the gateway refuses: HTTP status, reason code, sentence, details."""
+
+    status: int
+    reason: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+
+def _issue(index: int, reason: LabelRejectReason | str, message: str) -> dict[str, Any]:
+    return {"index": index, "reason": str(reason), "message": message}
+
+
+def _to_box(box: BoxIn, index: int, units: str, width: int, height: int) -> tuple[Box | None, dict[str, Any] | None]:
+    pixel = (box.x1, box.y1, box.x2, box.y2)
+    percent = (box.x, box.y, box.width, box.height)
+    given, other = (pixel, percent) if units == "pixel" else (percent, pixel)
+    names = "x1, y1, x2, y2" if units == "pixel" else "x, y, width, height"
+    if any(v is None for v in given) or any(v is not None for v in other):
+        return None, _issue(index, "invalid_submission", f"a box in units {units!r} has exactly {names}")
+    values = [float(v) for v in given]  # type: ignore[arg-type]
+    if not all(math.isfinite(v) for v in values):
+        return None, _issue(index, LabelRejectReason.DEGENERATE_BOX, "a box coordinate is not a finite number (NaN or infinity)")
+    if units == "percent":
+        x, y, w, h = values
+        if w < 0 or h < 0:
+            return None, _issue(index, LabelRejectReason.DEGENERATE_BOX, f"the box has a negative size ({w:g}% x {h:g}%)")
+        x1, y1, x2, y2 = x / 100 * width, y / 100 * height, (x + w) / 100 * width, (y + h) / 100 * height
+    else:
+        x1, y1, x2, y2 = values
+        if x2 < x1 or y2 < y1:
+            return None, _issue(index, LabelRejectReason.DEGENERATE_BOX, f"the box has a negative size ({x2 - x1:g} x {y2 - y1:g} px)")
+    return Box(x1=x1, y1=y1, x2=x2, y2=y2, class_name=box.class_name), None
+
+
+def prepare_submission(
+    body: SubmitIn,
+    *,
+    kind: str,
+    start_boxes: Sequence[Box],
+    width: int,
+    height: int,
+    class_names: Sequence[str],
+    policy: Policy,
+) -> tuple[list[Box], ReviewDecision | None]:
+    """The canonical boxes (pixels, clipped to the image) and decision of a submission, or a
+    `Refusal` (422) naming every box that is wrong and why."""
+    decision = body.decision
+    if kind == "review":
+        if decision is None:
+            raise Refusal(422, LabelRejectReason.MISSING_DECISION.value, "a review task needs a decision: accept, correct or reject")
+        if decision is ReviewDecision.ACCEPT:
+            if body.boxes is not None:
+                boxes, _ = _convert(body, width=width, height=height, class_names=class_names, policy=policy)
+                if not same_boxes(start_boxes, boxes):
+                    raise Refusal(
+                        422, "invalid_submission",
+                        "`accept` keeps the pre-labels as they are; send decision `correct` with the changed boxes",
+                    )
+            as_submitted = SubmitIn(
+                lease_id=body.lease_id,
+                boxes=[BoxIn(class_name=b.class_name, x1=b.x1, y1=b.y1, x2=b.x2, y2=b.y2) for b in start_boxes],
+            )
+            try:
+                boxes, _ = _convert(as_submitted, width=width, height=height, class_names=class_names, policy=policy)
+            except Refusal as refusal:
+                refusal.message = f"the pre-labels cannot be accepted as they are ({refusal.message}); send decision `correct` with fixed boxes"
+                raise
+            return boxes, decision
+        if decision is ReviewDecision.REJECT:
+            if body.boxes:
+                raise Refusal(422, "invalid_submission", "`reject` sends no boxes; the image is labelled again from scratch")
+            return [], decision
+        if body.boxes is None:
+            raise Refusal(422, "invalid_submission", "`correct` sends the corrected boxes (an empty list if there is no object)")
+    elif decision is not None:
+        raise Refusal(422, "invalid_submission", f"decisions are for review tasks; this is a {kind} task: send only boxes")
+    elif body.boxes is None:
+        raise Refusal(422, "invalid_submission", "send `boxes`: every object in the image (an empty list if there is none)")
+    boxes, _ = _convert(body, width=width, height=height, class_names=class_names, policy=policy)
+    return boxes, decision
+
+
+def _convert(body: SubmitIn, *, width: int, height: int, class_names: Sequence[str], policy: Policy) -> tuple[list[Box], None]:
+    submitted = body.boxes or []
+    if len(submitted) > policy.max_boxes:
+        raise Refusal(
+            422, LabelRejectReason.TOO_MANY_BOXES.value,
+            f"{len(submitted)} boxes is more than the {policy.max_boxes} one submission may carry",
+            {"boxes": len(submitted), "max_boxes": policy.max_boxes},
+        )
+    known = set(class_names)
+    issues: list[dict[str, Any]] = []
+    boxes: list[Box] = []
+    for index, raw in enumerate(submitted):
+        box, issue = _to_box(raw, index, body.units, width, height)
+        if issue is not None:
+            issues.append(issue)
+            continue
+        assert box is not None
+        if box.class_name not in known:
+            issues.append(_issue(index, LabelRejectReason.UNKNOWN_CLASS, f"class {box.class_name!r} is not in the project's taxonomy"))
+            continue
+        problem = geometry_problem(box, width, height, tolerance_px=policy.box_tolerance_px)
+        if problem is not None:
+            issues.append(_issue(index, problem[0], problem[1]))
+            continue
+        boxes.append(clip(box, width, height))
+    if issues:
+        first = issues[0]
+        more = f" (and {len(issues) - 1} more problem(s))" if len(issues) > 1 else ""
+        raise Refusal(
+            422, first["reason"], f"box {first['index']}: {first['message']}{more}",
+            {"issues": issues[:MAX_ISSUES_SHOWN], "problems": len(issues), "image": {"width": width, "height": height},
+             "classes": list(class_names)[:100]},
+        )
+    return boxes, None

@@ -1,0 +1,1 @@
+"""verifier: step 5 of the loop (see service.py)."""
