@@ -33,6 +33,8 @@ class HashIndex:
         self._dhash = np.zeros(capacity, dtype=np.uint64)
         self._ids: list[str] = []
         self._scratch = np.zeros(capacity, dtype=np.uint64)
+        self._counts = np.zeros(capacity, dtype=np.uint8)
+        self._within = np.zeros(capacity, dtype=bool)
         self.last_seq = 0
         """Sequence number of the newest table row reflected here."""
 
@@ -63,7 +65,10 @@ class HashIndex:
             grown = np.zeros(capacity, dtype=np.uint64)
             grown[:n] = getattr(self, name)[:n]
             setattr(self, name, grown)
+        # Scratch buffers for queries, allocated once: no per-query allocation or page faults.
         self._scratch = np.zeros(capacity, dtype=np.uint64)
+        self._counts = np.zeros(capacity, dtype=np.uint8)
+        self._within = np.zeros(capacity, dtype=bool)
 
     def nearest(self, phash: int, dhash: int, radius: int) -> Match | None:
         """The stored image with the smallest combined distance, if it is within `radius`."""
@@ -72,9 +77,9 @@ class HashIndex:
             return None
         scratch = self._scratch[:n]
         np.bitwise_xor(self._phash[:n], np.uint64(phash), out=scratch)
-        p_dist = np.bitwise_count(scratch)
+        p_dist = np.bitwise_count(scratch, out=self._counts[:n])
         # The combined distance is at least the pHash distance: only those rows can match.
-        candidates = np.flatnonzero(p_dist <= radius)
+        candidates = np.flatnonzero(np.less_equal(p_dist, radius, out=self._within[:n]))
         if candidates.size == 0:
             return None
         d_dist = np.bitwise_count(self._dhash[candidates] ^ np.uint64(dhash))
