@@ -181,3 +181,15 @@ def test_parity_with_ultralytics_predict(rect: bool) -> None:
             compared += 1
     assert compared >= 10 and theirs_total == ours_total
     assert float(np.mean(ious)) >= 0.99, f"mean IoU {np.mean(ious):.4f}"
+
+
+def test_images_in_parallel_give_the_same_answers() -> None:
+    images = [np.asarray(render_scene(seed=600 + i, classes=trained().class_names).image) for i in range(5)]
+    serial = Detector(onnx_bytes(), threads=1).predict(images, conf=[0.25, 0.3, 0.25, 0.5, 0.25])
+    parallel = Detector.parallel(onnx_bytes(), threads=3)
+    assert parallel.workers == 3
+    found = parallel.predict(images, conf=[0.25, 0.3, 0.25, 0.5, 0.25], chunk=1)
+    for a, b in zip(serial, found, strict=True):
+        assert a.classes.tolist() == b.classes.tolist()
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=0.05)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)

@@ -199,6 +199,7 @@ def _print_where(settings, names: list[str], endpoints: dict[str, str]) -> None:
 
 
 FINAL_EVENTS = {
+    "recognizer": {"image.recognized", "image.unrecognized", "image.rejected"},
     "dedup": {"image.accepted", "image.rejected"},
     "ingest": {"image.ingested", "image.rejected"},
 }
@@ -206,7 +207,7 @@ FINAL_EVENTS = {
 
 
 def _final_events(names: list[str]) -> set[str]:
-    for service in ("dedup", "ingest"):
+    for service in ("recognizer", "dedup", "ingest"):
         if service in names:
             return FINAL_EVENTS[service]
     return {"image.rejected"}
@@ -705,12 +706,14 @@ def bench_recognizer(
     infer_batch: Annotated[int, typer.Option(help="Images per session.run in both arms (the recognizer's inference_batch; 1 is fastest on CPU).")] = 1,
     wait_ms: Annotated[int, typer.Option(help="The recognizer's batch_wait_ms (T).")] = 0,
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads in both arms (0 = one per core).")] = 0,
+    parallelism: Annotated[str, typer.Option(help="The recognizer's cpu_parallelism: images or operators.")] = "images",
     json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
 ) -> None:
     """Recognizer throughput through the real broker with micro-batching vs raw ONNX Runtime, same run."""
     from visionloop.bench.recognizer import run_recognizer_bench
 
-    result = run_recognizer_bench(images=images, imgsz=imgsz, batch=batch, infer_batch=infer_batch, wait_ms=wait_ms, threads=threads, console=console)
+    result = run_recognizer_bench(images=images, imgsz=imgsz, batch=batch, infer_batch=infer_batch, wait_ms=wait_ms,
+                                  threads=threads, parallelism=parallelism, console=console)
     if json_output:
         out.print(json.dumps(result), highlight=False, soft_wrap=True)
 

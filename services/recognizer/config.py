@@ -11,6 +11,8 @@ file's `recognizer.projects` mapping (docs/recognizer.md says how to choose them
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from visionloop.contracts import Target
@@ -78,7 +80,22 @@ class RecognizerSettings(ServiceSettings, Thresholds):
         ),
     )
     threads: int = Field(
-        default=0, ge=0, le=256, description="ONNX Runtime intra-op threads per model; 0 = one per core."
+        default=0, ge=0, le=256, description="ONNX Runtime threads per model in all; 0 = one per core."
+    )
+    cpu_parallelism: Literal["images", "operators"] = Field(
+        default="images",
+        description=(
+            "How CPU threads are spent: `images` runs that many images at once with one thread "
+            "each (the faster for throughput), `operators` splits each image's operators over all "
+            "of them (ONNX Runtime's usual way; lower latency for one image alone)."
+        ),
+    )
+    spinning: bool = Field(
+        default=False,
+        description=(
+            "Let ONNX Runtime's idle threads spin for work (its default): a little faster alone, "
+            "but the spinning takes CPU the recognizer's own I/O, the broker and the database need."
+        ),
     )
     providers: list[str] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],

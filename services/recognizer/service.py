@@ -28,6 +28,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -129,10 +130,16 @@ class Models:
                 f"{sha}; register the model again from its original file",
             ))
 
+        config = self.config
+        on_gpu = config.providers[0] != "CPUExecutionProvider"
+        by_image = not on_gpu and config.cpu_parallelism == "images"
+        total = config.threads or os.cpu_count() or 1
+
         def load() -> Detector:
             return Detector(
                 data, class_names=entry.class_names, imgsz=entry.input_size,
-                threads=self.config.threads, providers=self.config.providers,
+                threads=1 if by_image else config.threads, workers=total if by_image else 1,
+                providers=config.providers, spinning=config.spinning,
             )
 
         try:
