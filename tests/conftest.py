@@ -9,7 +9,6 @@ instead of the embedded pgserver.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator

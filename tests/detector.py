@@ -59,7 +59,6 @@ def not_a_detector() -> bytes:
 def wrong_head(channels: int = 9) -> bytes:
     """A graph shaped like a detection head but with `channels` per anchor: (batch, channels, anchors)."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weight = numpy_helper.from_array(np.ones((channels, 3, 32, 32), np.float32) / 3072, "w")

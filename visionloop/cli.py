@@ -126,7 +126,6 @@ def up(
     Ctrl-C stops everything cleanly.
     """
     from visionloop import services as registry
-    from visionloop.app import ServiceHost
     from visionloop.libs.embedded import EmbeddedStack
 
     settings = _settings(config)

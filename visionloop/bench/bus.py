@@ -62,6 +62,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from visionloop.bench import cpu_model
+
 ARMS = ("raw", "framework")
 WARMUP_EVENTS = 20
 """Round trips run before any measurement of an arm (group join, cold connections, caches)."""
@@ -541,14 +543,6 @@ async def _drop_schemas(settings: Any) -> None:
         await conn.close()
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 PARTS = ("hop", "broker", "postgres", "driver", "other")
 
 
@@ -597,7 +591,7 @@ def _plot(results: dict[str, ArmResult], path: Path) -> Path:
     cpu.legend(fontsize=8, loc="upper left")
     figure.suptitle(
         f"visionloop bench bus: framework hop vs raw aiokafka on embedded Tansu + PostgreSQL "
-        f"({_cpu_model()}, {os.cpu_count()} CPUs); ratio {results['raw'].events_per_s / results['framework'].events_per_s:.2f}x",
+        f"({cpu_model()}, {os.cpu_count()} CPUs); ratio {results['raw'].events_per_s / results['framework'].events_per_s:.2f}x",
         fontsize=10,
     )
     figure.tight_layout()
@@ -691,7 +685,7 @@ def run_bus_bench(
         "fetch_max_wait_ms": settings.fetch_max_wait_ms,
         "framework_counters": framework.counters,
         "cpu_count": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
     }

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import random
 import signal
 import socket
@@ -37,18 +36,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from visionloop.bench import machine
+
 PLOT = Path("docs/benchmarks/gateway.png")
 PROJECT = "bench"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _free_port() -> int:
@@ -269,7 +260,7 @@ def run_gateway_bench(*, tasks: int = 2000, labellers: int = 50, console: Consol
     settings = settings.model_copy(update={"topic_prefix": env["VL_TOPIC_PREFIX"], "schema_prefix": env["VL_SCHEMA_PREFIX"]})
     gateway = subprocess.Popen([sys.executable, "-m", "visionloop.cli", "run", "labeling-gateway"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    result: dict[str, Any] = {"machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}}
+    result: dict[str, Any] = {"machine": machine()}
     try:
         _wait_http(f"http://127.0.0.1:{port}/healthz", gateway)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:

@@ -24,7 +24,6 @@ import asyncio
 import io
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -38,17 +37,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from visionloop.bench import machine
+
 PLOT = Path("docs/benchmarks/intake.png")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _files(count: int, seed: int) -> list[bytes]:
@@ -286,7 +277,7 @@ def run_intake_bench(*, sizes: list[int] | None = None, e2e_images: int = 300, c
     """Run every intake measurement; print a table; return the figures."""
     console = console or Console(stderr=True)
     sizes = sizes or [100_000, 1_000_000, 10_000_000]
-    result: dict[str, Any] = {"machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}}
+    result: dict[str, Any] = {"machine": machine()}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
         step = progress.add_task("hashing 640x480 JPEGs (ours vs imagehash)", total=1)
         result |= bench_hashing(_files(100, seed=100_000))

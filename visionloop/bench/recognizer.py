@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -51,6 +50,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from visionloop.bench import machine
+
 PLOT = Path("docs/benchmarks/recognizer.png")
 STATE = Path(".visionloop") / "bench"
 READER_FETCH_WAIT_MS = 5
@@ -60,16 +61,6 @@ THROUGHPUT_FETCH_WAIT_MS = 100
 LATENCY_IMAGES = 60
 LATENCY_WARMUP = 10
 DISTINCT_IMAGES = 100
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _images(count: int) -> list[bytes]:
@@ -96,7 +87,7 @@ def bench_raw(model: bytes, images: list[bytes], *, imgsz: int, batch: int, infe
     """Arms 1 and 2 with `threads` ONNX Runtime threads spent both ways a raw script could spend
     them (over one image's operators, or over several images at once, one thread each); the
     faster way is the reference."""
-    from visionloop.libs.inference import Detector, decode_image, to_tensor
+    from visionloop.libs.inference import Detector, decode_image
 
     result: dict[str, Any] = {}
     for way, detector in (
@@ -357,7 +348,7 @@ def run_recognizer_bench(*, images: int = 400, imgsz: int = 640, batch: int = 8,
     console = console or Console(stderr=True)
     threads_in_force = threads or os.cpu_count() or 1
     result: dict[str, Any] = {
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine(),
         "imgsz": imgsz, "batch": batch, "infer_batch": infer_batch, "wait_ms": wait_ms, "threads": threads_in_force,
         "cpu_parallelism": parallelism,
     }
