@@ -237,15 +237,21 @@ class Runtime:
         self.broker.subscriber(
             self.settings.topic(spec.name),
             group_id=group,
-            auto_offset_reset="earliest",
-            ack_policy=AckPolicy.NACK_ON_ERROR,
-            session_timeout_ms=self.settings.session_timeout_ms,
-            heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
-            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
-            decoder=_raw,
-            title=f"{self.service}: {spec.name}",
-            description=description or handler.__doc__,
+            **self._subscriber_policy(spec, description or handler.__doc__),
         )(on_message)
+
+    def _subscriber_policy(self, spec: TopicSpec, description: str | None) -> dict[str, Any]:
+        """Subscriber options every consumer shares, single or batch: the consumer policy's knobs."""
+        return {
+            "auto_offset_reset": "earliest",
+            "ack_policy": AckPolicy.NACK_ON_ERROR,
+            "session_timeout_ms": self.settings.session_timeout_ms,
+            "heartbeat_interval_ms": self.settings.heartbeat_interval_ms,
+            "fetch_max_wait_ms": self.settings.fetch_max_wait_ms,
+            "decoder": _raw,
+            "title": f"{self.service}: {spec.name}",
+            "description": description,
+        }
 
     def background(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
         """Run `work()` as a task from `start()` until `stop()` (workers behind HTTP endpoints).
@@ -305,14 +311,7 @@ class Runtime:
             batch=True,
             max_records=max_records,
             batch_timeout_ms=_BATCH_POLL_MS,
-            auto_offset_reset="earliest",
-            ack_policy=AckPolicy.NACK_ON_ERROR,
-            session_timeout_ms=self.settings.session_timeout_ms,
-            heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
-            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
-            decoder=_raw,
-            title=f"{self.service}: {spec.name}",
-            description=description or handler.__doc__,
+            **self._subscriber_policy(spec, description or handler.__doc__),
         )
         subscriber(on_batch)
         _linger(subscriber, max_records, max_wait_ms)
