@@ -47,6 +47,7 @@ from visionloop.contracts.model import (
     Alias,
     Artifact,
     ConversionFailureReason,
+    DatasetRef,
     GateFailure,
     GateFailureReason,
     Lineage,

@@ -45,6 +45,14 @@ class TrainMetrics(Frozen):
     final_losses: dict[str, float] = Field(default_factory=dict)
 
 
+class DatasetRef(Frozen):
+    """An immutable dataset version (or frozen test set) and where its manifest lies."""
+
+    version: str = Field(min_length=1, max_length=80, description="Content hash of the images, labels and classes.")
+    uri: BlobUri = Field(description="Manifest JSON: class list and every image with its boxes (and split).")
+    images: int = Field(ge=0)
+
+
 class ModelTrained(Payload):
     """A training run finished and produced weights (a candidate, not yet gated)."""
 
@@ -58,6 +66,10 @@ class ModelTrained(Payload):
     hyperparameters: dict[str, str | int | float | bool] = Field(default_factory=dict)
     device: str = Field(default="cpu", max_length=32)
     duration_s: float = Field(ge=0.0)
+    dataset: DatasetRef | None = Field(default=None, description="The training data (train and val splits).")
+    test_set: DatasetRef | None = Field(
+        default=None, description="The project's frozen test set when the run started: what the evaluator gates on."
+    )
 
 
 class GateFailureReason(StrEnum):

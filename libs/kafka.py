@@ -12,6 +12,7 @@ import logging
 import ssl
 import uuid
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -20,6 +21,9 @@ from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLS
 
 from visionloop.contracts.topics import TopicSpec
 from visionloop.libs.settings import Settings
+
+if TYPE_CHECKING:
+    from visionloop.contracts import Envelope, Payload
 
 log = logging.getLogger(__name__)
 
@@ -159,3 +163,27 @@ async def broker_epoch(settings: Settings) -> str:
         return record.value.decode()
     finally:
         await consumer.stop()
+
+
+async def publish_once(settings: Settings, payload: "Payload", *, project: str, producer: str, key: str | None = None) -> "Envelope[Any]":
+    """Publish one contract event from outside any service (the CLI's commands); return its envelope.
+
+    The topic is created first if it does not exist. For events a service emits as the effect of
+    its work, use the runtime (outbox) instead.
+    """
+    from visionloop.contracts import Envelope
+    from visionloop.contracts.topics import spec_for
+
+    spec = spec_for(type(payload))
+    await ensure_topics(settings, [spec])
+    envelope = Envelope.of(payload, producer=producer, project=project)
+    client = AIOKafkaProducer(**client_kwargs(settings), acks="all")  # type: ignore[arg-type]
+    await client.start()
+    try:
+        await client.send_and_wait(
+            settings.topic(spec.name), envelope.model_dump_json().encode(),
+            key=(key or spec.key_of(envelope)).encode(),
+        )
+    finally:
+        await client.stop()
+    return envelope

@@ -311,3 +311,112 @@ def _version(package: str) -> str:
         return version(package)
     except PackageNotFoundError:
         return "missing"
+
+
+# -- growing a detector's class list --------------------------------------------------------------
+def extend_classes(
+    state_dir: Path, weights: Path, old_names: Sequence[str], new_names: Sequence[str], out: Path
+) -> Path:
+    """Write to `out` a copy of `weights` whose detection head knows `new_names`; return `out`.
+
+    Every tensor is the parent's except the final classification convs of the Detect head
+    (`cv3[i][-1]`, and `one2one_cv3[i][-1]` where the head has it): those get one row per class
+    of `new_names`, in that order. A class the parent knew keeps its parent row exactly (matched
+    by name, so `old_names` need not be a prefix); a new class gets the row a freshly built
+    model of the same yaml would start with (`Detect.bias_init`'s prior for its bias). The model's
+    `names`, head `nc` and yaml `nc` follow `new_names`, so Ultralytics' trainer, fine-tuning on
+    data with these names in this order, transfers every tensor instead of re-initialising the
+    head. Classes are never dropped: a class of `old_names` missing from `new_names` is a
+    ValueError. With `new_names == old_names` the file is copied as it is.
+    """
+    old, new = list(old_names), list(new_names)
+    if len(set(new)) != len(new) or len(set(old)) != len(old):
+        raise ValueError(f"class names must be unique: old {old}, new {new}")
+    dropped = [name for name in old if name not in new]
+    if dropped:
+        raise ValueError(f"classes {dropped} of the parent model are missing from {new}: classes are never dropped")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if new == old:
+        if Path(weights).resolve() != out.resolve():
+            shutil.copyfile(weights, out)
+        return out
+
+    ul = ultralytics(state_dir)
+    import copy
+    import math
+    from datetime import datetime
+
+    import torch
+    from torch import nn
+    from ultralytics.nn.modules.head import Detect
+    from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+
+    parent, ckpt = load_checkpoint(str(weights))
+    head = parent.model[-1]
+    if not isinstance(head, Detect) or hasattr(parent, "set_classes"):
+        raise ValueError(f"{weights} is not a closed-vocabulary YOLO detector ({type(head).__name__} head)")
+    parent_names = [parent.names[i] for i in sorted(parent.names)]
+    if parent_names != old:
+        raise ValueError(f"{weights} was trained on classes {parent_names}, not {old}")
+
+    nc = len(new)
+    source_row = [old.index(name) if name in old else -1 for name in new]
+    # The freshly built model supplies new classes' starting rows; a fixed seed keeps the file reproducible.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        fresh = DetectionModel(copy.deepcopy(parent.yaml), ch=parent.yaml.get("channels", 3), nc=nc, verbose=False)
+    fresh_head = fresh.model[-1]
+
+    child = copy.deepcopy(parent)
+    child_head = child.model[-1]
+    for attr in ("cv3", "one2one_cv3"):
+        branches = getattr(child_head, attr, None)
+        if branches is None:
+            continue
+        templates = getattr(fresh_head, attr, None)
+        for i, branch in enumerate(branches):
+            previous = branch[-1]
+            if not isinstance(previous, nn.Conv2d) or previous.out_channels != len(old) or previous.bias is None:
+                raise ValueError(f"unexpected classification layer {attr}[{i}][-1] in {weights}: {previous}")
+            grown = nn.Conv2d(previous.in_channels, nc, 1)
+            with torch.no_grad():
+                template = templates[i][-1] if templates is not None else None
+                if template is not None and template.weight.shape == grown.weight.shape:
+                    grown.weight.copy_(template.weight)
+                    grown.bias.copy_(template.bias)
+                else:  # the parent's branch is wider than a fresh one (nc > head width): bias_init's prior
+                    grown.bias.fill_(math.log(5 / nc / (640 / float(child_head.stride[i])) ** 2))
+                for row, src in enumerate(source_row):
+                    if src >= 0:
+                        grown.weight[row] = previous.weight[src]
+                        grown.bias[row] = previous.bias[src]
+            branch[-1] = grown.to(previous.weight.device, previous.weight.dtype).requires_grad_(
+                previous.weight.requires_grad
+            )
+    child_head.nc = nc
+    child_head.no = nc + child_head.reg_max * 4
+    child.yaml["nc"] = nc
+    child.names = dict(enumerate(new))
+    for stale in ("class_weights", "criterion", "pt_path"):  # sized for, or pointing at, the parent
+        if hasattr(child, stale):
+            delattr(child, stale)
+
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(
+        {
+            "epoch": -1,
+            "best_fitness": None,
+            "model": child.half(),
+            "ema": None,
+            "updates": None,
+            "optimizer": None,
+            "train_args": dict(ckpt.get("train_args") or {}),
+            "date": datetime.now().astimezone().isoformat(),
+            "version": ul.__version__,
+            "visionloop": {"extended_from": str(weights), "old_names": old, "new_names": new},
+        },
+        tmp,
+    )
+    os.replace(tmp, out)
+    return out

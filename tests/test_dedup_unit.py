@@ -14,7 +14,7 @@ from visionloop.libs.scenes import render_scene
 from visionloop.services.dedup.config import DedupSettings, Policy
 from visionloop.services.dedup.decide import check_exact, check_near, check_quality
 from visionloop.services.dedup.evaluate import near_duplicate_quality
-from visionloop.services.dedup.hashing import blur_variance, hamming, hash_image
+from visionloop.libs.perceptual import blur_variance, hamming, hash_image
 from visionloop.services.dedup.index import HashIndex, Match
 
 

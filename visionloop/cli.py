@@ -39,6 +39,8 @@ gateway_app.add_typer(gateway_project_app, name="project")
 app.add_typer(gateway_app, name="gateway")
 verifier_app = typer.Typer(help="The verifier: auto-accept calibration.", no_args_is_help=True)
 app.add_typer(verifier_app, name="verifier")
+trainer_app = typer.Typer(help="The trainer: ask for a run, list runs.", no_args_is_help=True)
+app.add_typer(trainer_app, name="trainer")
 
 console = Console(stderr=True)
 out = Console()
@@ -460,6 +462,25 @@ def bench_gateway(
         out.print(json.dumps(result), highlight=False, soft_wrap=True)
 
 
+@bench_app.command("trainer")
+def bench_trainer(
+    train_images: Annotated[int, typer.Option(help="Verified training images (the N-th triggers the run).")] = 240,
+    test_images: Annotated[int, typer.Option(help="Images of the frozen test set.")] = 60,
+    epochs: Annotated[int, typer.Option(help="Epochs of the run (both arms).")] = 40,
+    imgsz: Annotated[int, typer.Option(help="Training and inference size (both arms).")] = 160,
+    quick: Annotated[bool, typer.Option("--quick", help="A small run (80 images, 5 epochs): checks the bench, not the target.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
+) -> None:
+    """Trainer + evaluator: overhead around raw Ultralytics train + val, evaluator speed, agreement with pycocotools."""
+    from visionloop.bench.trainer import run_trainer_bench
+
+    if quick:
+        train_images, test_images, epochs = 80, 20, 5
+    result = run_trainer_bench(train_images=train_images, test_images=test_images, epochs=epochs, imgsz=imgsz, console=console)
+    if json_output:
+        out.print(json.dumps(result), highlight=False, soft_wrap=True)
+
+
 @gateway_project_app.command("create")
 def gateway_project_create(
     project: Annotated[str, typer.Argument(help="Project slug.")],
@@ -548,6 +569,88 @@ def verifier_calibration(
     out.print(table)
     if not rows:
         console.print("no calibration yet: it grows as people verify pre-labels (review tasks)")
+
+
+# -- the trainer ------------------------------------------------------------------------------------
+
+
+def _hyperparameter(pair: str) -> tuple[str, Any]:
+    if "=" not in pair:
+        raise typer.BadParameter(f"{pair!r}: use NAME=VALUE, e.g. epochs=20")
+    name, raw = pair.split("=", 1)
+    value: Any = raw
+    for parse in (int, float):
+        try:
+            value = parse(raw)
+            break
+        except ValueError:
+            continue
+    if raw.lower() in ("true", "false"):
+        value = raw.lower() == "true"
+    return name.strip(), value
+
+
+@trainer_app.command("request")
+def trainer_request(
+    project: Annotated[str, typer.Argument(help="The project to train.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Ultralytics argument for this run only, NAME=VALUE (repeatable).")] = None,
+    requested_by: Annotated[str, typer.Option(help="Who asks (recorded with the run).")] = "cli",
+    config: ConfigOpt = None,
+) -> None:
+    """Ask the trainer to train PROJECT's next model now (`training requested`; coalesced with a queued run)."""
+    from visionloop.contracts import TrainingRequested
+    from visionloop.libs.kafka import publish_once
+    from visionloop.services.trainer.config import TUNABLE
+
+    overrides = dict(_hyperparameter(p) for p in set_ or [])
+    unknown = sorted(set(overrides) - TUNABLE)
+    if unknown:
+        console.print(f"[red]refused (unknown_hyperparameter)[/]: {', '.join(unknown)}; allowed: {', '.join(sorted(TUNABLE))}")
+        raise typer.Exit(2)
+    settings = _attach(_settings(config))
+    envelope = asyncio.run(publish_once(
+        settings, TrainingRequested(requested_by=requested_by, hyperparameters=overrides), project=project, producer="cli", key=project,
+    ))
+    out.print(f"training requested for {project} (event {envelope.event_id}); follow it with `visionloop trainer runs --project {project}`")
+
+
+@trainer_app.command("runs")
+def trainer_runs(
+    project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
+    limit: Annotated[int, typer.Option(help="Newest runs shown.")] = 20,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON array instead of a table.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Training runs, newest first: status, reason of a failure, epoch, dataset version, model."""
+    from visionloop.libs.db import create_pool
+    from visionloop.services.trainer.service import runs_report
+
+    settings = _attach(_settings(config))
+
+    async def load() -> list[dict[str, Any]]:
+        pool = await create_pool(settings, min_size=1, max_size=1)
+        try:
+            exists = await pool.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{settings.schema_for('trainer')}.runs")
+            return await runs_report(pool, settings.schema_for("trainer"), project, limit) if exists else []
+        finally:
+            await pool.close()
+
+    rows = asyncio.run(load())
+    if json_output:
+        out.print(json.dumps(rows), highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"training runs{f' — {project}' if project else ''}")
+    for column in ("run", "project", "status", "reason", "epoch", "dataset", "model", "started", "finished"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            r["run_id"], r["project"], r["status"], r["reason"] or "-", str(r["epoch"] or "-"),
+            (r["dataset_version"] or "-")[:15], f"{r['model_id']} v{r['version']}" if r["model_id"] else "-",
+            (r["started_at"] or "-")[:19], (r["finished_at"] or "-")[:19],
+        )
+    out.print(table)
+    if not rows:
+        console.print("no runs yet: they start when enough labels are verified, or with `visionloop trainer request PROJECT`")
 
 
 # -- the model library ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 
 from visionloop.libs.scenes import render_scene
 from visionloop.libs.variants import KINDS, variant
-from visionloop.services.dedup.hashing import hash_image
+from visionloop.libs.perceptual import hash_image
 from visionloop.services.dedup.index import HashIndex
 
 

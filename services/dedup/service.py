@@ -34,7 +34,7 @@ from visionloop.libs.bus import Runtime, Unit
 from visionloop.libs.service import Adapters, ServiceSpec
 from visionloop.services.dedup.config import DedupSettings
 from visionloop.services.dedup.decide import ACCEPT, Verdict, check_exact, check_near, check_quality
-from visionloop.services.dedup.hashing import Hashes, blur_variance, hash_image
+from visionloop.libs.perceptual import Hashes, blur_variance, hash_image
 from visionloop.services.dedup.index import HashIndex
 
 

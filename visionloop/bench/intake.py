@@ -53,7 +53,7 @@ def bench_hashing(files: list[bytes], min_seconds: float = 3.0) -> dict[str, flo
     import imagehash
     from PIL import Image
 
-    from visionloop.services.dedup.hashing import hash_image
+    from visionloop.libs.perceptual import hash_image
 
     def rate(fn: Any) -> float:
         done, start = 0, time.perf_counter()

@@ -1,0 +1,1 @@
+"""evaluator: step 7 of the loop (see service.py)."""

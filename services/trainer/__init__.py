@@ -1,0 +1,1 @@
+"""trainer: step 6 of the loop (see service.py)."""
