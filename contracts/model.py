@@ -109,6 +109,8 @@ class ModelEvaluated(Payload):
     champion: Metrics | None = Field(default=None, description="Same test set, for comparison.")
     champion_model: ModelRef | None = None
     report_uri: BlobUri | None = Field(default=None, description="JSON report (with plots) blob.")
+    dataset: DatasetRef | None = Field(default=None, description="The training data (from `model trained`): INT8 calibration images.")
+    test_set: DatasetRef | None = Field(default=None, description="The frozen test set it was measured on.")
 
 
 class Precision(StrEnum):

@@ -135,8 +135,10 @@ def wire(runtime: Runtime, adapters: Adapters, config: EvaluatorSettings) -> Non
             ids.append(image_id)
             images.append(image)
             truth[image_id] = [Box.model_validate(b) for b in item["boxes"]]
+        loaded = loop.time()
         cand = await measure(t.weights_uri, t.weights_sha256, t.lineage.imgsz, images, ids, truth, class_names, policy)
-        measured_s = loop.time() - started
+        measured = loop.time()
+        measured_s = measured - loaded
         assert runtime.pool is not None
         s = quote_ident(runtime.schema)
         champ = await champion_of(runtime.pool, s, project, t.lineage.model)
@@ -156,6 +158,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: EvaluatorSettings) -> Non
                 champ_eval = await measure(champ["weights_uri"], champ["weights_sha256"], champ["imgsz"], images, ids, truth, class_names, policy)
                 champ_metrics = champ_eval.metrics()
                 champ_measured = True
+        champion_done = loop.time()
         candidate = cand.metrics()
         failures = gate(candidate, champ_metrics, policy)
         files = render(
@@ -176,6 +179,13 @@ def wire(runtime: Runtime, adapters: Adapters, config: EvaluatorSettings) -> Non
         report["plots"] = plots
         report["policy"] = policy.model_dump(mode="json")
         report_ref = await blobs.put(json.dumps(report, sort_keys=True, indent=1).encode(), content_type="application/json")
+        done = loop.time()
+        runtime.gauges.update({
+            "evaluator.last.load_s": round(loaded - started, 3), "evaluator.last.measure_s": round(measured_s, 3),
+            "evaluator.last.champion_s": round(champion_done - measured, 3), "evaluator.last.report_s": round(done - champion_done, 3),
+        })
+        log.info("%s v%d measured: test set in %.2f s, candidate %.2f s, champion %.2f s, report %.2f s", t.lineage.model.model_id,
+                 t.lineage.model.version, loaded - started, measured_s, champion_done - measured, done - champion_done)
         return Assessment(
             candidate=candidate, failures=failures, test_set_version=t.test_set.version, champion=champ_metrics,
             champion_ref=champ_ref, champion_measured=champ_measured, report_uri=report_ref.uri,
@@ -227,6 +237,8 @@ def wire(runtime: Runtime, adapters: Adapters, config: EvaluatorSettings) -> Non
                 champion=found.champion,
                 champion_model=found.champion_ref,
                 report_uri=found.report_uri,
+                dataset=t.dataset,
+                test_set=t.test_set,
             ),
             project=project,
         )
@@ -248,9 +260,28 @@ def wire(runtime: Runtime, adapters: Adapters, config: EvaluatorSettings) -> Non
             ref.model_id, ref.version, event.project,
         )
 
+    async def warm_up() -> None:
+        """Import Ultralytics (torch) and matplotlib once at start, not when the first candidate waits."""
+        await asyncio.to_thread(_preload, work_dir)
+        await asyncio.Event().wait()
+
     runtime.consume_batch(ModelTrained, on_trained, prepare=prepare, max_records=1)
+    runtime.background("warm-up", warm_up)
     runtime.consume(ModelRegistered, on_registered)
     runtime.produces(ModelEvaluated)
+
+
+def _preload(state_dir: Path) -> None:
+    import importlib
+
+    for module in ("matplotlib.figure", "matplotlib.backends.backend_agg"):
+        importlib.import_module(module)
+    from visionloop.libs.yolo import YoloUnavailable, ultralytics
+
+    try:
+        ultralytics(state_dir)
+    except YoloUnavailable as exc:
+        log.warning("evaluator: %s", exc)
 
 
 SPEC = ServiceSpec(
