@@ -181,6 +181,8 @@ class Runtime:
         self.schema = settings.schema_for(service)
         self.producer = f"{service}/{settings.instance}"
         self.description = description
+        self.http_url: str | None = None
+        """Where the service's HTTP app is reachable, once the composition root serves it."""
         self.broker: KafkaBroker = kafka.make_broker(settings, service)
         self.counters: Counter[str] = Counter()
         self._migrations = discover("bus", BUS_MIGRATIONS) + list(migrations)

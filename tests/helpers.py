@@ -78,6 +78,8 @@ class Services:
         self.configs = configs
         self.adapters = Adapters(blobs=open_blob_store(settings.blob_location))
         self.runtimes: list[Any] = []
+        self.apps: dict[str, Any] = {}
+        """The ASGI app of each started service that has one (call it with an httpx ASGITransport)."""
 
     async def start(self, name: str, *, instance: str | None = None) -> Any:
         """Start one service (a second call with another instance name adds a replica)."""
@@ -86,7 +88,9 @@ class Services:
 
         settings = self.settings if instance is None else self.settings.model_copy(update={"instance": instance})
         spec = services.get(name)
-        runtime, _ = build_runtime(spec, settings, self.pool, self.adapters, self.configs.get(name.replace("-", "_")))
+        runtime, app = build_runtime(spec, settings, self.pool, self.adapters, self.configs.get(name.replace("-", "_")))
+        if app is not None:
+            self.apps[name] = app
         await runtime.start()
         self.runtimes.append(runtime)
         return runtime

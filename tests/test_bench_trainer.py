@@ -28,7 +28,7 @@ def test_bench_trainer_prints_its_figures_as_a_last_json_line(tmp_path: Path) ->
     for key in REQUIRED:
         assert isinstance(result[key], int | float) and math.isfinite(result[key]), key
     assert result["raw_train_val_s"] > 0 and result["orchestrated_s"] > 0
-    assert result["overhead_fraction"] == pytest.approx((result["orchestrated_s"] - result["raw_train_val_s"]) / result["raw_train_val_s"], abs=1e-3)
+    assert result["overhead_fraction"] == pytest.approx((result["orchestrated_s"] - result["raw_train_val_s"]) / result["raw_train_val_s"], abs=5e-3)
     assert result["map50_95_vs_pycocotools_abs_diff"] < 0.005
     assert result["train_images"] == 30 and result["test_images"] == 10 and result["epochs"] == 2
     assert result["loop_passed"] is True and result["evaluator_images_per_s"] > 0

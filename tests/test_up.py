@@ -27,7 +27,7 @@ def state_dir() -> Path:
 
 def _env(state_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VL_")}
-    return env | {"VL_STATE_DIR": str(state_dir), "VL_INGEST_PORT": "0", "VL_LABELING_GATEWAY_PORT": "0", "VL_HEARTBEAT_INTERVAL_S": "1"}
+    return env | {"VL_STATE_DIR": str(state_dir), "VL_INGEST_PORT": "0", "VL_LABELING_GATEWAY_PORT": "0", "VL_DISTRIBUTOR_PORT": "0", "VL_HEARTBEAT_INTERVAL_S": "1"}
 
 
 def _cli(*args: str) -> list[str]:

@@ -65,6 +65,7 @@ class ServiceHost:
                 self.runtimes.append(runtime)
                 if app is not None:
                     await self._serve(spec.name, app, config.port)
+                    runtime.http_url = self.endpoints[spec.name]
         except BaseException:
             await self.stop()
             raise

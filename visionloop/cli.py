@@ -41,6 +41,19 @@ verifier_app = typer.Typer(help="The verifier: auto-accept calibration.", no_arg
 app.add_typer(verifier_app, name="verifier")
 trainer_app = typer.Typer(help="The trainer: ask for a run, list runs.", no_args_is_help=True)
 app.add_typer(trainer_app, name="trainer")
+release_app = typer.Typer(help="Releases: promote, pause, resume or roll back a rollout.", no_args_is_help=True)
+app.add_typer(release_app, name="release")
+keys_app = typer.Typer(help="Package signing keys (Ed25519).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _mount_edge_agent() -> None:
+    from visionloop.services.edge_agent.cli import edge_app
+
+    app.add_typer(edge_app, name="edge-agent", help="Run an edge agent for a fleet, or predict with its active model.")
+
+
+_mount_edge_agent()
 
 console = Console(stderr=True)
 out = Console()
@@ -481,6 +494,18 @@ def bench_trainer(
         out.print(json.dumps(result), highlight=False, soft_wrap=True)
 
 
+@bench_app.command("release")
+def bench_release(
+    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
+) -> None:
+    """Release path: passing model evaluated -> 20 edge agents activated (convert, package, register, propagate); edge FP32 vs INT8."""
+    from visionloop.bench.release import run_release_bench
+
+    result = run_release_bench(console=console)
+    if json_output:
+        out.print(json.dumps(result), highlight=False, soft_wrap=True)
+
+
 @gateway_project_app.command("create")
 def gateway_project_create(
     project: Annotated[str, typer.Argument(help="Project slug.")],
@@ -651,6 +676,99 @@ def trainer_runs(
     out.print(table)
     if not rows:
         console.print("no runs yet: they start when enough labels are verified, or with `visionloop trainer request PROJECT`")
+
+
+# -- releases and keys ------------------------------------------------------------------------------
+
+
+@app.command()
+def releases(
+    fleet: Annotated[str | None, typer.Option(help="Only this fleet.")] = None,
+    limit: Annotated[int, typer.Option(help="Newest releases shown.")] = 20,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON array instead of a table.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Releases per fleet: model, stage, status, and how many devices downloaded, activated or failed."""
+    from visionloop.libs.db import create_pool
+    from visionloop.services.distributor.service import releases_report
+
+    settings = _attach(_settings(config))
+
+    async def load() -> list[dict[str, Any]]:
+        pool = await create_pool(settings, min_size=1, max_size=1)
+        try:
+            exists = await pool.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{settings.schema_for('distributor')}.releases")
+            return await releases_report(pool, settings.schema_for("distributor"), fleet, limit) if exists else []
+        finally:
+            await pool.close()
+
+    rows = asyncio.run(load())
+    if json_output:
+        out.print(json.dumps(rows), highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"releases{f' — fleet {fleet}' if fleet else ''}")
+    for column in ("release", "fleet", "target", "model", "stage", "status", "devices", "reason", "updated"):
+        table.add_column(column)
+    for r in rows:
+        stages = r["stages"]
+        stage = f"{r['stage_index'] + 1}/{len(stages)} ({stages[r['stage_index']]:.0f}%)"
+        devices = ", ".join(f"{k} {v}" for k, v in sorted(r["devices"].items())) or "-"
+        table.add_row(r["release_id"], r["fleet"], r["target"], f"{r['model_id']} v{r['version']}", stage, r["status"], devices,
+                      r["reason"] or "-", r["updated_at"][:19])
+    out.print(table)
+    if not rows:
+        console.print("no releases yet: a model that passes the gate is converted, packaged and released by the loop")
+
+
+def _release_command(kind: str, release_id: str | None, fleet: str | None, reason: str | None, config: Path | None) -> None:
+    from visionloop.contracts import SYSTEM_PROJECT, ReleaseCommand, ReleaseCommandKind
+    from visionloop.libs.kafka import publish_once
+
+    if not release_id and not fleet:
+        console.print("[red]refused (no_release)[/]: name a release id or --fleet (its latest release)")
+        raise typer.Exit(2)
+    settings = _attach(_settings(config))
+    command = ReleaseCommand(command=ReleaseCommandKind(kind), release_id=release_id, fleet=fleet, issued_by="cli", reason=reason)
+    envelope = asyncio.run(publish_once(settings, command, project=SYSTEM_PROJECT, producer="cli", key=fleet or release_id))
+    out.print(f"{kind} sent for {release_id or 'the latest release of ' + str(fleet)} (event {envelope.event_id}); see `visionloop releases`")
+
+
+def _command(kind: str, doc: str) -> None:
+    def command(
+        release_id: Annotated[str | None, typer.Argument(help="The release (default: the fleet's latest).")] = None,
+        fleet: Annotated[str | None, typer.Option(help="The fleet whose latest release is meant.")] = None,
+        reason: Annotated[str | None, typer.Option(help="Why (recorded with the release).")] = None,
+        config: ConfigOpt = None,
+    ) -> None:
+        _release_command(kind, release_id, fleet, reason, config)
+
+    command.__doc__ = doc
+    release_app.command(kind)(command)
+
+
+_command("promote", "Start the release's next stage now (or complete it).")
+_command("pause", "Stop the release's rollout where it is.")
+_command("resume", "Let a paused release roll on.")
+_command("rollback", "Roll the release back: devices return to their last-known-good model; the library's previous model is production again.")
+
+
+@keys_app.command("create")
+def keys_create(
+    folder: Annotated[Path | None, typer.Option(help="Where to write the pair (default: <state_dir>/keys).")] = None,
+    name: Annotated[str, typer.Option(help="File name stem: <name>.key (private, mode 600) and <name>.pub.")] = "packager-ed25519",
+    config: ConfigOpt = None,
+) -> None:
+    """Create an Ed25519 key pair: the private key signs packages (packager), the public one verifies them (distributor, devices)."""
+    from visionloop.libs.signing import key_id, load_public, write_key_pair
+
+    settings = _settings(config)
+    folder = folder or settings.state_dir / "keys"
+    try:
+        private, public = write_key_pair(folder, name=name)
+    except FileExistsError:
+        console.print(f"[red]refused (key_exists)[/]: {folder / (name + '.key')} exists; choose another --name or folder")
+        raise typer.Exit(1) from None
+    out.print(f"private key {private} (mode 600: for the packager only)\npublic key  {public} (key id {key_id(load_public(public))})")
 
 
 # -- the model library ------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""converter: step 8 of the loop (see service.py)."""

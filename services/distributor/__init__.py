@@ -1,0 +1,1 @@
+"""distributor: step 10 of the loop (see service.py)."""

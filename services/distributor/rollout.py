@@ -1,0 +1,53 @@
+"""Staged rollout decisions, as a pure function of what a stage's devices reported.
+
+A release addresses a fleet in stages: the first is the canary (named devices, or a share of
+the fleet by a hash of the device id), each later one a larger share, the last all of it. The
+next stage starts when enough of the current stage's devices report `activated`; the release
+stops and rolls back when too many report `failed`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+
+from visionloop.contracts.release import RolloutStage
+
+
+class Step(StrEnum):
+    """What the distributor does next with a rolling release."""
+
+    WAIT = "wait"
+    ADVANCE = "advance"
+    COMPLETE = "complete"
+    ROLLBACK = "rollback"
+    PAUSE = "pause"
+
+
+@dataclass(frozen=True)
+class StageView:
+    """One stage's devices, as the distributor knows them."""
+
+    addressed: int
+    """Known devices of the fleet the stage addresses (and any other device that reported on the release)."""
+    activated: int
+    failed: int
+
+
+def stage_of(index: int, stages: list[float], canary_devices: list[str]) -> RolloutStage:
+    """Stage `index` of a release: the canary group first when there is one, then percentages."""
+    devices = list(canary_devices) if index == 0 and canary_devices else []
+    return RolloutStage(index=index, percent=stages[index], devices=devices)
+
+
+def decide(view: StageView, *, last: bool, min_activated_fraction: float, max_failure_rate: float, auto_rollback: bool) -> Step:
+    """The next step for a rolling release whose current stage looks like `view`."""
+    done = Step.COMPLETE if last else Step.ADVANCE
+    if view.addressed == 0:
+        return done  # nobody to wait for in this stage: the next one is larger
+    if view.failed and view.failed / view.addressed > max_failure_rate:
+        return Step.ROLLBACK if auto_rollback else Step.PAUSE
+    if view.activated >= math.ceil(min_activated_fraction * view.addressed - 1e-9):
+        return done
+    return Step.WAIT

@@ -1,0 +1,88 @@
+"""The edge agent's local HTTP API: health, the active model, predictions on raw image bytes.
+
+Refusals are `{reason, message}` JSON: 503 `no_model` before any model is active, 400
+`image_undecodable`, 413 `image_too_large`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from visionloop.contracts import Detection
+from visionloop.libs.inference import InferenceError
+from visionloop.services.edge_agent.agent import EdgeAgent, EdgeError
+
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+"""Largest image body `POST /v1/predict` reads."""
+
+
+class Prediction(BaseModel):
+    """The boxes of the active model on one image."""
+
+    model: dict[str, Any] = Field(description="`{model_id, version}` of the model that answered.")
+    boxes: list[Detection] = Field(description="Absolute pixel corners in the original image, highest score first.")
+
+
+def _refusal(status: int, reason: str, message: str) -> JSONResponse:
+    return JSONResponse({"reason": reason, "message": message}, status_code=status)
+
+
+def create_app(agent: EdgeAgent, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> FastAPI:
+    """The FastAPI app of one agent."""
+    app = FastAPI(
+        title=f"visionloop edge agent {agent.device_id}",
+        description="Health, the active model, and predictions of the model the fleet's releases installed.",
+    )
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        """Alive; says whether a model is active."""
+        active = agent.active
+        return {
+            "status": "ok",
+            "fleet": agent.fleet,
+            "device_id": agent.device_id,
+            "active_model": active.model.model_dump() if active else None,
+        }
+
+    @app.get("/v1/model", responses={503: {"description": "No model is active yet (`no_model`)."}})
+    async def model() -> Any:
+        """The active model and its manifest summary."""
+        summary = agent.summary()
+        if not summary:
+            return _refusal(503, "no_model", "no model is active on this device yet: release one to its fleet")
+        return summary
+
+    @app.post(
+        "/v1/predict",
+        response_model=Prediction,
+        responses={
+            400: {"description": "The body is not a readable image (`image_undecodable`)."},
+            413: {"description": "The body is larger than the limit (`image_too_large`)."},
+            503: {"description": "No model is active yet (`no_model`)."},
+        },
+    )
+    async def predict(request: Request) -> Any:
+        """Boxes of the active model on the raw image bytes of the body (JPEG, PNG, WebP...)."""
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_image_bytes:
+            return _refusal(413, "image_too_large", f"send images of at most {max_image_bytes} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_image_bytes:
+                return _refusal(413, "image_too_large", f"send images of at most {max_image_bytes} bytes")
+        try:
+            model, boxes = await asyncio.to_thread(agent.predict_with_model, bytes(body))
+        except EdgeError as exc:
+            return _refusal(503, exc.reason, str(exc.args[0]))
+        except InferenceError as exc:
+            return _refusal(400, exc.reason, str(exc.args[0]))
+        return Prediction(model=model.model_dump(), boxes=boxes)
+
+    return app

@@ -1,0 +1,1 @@
+"""packager: step 9 of the loop (see service.py)."""

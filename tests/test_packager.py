@@ -1,0 +1,143 @@
+"""The packager over the real broker and PostgreSQL: one signed package per artifact, byte-identical
+when the same event is packaged again; no key or a damaged artifact dead-letters with the reason."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+
+from detector import onnx_bytes
+from helpers import Collector, Services, eventually, produce, publish
+from pydantic import SecretStr
+
+from visionloop.contracts import (
+    Artifact,
+    DeadLetter,
+    Lineage,
+    Metrics,
+    ModelConverted,
+    ModelPackaged,
+    ModelRef,
+    Parity,
+    Precision,
+    Target,
+    topic_of,
+)
+from visionloop.libs import package, signing
+from visionloop.libs.blob import open_blob_store
+from visionloop.services.packager.config import PackagerSettings
+from visionloop.services.packager.service import package_artifact
+
+CLASSES = ["circle", "square", "triangle"]
+
+
+async def converted(settings, version: int = 1, *, corrupt: bool = False) -> ModelConverted:  # noqa: ANN001
+    """A converted model whose artifacts are the test detector's ONNX files, stored as blobs."""
+    blobs = open_blob_store(settings.blob_location)
+    artifacts = []
+    for target, dynamic in ((Target.EDGE, False), (Target.SERVER, True)):
+        data = onnx_bytes(128, dynamic=dynamic)
+        ref = await blobs.put(data)
+        artifacts.append(Artifact(
+            target=target, precision=Precision.FP32, input_shape=["batch" if dynamic else 1, 3, 128, 128],
+            uri=ref.uri, sha256=hashlib.sha256(b"other" if corrupt else data).hexdigest(), size_bytes=len(data),
+            parity=Parity(max_abs_diff_px=0.0, passed=True),
+        ))
+    return ModelConverted(
+        lineage=Lineage(
+            model=ModelRef(model_id="demo-detector", version=version),
+            parent=ModelRef(model_id="demo-detector", version=version - 1) if version > 1 else None,
+            dataset_version="ds-abc", class_names=CLASSES, imgsz=128,
+        ),
+        metrics=Metrics(map50_95=0.61, map50=0.9, per_class_ap={"circle": 0.7}),
+        artifacts=artifacts,
+    )
+
+
+async def test_packages_are_signed_stored_and_deterministic(settings, pool) -> None:  # noqa: ANN001
+    private_pem, public_pem = signing.generate()
+    config = PackagerSettings(
+        signing_key=SecretStr(private_pem.decode()), projects={"demo": {"fleets": {"edge": ["lab"]}, "conf": 0.3}}
+    )
+    trust = signing.TrustStore.load([public_pem])
+    blobs = open_blob_store(settings.blob_location)
+    packaged_topic = topic_of(ModelPackaged, settings.topic_prefix)
+    async with Services(settings, pool, packager=config) as services, Collector(settings, packaged_topic, topic_of(DeadLetter, settings.topic_prefix)) as seen:
+        await services.start("packager")
+        event = await converted(settings)
+        envelope = await publish(settings, event, project="demo")
+        messages = await seen.wait(2)
+        first = [ModelPackaged.model_validate(m["payload"]) for m in messages if m["event_type"] == "model.packaged"]
+        assert {(p.target, p.precision) for p in first} == {(Target.EDGE, Precision.FP32), (Target.SERVER, Precision.FP32)}
+        for p in first:
+            archive = await blobs.get(p.package_uri)
+            assert hashlib.sha256(archive).hexdigest() == p.package_sha256 and len(archive) == p.size_bytes
+            opened = package.open_package(archive, trust)
+            spec = opened.spec
+            assert opened.key_id == p.key_id == signing.key_id(signing.load_public(public_pem))
+            assert opened.signature == p.signature and hashlib.sha256(opened.manifest_bytes).hexdigest() == p.manifest_sha256
+            assert spec.classes == CLASSES and spec.target == p.target and spec.project == "demo"
+            assert spec.created_at == package.created_at_text(envelope.occurred_at)
+            assert spec.decoding.conf == 0.3 and spec.metrics["map50_95"] == 0.61 and spec.dataset_version == "ds-abc"
+            artifact = next(a for a in event.artifacts if a.target == p.target)
+            assert opened.model == await blobs.get(artifact.uri)
+            if p.target is Target.EDGE:
+                assert spec.fleets == ["lab"] and spec.input.shape == [1, 3, 128, 128]
+            else:
+                assert spec.fleets == [] and spec.input.shape == ["batch", 3, 128, 128]
+            # Packaging the same event again gives the same bytes.
+            again = package_artifact(
+                event, artifact, opened.model, signing.load_private(private_pem),
+                project="demo", created_at=envelope.occurred_at, policy=config.policy("demo"),
+            )
+            assert again.archive == archive
+
+        # The same conversion published again (a new event id): the same packages are announced.
+        replay = envelope.model_copy(update={"event_id": uuid.uuid4()})
+        await produce(settings, topic_of(ModelConverted, settings.topic_prefix), replay.model_dump_json().encode())
+        messages = await seen.wait(4)
+        announced = [m["payload"] for m in messages if m["event_type"] == "model.packaged"]
+        assert sorted(a["package_sha256"] for a in announced[2:]) == sorted(p.package_sha256 for p in first)
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(f'SELECT target, package_sha256, key_id FROM "{settings.schema_for("packager")}".packages')
+        assert sorted((r["target"], r["package_sha256"]) for r in rows) == sorted((p.target.value, p.package_sha256) for p in first)
+
+        # An artifact whose bytes are not the ones the event names is never signed.
+        await publish(settings, await converted(settings, version=2, corrupt=True), project="demo")
+        letters = await eventually(lambda: [m["payload"] for m in seen.messages if m["event_type"] == "message.deadlettered"])
+        assert "artifact_checksum_mismatch" in letters[0]["message"]
+        assert [m["event_type"] for m in seen.messages].count("model.packaged") == 4, [m["event_type"] for m in seen.messages]
+
+
+async def test_without_a_key_events_are_dead_lettered(settings, pool, tmp_path) -> None:  # noqa: ANN001
+    config = PackagerSettings(auto_create_key=False)
+    async with Services(settings, pool, packager=config) as services, Collector(settings, topic_of(DeadLetter, settings.topic_prefix)) as seen:
+        await services.start("packager")
+        await publish(settings, await converted(settings), project="demo")
+        letters = await seen.wait(1)
+    assert letters[0]["payload"]["message"].startswith("PermanentError: signing_key_missing")
+    assert letters[0]["payload"]["attempts"] == 1
+    assert not (settings.state_dir / "keys").exists()
+
+
+def test_key_is_created_only_where_allowed(tmp_path) -> None:
+    key, source = PackagerSettings().load_key(tmp_path / "state", embedded=True)
+    assert key is not None and source.endswith(signing.PRIVATE_KEY_FILE)
+    private = tmp_path / "state" / "keys" / signing.PRIVATE_KEY_FILE
+    assert os.stat(private).st_mode & 0o777 == 0o600
+    assert signing.TrustStore.load([tmp_path / "state" / "keys"]).key_ids == [signing.key_id(key)]
+    again, _ = PackagerSettings().load_key(tmp_path / "state", embedded=True)
+    assert again is not None and signing.key_id(again) == signing.key_id(key)  # the same key on every start
+    assert PackagerSettings().load_key(tmp_path / "other", embedded=False) == (None, "none")
+    forced, _ = PackagerSettings(auto_create_key=True, key_dir=tmp_path / "k").load_key(tmp_path / "x", embedded=False)
+    assert forced is not None and (tmp_path / "k" / signing.PUBLIC_KEY_FILE).exists()
+    from_file, source = PackagerSettings(signing_key_file=str(private)).load_key(tmp_path / "y", embedded=True)
+    assert from_file is not None and signing.key_id(from_file) == signing.key_id(key) and source == str(private)
+
+
+def test_project_policy_overrides_fleets_per_target() -> None:
+    config = PackagerSettings(fleets={"edge": ["all-edge"], "server": ["dc"]}, projects={"p": {"fleets": {"edge": ["lab"]}, "max_det": 10}})
+    policy = config.policy("p")
+    assert policy.fleets == {Target.EDGE: ["lab"], Target.SERVER: ["dc"]} and policy.max_det == 10
+    assert config.policy("other").fleets[Target.EDGE] == ["all-edge"]
