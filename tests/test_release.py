@@ -92,6 +92,7 @@ async def _candidate(blobs: Any, state_dir: Path) -> ModelEvaluated:
 @contextlib.asynccontextmanager
 async def _fleet(settings: Any, app: Any, count: int, *, fleet: str = "edge", small: tuple[str, ...] = ()) -> Any:
     """`count` edge agents in this process, downloading from the distributor's app (no sockets)."""
+    ensure_key_pair(settings.state_dir / "keys")  # the embedded signing key (the packager would make the same)
     trust = TrustStore.load([settings.state_dir / "keys"])
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=PUBLIC)
     agents = []
@@ -262,3 +263,61 @@ def _no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
+
+
+async def _release(pool: Any, settings: Any, version: int) -> dict[str, Any] | None:
+    row = await pool.fetchrow(f'SELECT * FROM "{settings.schema_for("distributor")}".releases WHERE version = $1', version)
+    return dict(row) if row else None
+
+
+async def test_operators_pause_resume_promote_and_roll_back_a_release(settings, pool) -> None:  # noqa: ANN001
+    from visionloop.contracts import DeviceStatus, ReleaseCommand, ReleaseCommandKind
+
+    # A device that never answers ("dev-99", known by its heartbeat) holds every stage: only operators move it.
+    distributor = DistributorSettings(public_url=PUBLIC, stages=[10.0, 100.0], canary_devices=["dev-00", "dev-99"], min_activated_fraction=1.0)
+    async with Services(settings, pool, distributor=distributor) as loop:
+        await loop.start("distributor")
+        blobs = loop.adapters.blobs
+        await publish(settings, DeviceStatus(fleet="edge", device_id="dev-99", state=DeviceState.HEARTBEAT), project="canary", key="edge")
+        async with _fleet(settings, loop.apps["distributor"], 4) as agents:
+            await eventually(lambda: _known_devices(pool, settings, 5), timeout=30)
+            await publish(settings, await _package(settings, blobs, 1), project="canary", key="canary-detector")
+            await eventually(lambda: agents[0].active is not None, timeout=60)
+
+            async def command(kind: ReleaseCommandKind) -> None:
+                await publish(settings, ReleaseCommand(command=kind, fleet="edge", issued_by="test"), project="canary", key="edge")
+
+            async def status_is(status: str, stage: int) -> bool:
+                row = await _release(pool, settings, 1)
+                return row is not None and row["status"] == status and row["stage_index"] == stage
+
+            await command(ReleaseCommandKind.PAUSE)
+            await eventually(lambda: status_is("paused", 0), timeout=30)
+            assert all(a.active is None for a in agents[1:]), "only the canary stage got the release"
+            await command(ReleaseCommandKind.RESUME)
+            await eventually(lambda: status_is("rolling", 0), timeout=30)
+            await command(ReleaseCommandKind.PROMOTE)  # stage 1: the whole fleet
+            await eventually(lambda: status_is("rolling", 1), timeout=30)
+            await eventually(lambda: all(a.active is not None for a in agents), timeout=60)
+            await command(ReleaseCommandKind.PROMOTE)  # the last stage: done
+            await eventually(lambda: status_is("completed", 1), timeout=30)
+            assert "promote by test" in (await _release(pool, settings, 1))["reason"]
+
+            # Version 2 everywhere (promoted through both stages), then rolled back to version 1.
+            await publish(settings, await _package(settings, blobs, 2), project="canary", key="canary-detector")
+            await eventually(lambda: _release(pool, settings, 2), timeout=30)
+            await command(ReleaseCommandKind.PROMOTE)
+            await eventually(lambda: all(a.active is not None and a.active.model.version == 2 for a in agents), timeout=60)
+            await command(ReleaseCommandKind.ROLLBACK)
+
+            async def back_on_one() -> bool:
+                row = await _release(pool, settings, 2)
+                return row["status"] == "rolled_back" and all(a.active is not None and a.active.model.version == 1 for a in agents)
+
+            await eventually(back_on_one, timeout=60)
+            assert "rollback by test" in (await _release(pool, settings, 2))["reason"]
+            library = settings.schema_for("library")
+            production = await pool.fetchval(
+                f"""SELECT e.version FROM "{library}".aliases a JOIN "{library}".entries e ON e.id = a.entry_id
+                    WHERE a.alias = 'production' AND e.target = 'edge' AND e.model_id = 'canary-detector'""")
+            assert production == 1, "the library's edge production model is the one rolled back to"

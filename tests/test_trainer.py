@@ -187,7 +187,7 @@ async def _count_is(pool: Any, settings: Any, project: str, n: int) -> bool:
 
 
 async def test_crashed_and_hung_runs_fail_and_the_next_trigger_trains(settings, pool) -> None:  # noqa: ANN001
-    config = _trainer(min_new_images=1000, projects={"slow": {"time_limit_s": 2.0}})
+    config = _trainer(min_new_images=1000, keep_runs=1, projects={"slow": {"time_limit_s": 2.0}})
     status_topic = topic_of(PipelineStatus, settings.topic_prefix)
     async with Services(settings, pool, trainer=config, evaluator=_evaluator()) as loop, \
             Collector(settings, topic_of(ModelTrained, settings.topic_prefix), status_topic, topic_of(DeadLetter, settings.topic_prefix)) as out:
@@ -237,6 +237,9 @@ async def test_crashed_and_hung_runs_fail_and_the_next_trigger_trains(settings, 
         progress = [m for m in out.messages if m.get("event_type") == "pipeline.status" and m["payload"]["kind"] == "progress"
                     and (m["payload"].get("progress") or {}).get("step", 0) >= 1]
         assert progress, "epochs are reported on the status topic"
+        # Only the newest run of each project keeps its local folder (weights live in the blob store).
+        slow_run = (await _runs(pool, settings, "slow"))[0]["run_id"]
+        await eventually(lambda: {p.name for p in (settings.state_dir / "trainer" / "runs").iterdir()} == {slow_run, runs[1]["run_id"]}, timeout=10)
 
 
 async def _status_is(pool: Any, settings: Any, project: str, status: str) -> bool:
@@ -247,3 +250,30 @@ async def _status_is(pool: Any, settings: Any, project: str, status: str) -> boo
 @pytest.fixture(autouse=True)
 def _no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+async def test_a_run_interrupted_by_a_trainer_stop_is_trained_by_the_next_trainer(settings, pool) -> None:  # noqa: ANN001
+    import psutil
+
+    config = _trainer(min_new_images=1000)
+    async with Collector(settings, topic_of(ModelTrained, settings.topic_prefix)) as out:
+        async with Services(settings, pool, trainer=config) as loop:
+            trainer = await loop.start("trainer")
+            for n in range(12):
+                await _send(settings, await _label(loop.adapters.blobs, 700 + n), "resumed")
+            await eventually(lambda: _count_is(pool, settings, "resumed", 12), timeout=30)
+            await publish(settings, TrainingRequested(requested_by="test"), project="resumed", key="resumed")
+
+            async def running_pid() -> int | None:
+                runs = await _runs(pool, settings, "resumed")
+                return runs[0]["pid"] if runs and runs[0]["status"] == "running" else None
+
+            pid = await eventually(running_pid, timeout=60)
+            await trainer.stop()  # a deploy, say: the child goes with it and the run goes back to the queue
+            loop.runtimes.remove(trainer)
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        async with Services(settings, pool, trainer=config) as loop:
+            await loop.start("trainer")
+            await eventually(lambda: any(m.get("project") == "resumed" for m in out.messages), timeout=120)
+        runs = await _runs(pool, settings, "resumed")
+        assert [r["status"] for r in runs] == ["succeeded"] and runs[0]["attempts"] == 1

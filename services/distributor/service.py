@@ -293,8 +293,8 @@ def wire(runtime: Runtime, adapters: Adapters, config: DistributorSettings) -> F
         runtime.counters[f"releases_{status}"] += 1
         log.info("release %s: %s%s", release_id, status, f" ({reason})" if reason else "")
 
-    async def complete(unit: Unit[Any], release: dict[str, Any]) -> None:
-        await set_status(unit, release["release_id"], "completed")
+    async def complete(unit: Unit[Any], release: dict[str, Any], reason: str | None = None) -> None:
+        await set_status(unit, release["release_id"], "completed", reason)
         await library_ready()
         if release["target"] == Target.EDGE.value:
             await library.set_alias(unit, release["model_id"], release["version"], Alias.PRODUCTION, target=Target.EDGE, schema=library_schema)
@@ -372,7 +372,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: DistributorSettings) -> F
                 raise PermanentError(f"release_not_active: {release['release_id']} is {release['status']}")
             index = release["stage_index"]
             if index >= len(release["stages"]) - 1:
-                await complete(unit, release)
+                await complete(unit, release, why)
                 return
             await unit.conn.execute(
                 f"UPDATE {s}.releases SET stage_index = $2, status = 'rolling', reason = $3, updated_at = now() WHERE release_id = $1",

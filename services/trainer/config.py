@@ -88,6 +88,10 @@ class TrainerSettings(ServiceSettings, Policy):
     )
     lease_s: float = Field(default=60.0, gt=0, description="How long a claimed run stays this instance's without a renewal.")
     poll_interval_s: float = Field(default=1.0, gt=0, description="How often an idle trainer looks for queued runs.")
+    keep_runs: int = Field(
+        default=3, ge=1,
+        description="Run folders (logs, Ultralytics output) and written-out datasets kept on local disk per project; older ones are deleted (weights and manifests stay in the blob store).",
+    )
 
     def policy(self, project: str) -> Policy:
         """The policy in force for `project`."""

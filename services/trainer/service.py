@@ -350,6 +350,30 @@ def wire(runtime: Runtime, adapters: Adapters, config: TrainerSettings) -> None:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
+        with contextlib.suppress(Exception):
+            await prune()
+
+    async def prune() -> None:
+        """Delete local run folders and datasets beyond the newest `keep_runs` runs of each project."""
+        assert runtime.pool is not None
+        rows = await runtime.pool.fetch(
+            f"""SELECT run_id, dataset_version, (n <= $1 OR status IN ('queued', 'running')) AS keep FROM (
+                    SELECT run_id, dataset_version, status, row_number() OVER (PARTITION BY project ORDER BY created_at DESC) AS n
+                    FROM {quote_ident(runtime.schema)}.runs) ranked""",
+            config.keep_runs,
+        )
+        kept_runs = {r["run_id"] for r in rows if r["keep"]}
+        kept_data = {r["dataset_version"] for r in rows if r["keep"] and r["dataset_version"]}
+        known_runs = {r["run_id"] for r in rows}
+        for kind, keep, known in (("runs", kept_runs, known_runs), ("datasets", kept_data, None)):
+            folder = work_dir / kind
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                # Only what this trainer's table knows is deleted (another replica's fresh folder is not).
+                if path.name not in keep and (known is None or path.name in known):
+                    await asyncio.to_thread(shutil.rmtree, path, True)
+                    runtime.counters[f"pruned_{kind}"] += 1
 
     async def renew(run_id: str) -> None:
         assert runtime.pool is not None
