@@ -179,6 +179,10 @@ class Settings(_FileBacked):
 
     # -- HTTP ------------------------------------------------------------------------------
     http_host: str = Field(default="127.0.0.1", description="Bind address of the HTTP services.")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Port of this process's Prometheus endpoint (`/metrics`, every service it runs); unset: none; 0: any free port.",
+    )
 
     instance: str = Field(default_factory=socket.gethostname, description="Names this process.")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")

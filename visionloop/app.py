@@ -66,6 +66,11 @@ class ServiceHost:
                 if app is not None:
                     await self._serve(spec.name, app, config.port)
                     runtime.http_url = self.endpoints[spec.name]
+            if self.settings.metrics_port is not None:
+                from visionloop.libs.metrics import app as metrics_app
+
+                await self._serve("metrics", metrics_app(self.runtimes), self.settings.metrics_port)
+                self.endpoints["metrics"] += "/metrics"
         except BaseException:
             await self.stop()
             raise

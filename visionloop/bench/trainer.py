@@ -112,7 +112,8 @@ RAW_SCRIPT = textwrap.dedent("""
     best = Path(job["out_dir"]) / "run" / "weights" / "best.pt"
     t1 = time.monotonic()
     metrics = ul.YOLO(str(best)).val(data=job["test_data"], split="val", imgsz=job["hyperparameters"]["imgsz"], batch=16,
-                                     device="cpu", plots=False, verbose=False, conf=0.001, iou=0.7)
+                                     device="cpu", plots=False, verbose=False, conf=0.001, iou=0.7,
+                                     project=job["out_dir"], name="test-val")
     t2 = time.monotonic()
     print(json.dumps({"map50_95": float(metrics.box.map), "map50": float(metrics.box.map50), "weights": str(best),
                       "train_s": t1 - t0, "val_s": t2 - t1}))
