@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= $(or $(VL_VENV),$(HOME)/.local/share/visionloop/venv)
 VL := $(VENV)/bin/visionloop
 
-.PHONY: help setup demo up test contracts contracts-check bench-bus compose-check clean
+.PHONY: help setup demo demo-quick smoke up test contracts contracts-check bench-bus compose-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -11,7 +11,13 @@ help:  ## list the targets
 setup:  ## create or reuse the environment and install this checkout
 	@./scripts/setup.sh >/dev/null
 
-demo: setup  ## set up, start the embedded stack, push a sample image through the loop, stop
+demo: setup  ## set up and run the whole loop in three rounds on the embedded stack; writes a report
+	$(VL) demo
+
+demo-quick: setup  ## the CI-sized demo (about 3 minutes)
+	$(VL) demo --quick
+
+smoke: setup  ## start the embedded stack, push one sample image through, stop
 	$(VL) up --smoke
 
 up: setup  ## set up and run every service on the embedded stack until Ctrl-C

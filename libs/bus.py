@@ -251,7 +251,7 @@ class Runtime:
             "heartbeat_interval_ms": self.settings.heartbeat_interval_ms,
             "fetch_max_wait_ms": self.settings.fetch_max_wait_ms,
             "decoder": _raw,
-            "title": f"{self.service}: {spec.name}",
+            "title": f"{self.service} consumes {spec.name}",
             "description": description,
         }
 

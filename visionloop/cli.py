@@ -291,6 +291,40 @@ async def submit_and_follow(settings, data: bytes, *, project: str, submission_i
 
 
 @app.command()
+def demo(
+    quick: Annotated[bool, typer.Option("--quick", help="The CI-sized run (about 3 minutes on two cores); its models learn little.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line summarising the report.")] = False,
+) -> None:
+    """The whole loop in three rounds on the embedded stack, every service as in production; writes a report."""
+    from visionloop.demo.report import write_report
+    from visionloop.demo.scenario import DemoConfig, run_demo
+
+    _logging("WARNING")
+    cfg = DemoConfig.quick() if quick else DemoConfig()
+    result = run_demo(cfg, state=Path(".visionloop") / "demo", console=console)
+    report = write_report(result, Path(result["folder"]) / "report")
+    console.print(f"[green]report[/]: {report}")
+    if json_output:
+        out.print(json.dumps(_demo_summary(result, report)), highlight=False, soft_wrap=True, markup=False)
+
+
+def _demo_summary(result: dict[str, Any], report: Path) -> dict[str, Any]:
+    rounds = result["rounds"]
+    return {
+        "map50_95": [r["model"]["metrics"]["map50_95"] if r["model"] else None for r in rounds],
+        "human_actions_per_image": [r["human_actions_per_image"] for r in rounds],
+        "labelling_seconds": [r["labelling_seconds"] for r in rounds],
+        "auto_accept_rate": [r["auto_accept_rate"] for r in rounds],
+        "auto_accept_precision": result["auto_accept_precision"],
+        "rejections": {k: sum(r["rejected"].get(k, 0) for r in rounds) for r in rounds for k in r["rejected"]},
+        "passed": [bool(r["model"] and r["model"]["passed"]) for r in rounds],
+        "devices": result["devices"],
+        "wall_s": result["wall_s"],
+        "report": str(report),
+    }
+
+
+@app.command()
 def run(
     service: Annotated[str, typer.Argument(help="The service to run, e.g. ingest.")],
     config: ConfigOpt = None,
@@ -344,7 +378,7 @@ def status(
         groups += runtime.subscriptions
     snap = asyncio.run(snapshot(settings, groups))
     if json_output:
-        out.print(snap.to_json(), highlight=False, soft_wrap=True)
+        out.print(snap.to_json(), highlight=False, soft_wrap=True, markup=False)
         return
     services_table = Table(title=f"services (status topic, last 60 s) — broker {snap.bootstrap}")
     for column in ("service", "instance", "state", "seen", "uptime", "handled", "dead-lettered"):
@@ -443,7 +477,7 @@ def bench_bus(
 
     result = run_bus_bench(events=events, console=console)
     if json_output:
-        out.print(json.dumps(result), highlight=False, soft_wrap=True)
+        out.print(json.dumps(result), highlight=False, soft_wrap=True, markup=False)
 
 
 @bench_app.command("intake")
@@ -458,7 +492,7 @@ def bench_intake(
     sizes = [s for s in (100_000, 1_000_000, 10_000_000) if s <= max_index]
     result = run_intake_bench(sizes=sizes, e2e_images=images, console=console)
     if json_output:
-        out.print(json.dumps(result), highlight=False, soft_wrap=True)
+        out.print(json.dumps(result), highlight=False, soft_wrap=True, markup=False)
 
 
 @bench_app.command("gateway")
@@ -472,7 +506,7 @@ def bench_gateway(
 
     result = run_gateway_bench(tasks=tasks, labellers=labellers, console=console)
     if json_output:
-        out.print(json.dumps(result), highlight=False, soft_wrap=True)
+        out.print(json.dumps(result), highlight=False, soft_wrap=True, markup=False)
 
 
 @bench_app.command("trainer")
@@ -491,7 +525,7 @@ def bench_trainer(
         train_images, test_images, epochs = 80, 20, 5
     result = run_trainer_bench(train_images=train_images, test_images=test_images, epochs=epochs, imgsz=imgsz, console=console)
     if json_output:
-        out.print(json.dumps(result), highlight=False, soft_wrap=True)
+        out.print(json.dumps(result), highlight=False, soft_wrap=True, markup=False)
 
 
 @bench_app.command("release")
@@ -503,7 +537,21 @@ def bench_release(
 
     result = run_release_bench(console=console)
     if json_output:
-        out.print(json.dumps(result), highlight=False, soft_wrap=True)
+        out.print(json.dumps(result), highlight=False, soft_wrap=True, markup=False)
+
+
+@bench_app.command("loop")
+def bench_loop(
+    quick: Annotated[bool, typer.Option("--quick", help="The CI-sized scenario in both arms (about 6 minutes).")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
+) -> None:
+    """Human labelling effort, manual vs the loop, on the same data and seeds, at the final models' test mAP."""
+    from visionloop.bench.loop import run_loop_bench
+
+    _logging("WARNING")
+    result = run_loop_bench(quick=quick, console=console)
+    if json_output:
+        out.print(json.dumps(result), highlight=False, soft_wrap=True, markup=False)
 
 
 @gateway_project_app.command("create")
@@ -579,7 +627,7 @@ def verifier_calibration(
 
     rows = asyncio.run(load())
     if json_output:
-        out.print(json.dumps({"project": project, "classes": rows}), highlight=False, soft_wrap=True)
+        out.print(json.dumps({"project": project, "classes": rows}), highlight=False, soft_wrap=True, markup=False)
         return
     table = Table(title=f"auto-accept calibration{f' — {project}' if project else ''}")
     for column in ("project", "model", "class", "threshold", "precision", "target", "support", "samples", "status"):
@@ -662,7 +710,7 @@ def trainer_runs(
 
     rows = asyncio.run(load())
     if json_output:
-        out.print(json.dumps(rows), highlight=False, soft_wrap=True)
+        out.print(json.dumps(rows), highlight=False, soft_wrap=True, markup=False)
         return
     table = Table(title=f"training runs{f' — {project}' if project else ''}")
     for column in ("run", "project", "status", "reason", "epoch", "dataset", "model", "started", "finished"):
@@ -704,7 +752,7 @@ def releases(
 
     rows = asyncio.run(load())
     if json_output:
-        out.print(json.dumps(rows), highlight=False, soft_wrap=True)
+        out.print(json.dumps(rows), highlight=False, soft_wrap=True, markup=False)
         return
     table = Table(title=f"releases{f' — fleet {fleet}' if fleet else ''}")
     for column in ("release", "fleet", "target", "model", "stage", "status", "devices", "reason", "updated"):
@@ -900,7 +948,7 @@ def library_list(
             }
             for e in entries
         ]
-        out.print(json.dumps(rows), highlight=False, soft_wrap=True)
+        out.print(json.dumps(rows), highlight=False, soft_wrap=True, markup=False)
         return
     table = Table(title=f"model library{f' — project {project}' if project else ''}")
     for column in ("project", "model", "version", "target", "domain", "aliases", "classes", "input", "precision", "mAP50-95", "sha256", "registered"):
@@ -935,7 +983,7 @@ def bench_recognizer(
     result = run_recognizer_bench(images=images, imgsz=imgsz, batch=batch, infer_batch=infer_batch, wait_ms=wait_ms,
                                   threads=threads, parallelism=parallelism, console=console)
     if json_output:
-        out.print(json.dumps(result), highlight=False, soft_wrap=True)
+        out.print(json.dumps(result), highlight=False, soft_wrap=True, markup=False)
 
 
 def main() -> None:

@@ -11,7 +11,9 @@ Consumes:
 - `label verified` → the label set kept for export; the task is done.
 
 Emits `label submitted` (every answer, through the outbox) and `training requested` (Label
-Studio's "Start Training"). Serves the HTTP API on `port` (api.py, labelstudio.py).
+Studio's "Start Training"). Serves the HTTP API on `port` (api.py, labelstudio.py) and the
+dashboard (dashboard.py), which follows `pipeline status`, `release edge`, `release server` and
+`device status` into read-model tables of its own.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from visionloop.contracts import (
 from visionloop.contracts.envelope import utcnow
 from visionloop.libs.bus import Runtime, Unit
 from visionloop.libs.service import Adapters, ServiceSpec
-from visionloop.services.labeling_gateway import api, labelstudio, store
+from visionloop.services.labeling_gateway import api, dashboard, labelstudio, store
 from visionloop.services.labeling_gateway.auth import TokenCache
 from visionloop.services.labeling_gateway.config import GatewaySettings
 from visionloop.services.labeling_gateway.http import Gateway, install_errors, install_openapi
@@ -78,6 +80,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: GatewaySettings) -> FastA
     install_errors(app)
     api.register(app, gw)
     ls = labelstudio.register(app, gw)
+    dashboard.register(app, gw)
     install_openapi(app, gw)
     runtime.background("webhooks", ls.work)
 

@@ -1,0 +1,420 @@
+"""`visionloop demo`: the whole loop, three rounds, on the embedded stack, every service as in production.
+
+1. An upstream publisher (`world.py`) streams synthetic scenes with exact and near duplicates,
+   low-resolution and corrupt images mixed in; the frozen test set is imported through the
+   gateway (admin, `test_set=true`).
+2. **Round 1**: the library is empty, every accepted image is unrecognised; a simulated annotator
+   (`annotator.py`) labels them over the gateway's HTTP API. The N-th verified label triggers
+   training; the model is evaluated, converted, packaged, registered and released; simulated
+   edge agents activate it.
+3. **Round 2**: new images are pre-labelled by the released model; a simulated reviewer accepts,
+   corrects or rejects; once calibrated, confident pre-labels are auto-accepted (with spot
+   checks). The next model fine-tunes, is gated against the champion, and is released.
+4. **Round 3**: a new class appears; the images the model cannot handle go to people; the next
+   model adds the class and is released.
+
+Nothing is shortcut: the scenario only publishes what an upstream system would, calls the
+gateway as people would, and reads the topics. Its report (`report.py`) is computed from the
+events of the run and the annotators' counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import os
+import time
+import uuid
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from visionloop.demo.annotator import Annotator
+from visionloop.demo.world import Item, ItemKind, World, publish
+
+log = logging.getLogger(__name__)
+
+PROJECT = "shapes"
+CLASSES = ("circle", "square", "triangle")
+NEW_CLASS = "diamond"
+FLEET = "demo-edge"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The scenario's size; `quick()` is the CI-sized one."""
+
+    seed: int = 7
+    rounds: tuple[int, int, int] = (200, 150, 150)
+    test_images: int = 48
+    new_class_test_images: int = 16
+    width: int = 192
+    height: int = 144
+    objects: tuple[int, int] = (1, 3)
+    size: tuple[float, float] = (0.22, 0.45)
+    imgsz: int = 160
+    epochs: int = 40
+    finetune_epochs: int = 20
+    batch: int = 16
+    agents: int = 5
+    waves: int = 3
+    """Each round's images arrive in this many waves; people work each wave before the next comes
+    (so calibration learned from the first wave's reviews can auto-accept the next wave's pre-labels)."""
+    exact_dup_rate: float = 0.05
+    near_dup_rate: float = 0.05
+    low_res_rate: float = 0.03
+    corrupt_rate: float = 0.03
+    noise_px: float = 2.0
+    timeout_s: float = 900.0
+    assist: bool = True
+    """False: the manual arm of `visionloop bench loop`: released models never serve the recognizer
+    (no server promotion), so every image is labelled by hand; everything else is the same."""
+
+    @classmethod
+    def quick(cls) -> "DemoConfig":
+        """A run small enough for CI (about 3 minutes on two cores); its models learn little."""
+        return cls(rounds=(150, 60, 60), test_images=20, new_class_test_images=8, width=160, height=120, imgsz=128, epochs=30,
+                   finetune_epochs=8, batch=8, agents=3, timeout_s=300.0)
+
+
+@dataclass
+class RoundLog:
+    """What one round did and measured."""
+
+    name: str
+    submitted: int = 0
+    accepted: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    tasks: Counter[str] = field(default_factory=Counter)
+    boxes_drawn: int = 0
+    boxes_corrected: int = 0
+    accepts: int = 0
+    rejects: int = 0
+    seconds: float = 0.0
+    verified: Counter[str] = field(default_factory=Counter)
+    model: dict[str, Any] | None = None
+    started: float = 0.0
+    ended: float = 0.0
+
+
+def _config_file(folder: Path, cfg: DemoConfig) -> Path:
+    """The services' settings for the demo (what an operator would put in a config file)."""
+    doc = {
+        "ingest": {"port": 0},
+        "labeling_gateway": {"port": 0},
+        "distributor": {"port": 0, "edge_fleets": [FLEET], "stages": [34.0, 100.0], "min_activated_fraction": 1.0,
+                        "promote_server": cfg.assist},
+        "trainer": {
+            "trigger": "both", "test_fraction": 0.0, "min_train_images": 8, "imgsz": cfg.imgsz, "epochs": cfg.epochs,
+            "finetune_epochs": cfg.finetune_epochs, "batch": cfg.batch, "patience": 100, "device": "auto", "poll_interval_s": 0.5,
+            "min_new_images": 10_000,
+            "train_args": {"hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0},
+        },
+        "evaluator": {"map50_95_floor": 0.0, "agreement_floor": 0.0, "champion_tolerance": 0.05, "class_tolerance": 0.15},
+        "verifier": {"min_samples": 20, "min_support": 8, "target_precision": 0.9, "spot_check_rate": 0.1},
+    }
+    path = folder / "demo-config.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+class Demo:
+    """One run of the scenario (see the module docstring)."""
+
+    def __init__(self, cfg: DemoConfig, state: Path, progress: Any = None) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.progress = progress or (lambda message: log.info(message))
+        self.world = World(cfg.seed, CLASSES, width=cfg.width, height=cfg.height, objects=cfg.objects, size=cfg.size)
+        self.rounds: list[RoundLog] = []
+        self.events: list[dict[str, Any]] = []
+        self.event_times: list[float] = []
+        self.started = time.monotonic()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    async def _read_events(self, settings: Any) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        from visionloop.contracts import TOPICS
+        from visionloop.libs.kafka import consumer_kwargs
+
+        topics = [settings.topic(spec.name) for spec in TOPICS.values()]
+        reader = AIOKafkaConsumer(*topics, **(consumer_kwargs(settings) | {"fetch_max_wait_ms": 20}),
+                                  auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
+        await reader.start()
+        try:
+            while True:
+                batch = await reader.getmany(timeout_ms=200)
+                now = time.monotonic()
+                for records in batch.values():
+                    for record in records:
+                        with contextlib.suppress(ValueError):
+                            self.events.append(json.loads(record.value))
+                            self.event_times.append(now)
+        finally:
+            await reader.stop()
+
+    def of(self, event_type: str, project: str | None = PROJECT) -> list[dict[str, Any]]:
+        """Events of one type seen so far (of the demo's project unless `project` is None)."""
+        return [e for e in self.events if e.get("event_type") == event_type and (project is None or e.get("project") == project)]
+
+    async def until(self, what: str, predicate: Any, timeout: float | None = None) -> Any:
+        deadline = time.monotonic() + (timeout or self.cfg.timeout_s)
+        while True:
+            value = predicate()
+            if asyncio.iscoroutine(value):
+                value = await value
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"demo: {what} did not happen within {timeout or self.cfg.timeout_s:.0f} s")
+            await asyncio.sleep(0.2)
+
+    # -- the run ------------------------------------------------------------------------------------
+    async def run(self, settings: Any) -> dict[str, Any]:
+        from visionloop.app import ServiceHost
+        from visionloop.libs.signing import TrustStore, ensure_key_pair
+        from visionloop.services.edge_agent.agent import EdgeAgent
+        from visionloop.services.labeling_gateway.admin import create_project, create_token
+
+        reader = asyncio.create_task(self._read_events(settings))
+        host = ServiceHost(settings, _all_services())
+        agents: list[Any] = []
+        self.progress("starting every service")
+        await host.start()
+        try:
+            await create_project(settings, PROJECT, list(CLASSES), created_by="demo")
+            _, annotator_token = await create_token(settings, project=PROJECT, role="annotator", user_id="alice", created_by="demo")
+            _, reviewer_token = await create_token(settings, project=PROJECT, role="reviewer", user_id="bob", created_by="demo")
+            _, admin_token = await create_token(settings, project=PROJECT, role="admin", user_id="carol", created_by="demo")
+            base = host.endpoints["labeling-gateway"]
+            ensure_key_pair(settings.state_dir / "keys")
+            trust = TrustStore.load([settings.state_dir / "keys"])
+            for n in range(self.cfg.agents):
+                device = f"edge-{n:02d}"
+                agent = EdgeAgent(settings, FLEET, device, settings.state_dir / "edge" / device, trust, heartbeat_s=2.0)
+                await agent.start()
+                agents.append(agent)
+            self.agents = agents
+            async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+                await self._import_test_set(http, admin_token, CLASSES, self.cfg.test_images, offset=0)
+                alice = Annotator(base, annotator_token, PROJECT, self.world, user_id="alice", noise_px=self.cfg.noise_px, rng_seed=1)
+                bob = Annotator(base, reviewer_token, PROJECT, self.world, user_id="bob", noise_px=self.cfg.noise_px, rng_seed=2)
+                async with alice, bob:
+                    await self._round("round 1: empty library, people label", self.cfg.rounds[0], CLASSES, [alice, bob], version=1)
+                    await self._round("round 2: pre-labels, review, auto-accept", self.cfg.rounds[1], CLASSES, [alice, bob], version=2)
+                    await http.post(f"/v1/projects/{PROJECT}/classes", json={"classes": [NEW_CLASS]},
+                                    headers={"Authorization": f"Bearer {admin_token}"})
+                    await self._import_test_set(http, admin_token, (*CLASSES, NEW_CLASS), self.cfg.new_class_test_images, offset=1)
+                    await self._round(f"round 3: a new class ({NEW_CLASS}) appears", self.cfg.rounds[2], (*CLASSES, NEW_CLASS),
+                                      [alice, bob], version=3)
+            await asyncio.sleep(1.0)
+            self.final_devices = {a.device_id: (f"v{a.active.model.version}" if a.active else "none") for a in agents}
+        finally:
+            for agent in agents:
+                with contextlib.suppress(Exception):
+                    await agent.stop()
+            await host.stop()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+        return self.summary()
+
+    async def _import_test_set(self, http: httpx.AsyncClient, token: str, classes: tuple[str, ...], n: int, *, offset: int) -> None:
+        """Import `n` labelled scenes as the frozen test set, as an admin would (a COCO zip)."""
+        from visionloop.libs.formats import LabelledImage, coco_document
+
+        test_world = World(self.cfg.seed + 1000 + offset, classes, width=self.cfg.width, height=self.cfg.height,
+                           objects=self.cfg.objects, size=self.cfg.size)
+        items = [i for i in test_world.stream(n) if i.kind is ItemKind.FRESH]
+        images = [LabelledImage(file_name=f"{i.image_id}.jpg", width=i.width, height=i.height, boxes=tuple(i.truth or ()),
+                                split="test", image_id=i.image_id) for i in items]
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w") as z:
+            z.writestr("annotations/test.json", json.dumps(coco_document(images, list(classes))))
+            for item in items:
+                z.writestr(f"images/{item.image_id}.jpg", item.data)
+        response = await http.post(f"/v1/projects/{PROJECT}/import", params={"format": "coco", "test_set": "true"},
+                                   content=archive.getvalue(), headers={"Authorization": f"Bearer {token}", "Content-Type": "application/zip"})
+        response.raise_for_status()
+        self.progress(f"imported {len(items)} test images ({', '.join(classes)})")
+        await self.until("the test set verified", lambda: len([e for e in self.of("label.verified") if e["payload"].get("for_test_set")])
+                         >= len(items) + (self.cfg.test_images if offset else 0))
+
+    async def _round(self, name: str, n: int, classes: tuple[str, ...], people: list[Annotator], *, version: int) -> None:
+        from visionloop.contracts import TrainingRequested
+        from visionloop.libs.kafka import publish_once
+
+        log_ = RoundLog(name=name, started=time.monotonic())
+        self.rounds.append(log_)
+        self.progress(name)
+        before = {id(p): _snapshot(p) for p in people}
+        items = self.world.stream(n, exact_dup_rate=self.cfg.exact_dup_rate, near_dup_rate=self.cfg.near_dup_rate,
+                                  low_res_rate=self.cfg.low_res_rate, corrupt_rate=self.cfg.corrupt_rate, classes=classes)
+        settings = self.settings
+        ids = {f"demo-upstream-{i.name}" for i in items}
+        log_.submitted = len(items)
+        waves = max(1, self.cfg.waves)
+        for w in range(waves):
+            wave = items[w * len(items) // waves:(w + 1) * len(items) // waves]
+            # Originals first: a duplicate must not overtake the image it duplicates (they travel on different partitions).
+            first = [i for i in wave if i.kind not in (ItemKind.EXACT_DUPLICATE, ItemKind.NEAR_DUPLICATE)]
+            later = [i for i in wave if i.kind in (ItemKind.EXACT_DUPLICATE, ItemKind.NEAR_DUPLICATE)]
+            await publish(settings, first, PROJECT)
+            await self.until("ingest and dedup decided the wave's originals", lambda first=first: self._decided(first))
+            await publish(settings, later, PROJECT)
+            await self.until("ingest and dedup decided the wave's duplicates", lambda wave=wave: self._decided(wave))
+            wave_ids = {f"demo-upstream-{i.name}" for i in wave}
+            accepted = {e["payload"]["image"]["image_id"] for e in self.of("image.accepted") if e["payload"].get("submission_id") in wave_ids}
+            await self._work(people, accepted, name, log_)
+        accepted = {e["payload"]["image"]["image_id"] for e in self.of("image.accepted") if e["payload"].get("submission_id") in ids}
+        log_.accepted = len(accepted)
+        for e in self.of("image.rejected"):
+            if e["payload"].get("submission_id") in ids:
+                log_.rejected[e["payload"]["reason"]] += 1
+        fresh = accepted
+        for p in people:
+            _add(log_, before[id(p)], _snapshot(p))
+        for e in self.of("label.verified"):
+            if e["payload"]["image"]["image_id"] in fresh:
+                log_.verified[e["payload"]["provenance"]["method"]] += 1
+        # Training: the round's labels are in; ask for the run (the count trigger also works; a command is deterministic).
+        await publish_once(settings, TrainingRequested(requested_by="demo"), project=PROJECT, producer="demo", key=PROJECT)
+        self.progress(f"{name}: {len(fresh)} images labelled; training model v{version}")
+        evaluated = await self.until(f"model v{version} evaluated", lambda: next(
+            (e for e in self.of("model.evaluated") if e["payload"]["lineage"]["model"]["version"] == version), None))
+        log_.model = {"version": version, "passed": evaluated["payload"]["passed"], "metrics": evaluated["payload"]["candidate"],
+                      "champion": evaluated["payload"].get("champion"), "failures": evaluated["payload"]["failures"],
+                      "classes": evaluated["payload"]["lineage"]["class_names"]}
+        if evaluated["payload"]["passed"]:
+            self.progress(f"{name}: v{version} passed the gate (mAP50-95 {evaluated['payload']['candidate']['map50_95']:.3f}); releasing")
+            await self.until(f"v{version} on every edge agent", lambda: all(
+                a.active is not None and a.active.model.version == version for a in self.agents))
+            if self.cfg.assist:
+                await self.until(f"v{version} released to the server fleet", lambda: any(
+                    e["payload"]["model"]["version"] == version for e in self.of("release.server")))
+        else:
+            reasons = ", ".join(f["reason"] for f in evaluated["payload"]["failures"])
+            self.progress(f"{name}: v{version} failed the gate ({reasons})")
+        log_.ended = time.monotonic()
+
+    async def _work(self, people: list[Annotator], images: set[str], name: str, log_: RoundLog) -> None:
+        """People work the queue until every one of `images` has a verified label."""
+        alice, bob = people
+        while not images <= {e["payload"]["image"]["image_id"] for e in self.of("label.verified")}:
+            worked = await alice.drain(idle_s=0.5) + await bob.drain(idle_s=0.5)
+            if not worked:
+                await asyncio.sleep(0.3)
+            if time.monotonic() - log_.started > self.cfg.timeout_s:
+                missing = images - {e["payload"]["image"]["image_id"] for e in self.of("label.verified")}
+                raise TimeoutError(f"demo: {name}: {len(missing)} accepted images still unlabelled")
+
+    def _decided(self, items: list[Item]) -> bool:
+        done = {e["payload"].get("submission_id") for e in self.of("image.rejected") + self.of("image.accepted")}
+        return all(f"demo-upstream-{i.name}" in done for i in items)
+
+    # -- the summary ------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        rounds = []
+        for r in self.rounds:
+            per_image = (r.boxes_drawn + r.boxes_corrected + r.accepts + r.rejects) / r.accepted if r.accepted else 0.0
+            auto = r.verified.get("auto", 0)
+            rounds.append({
+                "round": r.name, "submitted": r.submitted, "accepted": r.accepted, "rejected": dict(r.rejected),
+                "tasks": dict(r.tasks), "boxes_drawn": r.boxes_drawn, "boxes_corrected": r.boxes_corrected, "accept_clicks": r.accepts,
+                "rejects": r.rejects, "human_actions_per_image": round(per_image, 3), "labelling_seconds": round(r.seconds, 1),
+                "verified_by_method": dict(r.verified), "auto_accept_rate": round(auto / r.accepted, 3) if r.accepted else 0.0,
+                "model": r.model, "seconds": round(r.ended - r.started, 1),
+            })
+        return {"rounds": rounds, "auto_accept_precision": self.auto_accept_precision(), "wall_s": round(time.monotonic() - self.started, 1),
+                "releases": self.release_timeline(), "devices": self.device_states()}
+
+    def auto_accept_precision(self) -> float | None:
+        """Box precision (IoU 0.5, right class) of the auto-accepted label sets against the world's truth."""
+        from visionloop.contracts import Box
+        from visionloop.libs.boxes import match
+
+        right = total = 0
+        for e in self.of("label.verified"):
+            if e["payload"]["provenance"]["method"] != "auto":
+                continue
+            truth = self.world.truth(e["payload"]["image"]["image_id"]) or []
+            boxes = [Box.model_validate(b) for b in e["payload"]["boxes"]]
+            total += len(boxes)
+            right += _matched(match, boxes, truth)
+        return round(right / total, 4) if total else None
+
+    def release_timeline(self) -> list[dict[str, Any]]:
+        out = []
+        for e, t in zip(self.events, self.event_times, strict=True):
+            if e.get("event_type") in ("release.edge", "release.server") and e.get("project") == PROJECT:
+                p = e["payload"]
+                out.append({"at_s": round(t - self.started, 1), "type": e["event_type"], "fleet": p["fleet"], "action": p["action"],
+                            "model": f"{p['model']['model_id']} v{p['model']['version']}", "stage": p["stage"]["index"]})
+        return out
+
+    def device_states(self) -> dict[str, str]:
+        return dict(getattr(self, "final_devices", {}))
+
+
+def _matched(match: Any, boxes: list[Any], truth: list[Any]) -> int:
+    return len(match(boxes, truth, min_iou=0.5)) if boxes and truth else 0
+
+
+def _snapshot(person: Annotator) -> dict[str, Any]:
+    t = person.tally
+    return {"tasks": Counter(t.tasks), "drawn": t.boxes_drawn, "corrected": t.boxes_corrected, "accepts": t.accepts, "rejects": t.rejects,
+            "seconds": t.seconds}
+
+
+def _add(log_: RoundLog, before: dict[str, Any], after: dict[str, Any]) -> None:
+    log_.tasks.update(after["tasks"] - before["tasks"])
+    log_.boxes_drawn += after["drawn"] - before["drawn"]
+    log_.boxes_corrected += after["corrected"] - before["corrected"]
+    log_.accepts += after["accepts"] - before["accepts"]
+    log_.rejects += after["rejects"] - before["rejects"]
+    log_.seconds += after["seconds"] - before["seconds"]
+
+
+def _all_services() -> list[str]:
+    from visionloop import services
+
+    return list(services.available())
+
+
+def run_demo(cfg: DemoConfig, *, state: Path, console: Any = None) -> dict[str, Any]:
+    """Start the embedded stack, run the scenario, stop everything; the summary."""
+    from visionloop.libs.embedded import EmbeddedStack
+    from visionloop.libs.settings import Settings
+
+    tag = uuid.uuid4().hex[:6]
+    folder = (state / f"run-{tag}").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["VL_CONFIG"] = str(_config_file(folder, cfg))
+    stack = EmbeddedStack(Settings(state_dir=state))
+    settings = stack.start().model_copy(update={
+        "topic_prefix": f"demo{tag}.", "schema_prefix": f"demo{tag}_", "state_dir": folder / "state",
+        "blob_url": (folder / "blobs").as_uri(), "heartbeat_interval_s": 2.0,
+    })
+
+    def say(message: str) -> None:
+        if console is not None:
+            console.print(f"[bold cyan]demo[/] {time.strftime('%H:%M:%S')} {message}")
+
+    demo = Demo(cfg, folder, progress=say)
+    demo.settings = settings
+    try:
+        result = asyncio.run(demo.run(settings))
+    finally:
+        stack.stop()
+    result["folder"] = str(folder)
+    return result
+
