@@ -43,7 +43,7 @@ import numpy as np
 
 from visionloop.contracts import Box, ConversionFailureReason, Parity, Precision, RefusedArtifact, Target
 from visionloop.libs.detmetrics import evaluate
-from visionloop.libs.inference import Detector, decode_image, letterbox, to_tensor
+from visionloop.libs.inference import Detector, decode_image, letterbox, postprocess, to_tensor
 from visionloop.services.converter.config import Policy
 
 log = logging.getLogger(__name__)
@@ -472,6 +472,32 @@ def measure_map(path: Path, images: Sequence[np.ndarray], test_set: Sequence[Lab
     return evaluate(truth, predictions, list(metric_classes or class_names)).map50_95
 
 
+def torch_map(model: Any, images: Sequence[np.ndarray], test_set: Sequence[LabelledImage], size: int,
+              class_names: Sequence[str], metric_classes: Sequence[str]) -> float:
+    """Test-set mAP50-95 of the PyTorch model through the artifacts' own pipeline: the same square
+    letterbox at `size`, the same decoding and NMS (`libs/inference.py`), the same metric.
+
+    This is the reference of the accuracy parity check: an artifact is compared with the model it
+    was exported from under identical pre- and post-processing, so only the export (and the
+    quantisation) can make them differ. The evaluator's figure (Ultralytics' predictor, which
+    letterboxes each image to its own aspect) may differ from it by a few hundredths.
+    """
+    predictions = {}
+    for start in range(0, len(images), 8):
+        chunk = images[start:start + 8]
+        placed = [letterbox(image, size) for image in chunk]
+        raw = torch_raw(model, to_tensor([p[0] for p in placed]))
+        for item, (_, placement), out in zip(test_set[start:start + 8], placed, raw, strict=True):
+            dets = postprocess(out, placement, conf=PREDICT_CONF, iou=PREDICT_IOU, max_det=MAX_DET)
+            predictions[item.image_id] = [
+                Box(x1=float(b[0]), y1=float(b[1]), x2=float(b[2]), y2=float(b[3]), class_name=class_names[int(c)],
+                    score=min(1.0, max(0.0, float(sc))))
+                for b, sc, c in zip(dets.boxes, dets.scores, dets.classes, strict=True)
+            ]
+    truth = {item.image_id: list(item.boxes) for item in test_set}
+    return evaluate(truth, predictions, list(metric_classes or class_names)).map50_95
+
+
 # -- the whole conversion ---------------------------------------------------------------------
 @dataclass
 class _Context:
@@ -482,6 +508,16 @@ class _Context:
     samples: list[np.ndarray] | None
     """Images for raw parity (None: seeded noise)."""
     references: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    reference_maps: dict[int, float] = field(default_factory=dict)
+
+    def reference_map(self, size: int) -> float | None:
+        """PyTorch's test-set mAP50-95 through the artifacts' pipeline at `size` (None without a test set)."""
+        if self.test_images is None or not self.job.test_set:
+            return self.job.reference_map50_95
+        if size not in self.reference_maps:
+            self.reference_maps[size] = torch_map(self.model, self.test_images, self.job.test_set, size,
+                                                  self.job.class_names, self.job.metric_classes)
+        return self.reference_maps[size]
 
     def reference(self, size: int) -> tuple[np.ndarray, np.ndarray]:
         """(input batch, PyTorch raw output) for raw parity at `size`."""
@@ -539,7 +575,7 @@ def _check(ctx: _Context, built: Built, size: int) -> Built:
         built.seconds["map"] = time.monotonic() - started
     built.parity, built.refusal = judge(
         built.target, built.precision, job.policy, max_abs_diff_px=diff, map50_95=score,
-        reference_map50_95=job.reference_map50_95, parity_images=len(batch),
+        reference_map50_95=ctx.reference_map(size), parity_images=len(batch),
     )
     return built
 
