@@ -35,6 +35,8 @@ def _effort(result: dict[str, Any]) -> dict[str, Any]:
     rounds = result["rounds"]
     return {
         "effort_s": round(sum(r["labelling_seconds"] for r in rounds), 1),
+        "effort_by_round_s": [r["labelling_seconds"] for r in rounds],
+        "auto_accept_rate_by_round": [r["auto_accept_rate"] for r in rounds],
         "boxes_drawn": sum(r["boxes_drawn"] for r in rounds),
         "boxes_corrected": sum(r["boxes_corrected"] for r in rounds),
         "accept_clicks": sum(r["accept_clicks"] for r in rounds),
@@ -58,6 +60,10 @@ def run_loop_bench(*, quick: bool = False, console: Console | None = None) -> di
     manual = run_demo(replace(base, assist=False), state=STATE, console=console)
     console.print("[bold]arm 2/2: loop[/] (pre-labels, review, calibrated auto-accept)")
     loop = run_demo(base, state=STATE, console=console)
+    from visionloop.demo.report import write_report
+
+    for arm in (manual, loop):
+        write_report(arm, Path(arm["folder"]) / "report")
     a, b = _effort(manual), _effort(loop)
     result: dict[str, Any] = {
         "machine": machine(),
@@ -76,11 +82,15 @@ def run_loop_bench(*, quick: bool = False, console: Console | None = None) -> di
         "loop_report": loop["folder"],
         "wall_s": round(time.monotonic() - started, 1),
     }
+    after_a, after_b = sum(a["effort_by_round_s"][1:]), sum(b["effort_by_round_s"][1:])
+    result["effort_reduction_after_round_1"] = round(1 - after_b / after_a, 4) if after_a else None
     table = Table(title="visionloop bench loop")
     table.add_column("measure")
     table.add_column("manual", justify="right")
     table.add_column("loop", justify="right")
     table.add_row("human effort (simulated)", f"{a['effort_s'] / 3600:.2f} h", f"{b['effort_s'] / 3600:.2f} h")
+    table.add_row("effort by round (s)", ", ".join(f"{x:,.0f}" for x in a["effort_by_round_s"]),
+                  ", ".join(f"{x:,.0f}" for x in b["effort_by_round_s"]))
     table.add_row("boxes drawn by hand", str(a["boxes_drawn"]), str(b["boxes_drawn"]))
     table.add_row("boxes corrected / accept clicks", f"{a['boxes_corrected']} / {a['accept_clicks']}", f"{b['boxes_corrected']} / {b['accept_clicks']}")
     table.add_row("final model mAP50-95 (test set)", f"{a['map50_95']:.3f}", f"{b['map50_95']:.3f}")
