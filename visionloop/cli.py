@@ -92,6 +92,22 @@ def _attach(settings):  # noqa: ANN001, ANN202
     )
 
 
+def _read_report(settings, service: str, table: str, report: Any) -> list[dict[str, Any]]:  # noqa: ANN001
+    """`report(pool, schema)` on a service's schema; no rows while the service never ran (its `table` does not exist)."""
+    from visionloop.libs.db import create_pool
+
+    async def load() -> list[dict[str, Any]]:
+        pool = await create_pool(settings, min_size=1, max_size=1)
+        try:
+            schema = settings.schema_for(service)
+            exists = await pool.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{schema}.{table}")
+            return await report(pool, schema) if exists else []
+        finally:
+            await pool.close()
+
+    return asyncio.run(load())
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -309,6 +325,8 @@ def demo(
 
 
 def _demo_summary(result: dict[str, Any], report: Path) -> dict[str, Any]:
+    from collections import Counter
+
     rounds = result["rounds"]
     return {
         "map50_95": [r["model"]["metrics"]["map50_95"] if r["model"] else None for r in rounds],
@@ -316,7 +334,7 @@ def _demo_summary(result: dict[str, Any], report: Path) -> dict[str, Any]:
         "labelling_seconds": [r["labelling_seconds"] for r in rounds],
         "auto_accept_rate": [r["auto_accept_rate"] for r in rounds],
         "auto_accept_precision": result["auto_accept_precision"],
-        "rejections": {k: sum(r["rejected"].get(k, 0) for r in rounds) for r in rounds for k in r["rejected"]},
+        "rejections": dict(sum((Counter(r["rejected"]) for r in rounds), Counter())),
         "passed": [bool(r["model"] and r["model"]["passed"]) for r in rounds],
         "devices": result["devices"],
         "wall_s": result["wall_s"],
@@ -612,20 +630,10 @@ def verifier_calibration(
     config: ConfigOpt = None,
 ) -> None:
     """Auto-accept calibration per class: threshold, estimated precision, samples."""
-    from visionloop.libs.db import create_pool
     from visionloop.services.verifier.service import calibration_report
 
     settings = _attach(_settings(config))
-
-    async def load() -> list[dict[str, Any]]:
-        pool = await create_pool(settings, min_size=1, max_size=1)
-        try:
-            exists = await pool.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{settings.schema_for('verifier')}.calibration")
-            return await calibration_report(pool, settings.schema_for("verifier"), project) if exists else []
-        finally:
-            await pool.close()
-
-    rows = asyncio.run(load())
+    rows = _read_report(settings, "verifier", "calibration", lambda pool, schema: calibration_report(pool, schema, project))
     if json_output:
         out.print(json.dumps({"project": project, "classes": rows}), highlight=False, soft_wrap=True, markup=False)
         return
@@ -695,20 +703,10 @@ def trainer_runs(
     config: ConfigOpt = None,
 ) -> None:
     """Training runs, newest first: status, reason of a failure, epoch, dataset version, model."""
-    from visionloop.libs.db import create_pool
     from visionloop.services.trainer.service import runs_report
 
     settings = _attach(_settings(config))
-
-    async def load() -> list[dict[str, Any]]:
-        pool = await create_pool(settings, min_size=1, max_size=1)
-        try:
-            exists = await pool.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{settings.schema_for('trainer')}.runs")
-            return await runs_report(pool, settings.schema_for("trainer"), project, limit) if exists else []
-        finally:
-            await pool.close()
-
-    rows = asyncio.run(load())
+    rows = _read_report(settings, "trainer", "runs", lambda pool, schema: runs_report(pool, schema, project, limit))
     if json_output:
         out.print(json.dumps(rows), highlight=False, soft_wrap=True, markup=False)
         return
@@ -737,20 +735,10 @@ def releases(
     config: ConfigOpt = None,
 ) -> None:
     """Releases per fleet: model, stage, status, and how many devices downloaded, activated or failed."""
-    from visionloop.libs.db import create_pool
     from visionloop.services.distributor.service import releases_report
 
     settings = _attach(_settings(config))
-
-    async def load() -> list[dict[str, Any]]:
-        pool = await create_pool(settings, min_size=1, max_size=1)
-        try:
-            exists = await pool.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{settings.schema_for('distributor')}.releases")
-            return await releases_report(pool, settings.schema_for("distributor"), fleet, limit) if exists else []
-        finally:
-            await pool.close()
-
-    rows = asyncio.run(load())
+    rows = _read_report(settings, "distributor", "releases", lambda pool, schema: releases_report(pool, schema, fleet, limit))
     if json_output:
         out.print(json.dumps(rows), highlight=False, soft_wrap=True, markup=False)
         return

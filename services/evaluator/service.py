@@ -67,7 +67,6 @@ class Assessment:
     champion_measured: bool = False
     """True when the champion was measured now (a new test set version): store it."""
     report_uri: str | None = None
-    seconds: float = 0.0
     images_per_s: float | None = None
 
 
@@ -189,7 +188,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: EvaluatorSettings) -> Non
         return Assessment(
             candidate=candidate, failures=failures, test_set_version=t.test_set.version, champion=champ_metrics,
             champion_ref=champ_ref, champion_measured=champ_measured, report_uri=report_ref.uri,
-            seconds=loop.time() - started, images_per_s=len(images) / measured_s if measured_s > 0 else None,
+            images_per_s=len(images) / measured_s if measured_s > 0 else None,
         )
 
     async def prepare(events: list[Envelope[ModelTrained]]) -> list[Any]:

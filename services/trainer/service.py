@@ -168,9 +168,14 @@ def wire(runtime: Runtime, adapters: Adapters, config: TrainerSettings) -> None:
         policy = config.policy(project)
         boxes = [b.model_dump(mode="json", exclude={"score"}) for b in v.boxes]
         h = label_hash(boxes)
+        # The image's hashes, read and computed before the project lock (a relabelled image has them already).
+        known = await unit.conn.fetchrow(
+            f"SELECT phash, dhash FROM {s}.samples WHERE project = $1 AND image_id = $2", project, v.image.image_id
+        )
+        phash, dhash = (known["phash"], known["dhash"]) if known is not None else await hashes(v.image.blob_uri)
         await unit.conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"vl-trainer:{project}")
         existing = await unit.conn.fetchrow(
-            f"SELECT role, label_hash, phash, dhash FROM {s}.samples WHERE project = $1 AND image_id = $2", project, v.image.image_id
+            f"SELECT role, label_hash FROM {s}.samples WHERE project = $1 AND image_id = $2", project, v.image.image_id
         )
         stored = await taxonomy(unit.conn, s, project)
         merged = merge_taxonomy(stored, v.class_names, (b.class_name for b in v.boxes))
@@ -193,7 +198,6 @@ def wire(runtime: Runtime, adapters: Adapters, config: TrainerSettings) -> None:
         else:
             test_count = await unit.conn.fetchval(f"SELECT count(*) FROM {s}.samples WHERE project = $1 AND role = 'test'", project)
             role = "test" if test_count < policy.test_set_size and reserved_for_test(v.image.image_id, policy.test_fraction) else "train"
-        phash, dhash = (existing["phash"], existing["dhash"]) if existing is not None else await hashes(v.image.blob_uri)
         await unit.conn.execute(
             f"""INSERT INTO {s}.samples (project, image_id, label_id, image, boxes, label_hash, provenance, role, phash, dhash)
                 VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7::jsonb, $8, $9, $10)
