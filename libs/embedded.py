@@ -159,6 +159,17 @@ class EmbeddedStack:
             raise
         return self.settings.model_copy(update=update)
 
+    def restart_broker(self) -> str:
+        """Stop the embedded broker and start a fresh one on the same port; the bootstrap.
+
+        The fresh broker has no topics and no offsets (memory only): what was in flight is
+        re-derived from PostgreSQL (the services' outboxes), which is what the chaos bench checks.
+        """
+        if self.broker is None:
+            raise RuntimeError("no embedded broker to restart: the broker is configured externally")
+        self.broker.stop()
+        return self.broker.start()
+
     def stop(self) -> None:
         """Stop what this stack started, broker first."""
         if self.broker is not None:

@@ -70,3 +70,46 @@ def test_up_runs_until_interrupted_and_stops_everything(state_dir: Path) -> None
     assert not run_file.exists()
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
     assert not (state_dir / "postgres" / "postmaster.pid").exists()
+
+
+def test_up_processes_restarts_killed_services_one_by_one(state_dir: Path, tmp_path: Path) -> None:
+    """`up --processes`: each service its own process; a SIGKILLed one comes back and serves; `restart` restarts one."""
+    from visionloop.libs.scenes import render_scene
+
+    proc = subprocess.Popen(_cli("up", "--processes", "--services", "ingest,dedup"), env=_env(state_dir),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready = state_dir / "processes"
+    try:
+        run_file = state_dir / "run.json"
+        deadline = time.monotonic() + 180
+        while not run_file.exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "visionloop up --processes did not come up within 180 s"
+            time.sleep(0.2)
+        assert json.loads(run_file.read_text())["mode"] == "processes"
+        pids = {name: json.loads((ready / f"{name}.json").read_text())["pid"] for name in ("ingest", "dedup")}
+        children = {c.pid for c in psutil.Process(proc.pid).children()}
+        assert set(pids.values()) <= children and len(set(pids.values())) == 2  # two processes, both supervised
+
+        os.kill(pids["ingest"], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while json.loads((ready / "ingest.json").read_text())["pid"] == pids["ingest"]:
+            assert time.monotonic() < deadline, "the killed ingest did not come back within 120 s"
+            time.sleep(0.2)
+
+        restarted = subprocess.run(_cli("restart", "dedup"), env=_env(state_dir), capture_output=True, text=True, timeout=150)
+        assert restarted.returncode == 0, restarted.stderr[-3000:]
+        assert f"pid {pids['dedup']} ->" in restarted.stdout + restarted.stderr
+
+        image = tmp_path / "scene.jpg"
+        image.write_bytes(render_scene(seed=11).encode())
+        submitted = subprocess.run(_cli("submit", str(image), "--project", "procs"), env=_env(state_dir), capture_output=True,
+                                   text=True, timeout=120)
+        assert submitted.returncode == 0, submitted.stderr[-3000:]
+        assert "image.accepted" in submitted.stdout  # through the restarted ingest and the restarted dedup
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err[-3000:]
+    assert "ingest (pid" in err and "restarting" in err  # the supervisor said what it did
+    assert not any((ready / f"{name}.json").exists() for name in ("ingest", "dedup"))

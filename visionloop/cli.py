@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -150,10 +151,13 @@ def config(
 def up(
     services: Annotated[str | None, typer.Option(help="Comma-separated services to run (default: all).")] = None,
     smoke: Annotated[bool, typer.Option("--smoke", help="Push a sample image through, print the outcome, stop.")] = False,
+    processes: Annotated[bool, typer.Option("--processes", help="Each service in its own OS process, supervised and restarted.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Start the embedded broker and PostgreSQL (unless configured externally) and every service.
 
+    With `--processes` every service runs as its own process (`visionloop run NAME`, as in
+    production); a process that dies is restarted, and `visionloop restart NAME` restarts one.
     Ctrl-C stops everything cleanly.
     """
     from visionloop import services as registry
@@ -169,7 +173,7 @@ def up(
         settings = stack.start()
     run_file = settings.state_dir / RUN_FILE
     try:
-        code = asyncio.run(_up(settings, names, run_file, smoke))
+        code = asyncio.run(_up(settings, names, run_file, smoke, processes))
     finally:
         run_file.unlink(missing_ok=True)
         with console.status("stopping the embedded broker and PostgreSQL"):
@@ -178,41 +182,75 @@ def up(
     raise typer.Exit(code)
 
 
-async def _up(settings, names: list[str], run_file: Path, smoke: bool) -> int:  # noqa: ANN001
+async def _up(settings, names: list[str], run_file: Path, smoke: bool, processes: bool = False) -> int:  # noqa: ANN001
     from visionloop.app import ServiceHost
+    from visionloop.supervisor import Supervisor
 
-    host = ServiceHost(settings, names)
+    host: ServiceHost | Supervisor = Supervisor(settings, names) if processes else ServiceHost(settings, names)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    with console.status(f"starting {len(names)} service(s)"):
+    with console.status(f"starting {len(names)} service(s)" + (" as processes" if processes else "")):
         await host.start()
+    endpoints = host.endpoints() if isinstance(host, Supervisor) else host.endpoints
     try:
         run_file.write_text(
             json.dumps(
                 {
                     "pid": os.getpid(),
+                    "mode": "processes" if processes else "one process",
                     "kafka_bootstrap": settings.kafka_bootstrap,
                     "kafka_embedded": settings.kafka_embedded,
                     "database_url": settings.database_url,
                     "blob_url": settings.blob_location,
                     "services": names,
-                    "endpoints": host.endpoints,
+                    "endpoints": endpoints,
                     "started_at": time.time(),
                 },
                 indent=2,
             )
         )
-        _print_where(settings, names, host.endpoints)
+        _print_where(settings, names, endpoints)
         if smoke:
             return await _smoke(settings, names)
-        console.print("[bold]running[/] — Ctrl-C to stop")
+        console.print("[bold]running[/] — Ctrl-C to stop" + ("; `visionloop restart NAME` restarts one service" if processes else ""))
         await stop.wait()
         return 0
     finally:
         with console.status("stopping services"):
             await host.stop()
+
+
+@app.command()
+def restart(
+    service: Annotated[str, typer.Argument(help="The service to restart, e.g. trainer.")],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the new process to serve.")] = 120.0,
+    config: ConfigOpt = None,
+) -> None:
+    """Restart one service of a `visionloop up --processes` in progress (graceful stop; the supervisor starts it again)."""
+    from visionloop.supervisor import PROCESSES
+
+    settings = _settings(config)
+    ready = settings.state_dir / PROCESSES / f"{service}.json"
+    if not ready.exists():
+        console.print(f"[red]no running process for {service!r}[/]: is `visionloop up --processes` running here? (looked for {ready})")
+        raise typer.Exit(2)
+    old = json.loads(ready.read_text())["pid"]
+    try:
+        os.kill(old, signal.SIGTERM)
+    except ProcessLookupError:
+        console.print(f"[yellow]{service} (pid {old}) had already exited; the supervisor restarts it[/]")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ValueError, OSError):
+            pid = json.loads(ready.read_text())["pid"]
+            if pid != old:
+                console.print(f"[green]{service} restarted[/]: pid {old} -> {pid}")
+                return
+        time.sleep(0.2)
+    console.print(f"[red]{service} was not serving again within {timeout:.0f} s[/]; see {settings.state_dir / 'logs' / (service + '.log')}")
+    raise typer.Exit(1)
 
 
 def _print_where(settings, names: list[str], endpoints: dict[str, str]) -> None:  # noqa: ANN001
@@ -345,6 +383,7 @@ def _demo_summary(result: dict[str, Any], report: Path) -> dict[str, Any]:
 @app.command()
 def run(
     service: Annotated[str, typer.Argument(help="The service to run, e.g. ingest.")],
+    ready_file: Annotated[Path | None, typer.Option(help="Write {pid, endpoints} here once serving (used by `up --processes`).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run one service as its own process against configured infrastructure (VL_KAFKA_BOOTSTRAP, VL_DATABASE_URL)."""
@@ -367,6 +406,11 @@ def run(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await host.start()
+        if ready_file is not None:
+            ready = {"pid": os.getpid(), "service": service, "endpoints": host.endpoints, "started_at": time.time()}
+            temporary = ready_file.with_suffix(".tmp")
+            temporary.write_text(json.dumps(ready))
+            temporary.replace(ready_file)  # atomic: a reader never sees half a file
         console.print(f"[bold]{service}[/] running against {settings.kafka_bootstrap} — Ctrl-C to stop")
         try:
             await stop.wait()
