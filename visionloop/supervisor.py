@@ -7,7 +7,8 @@ after a back-off that doubles while the process keeps dying young. Each child wr
 file once its service is started, so "restarted" means "serving again", not "spawned".
 
 HTTP services keep one port across restarts (a free port is chosen once when the configured
-port is 0), so the clients of the gateway, ingest and the package server are not stranded.
+port is 0), so the clients of the gateway, ingest and the package server are not stranded. With
+`metrics_port` set, each process serves `/metrics` on that port plus its index in loop order.
 """
 
 from __future__ import annotations
@@ -115,10 +116,14 @@ class Supervisor:
         logs = settings.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         base = {**os.environ, **child_environment(settings), **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
+        base.pop("VL_METRICS_PORT", None)
         self.children: dict[str, Child] = {}
-        for name in self.names:
+        for index, name in enumerate(self.names):
             spec = registry.get(name)
             env = dict(base)
+            if settings.metrics_port is not None:
+                # Each process serves its own /metrics: the configured port plus the service's index (0: any free port).
+                env["VL_METRICS_PORT"] = str(settings.metrics_port + index if settings.metrics_port else 0)
             config = spec.settings() if spec.settings is not None else None
             if config is not None and "port" in type(config).model_fields and config.port == 0:
                 # One port for the life of the stack: a restart must not strand the service's clients.
