@@ -76,6 +76,15 @@ class LabelSubmitted(Payload):
     duration_s: float | None = Field(default=None, ge=0.0, description="Time the task was open.")
     actions: LabelActions = Field(default_factory=LabelActions)
     prelabel_model: ModelRef | None = Field(default=None, description="Model of the pre-labels.")
+    prelabel_classes: list[ClassName] | None = Field(
+        default=None,
+        max_length=1000,
+        description=(
+            "The classes the pre-labelling model knows. The verifier auto-accepts pre-labels only "
+            "when these cover the project's taxonomy: a model cannot vouch that an image holds no "
+            "object of a class it never learnt. Null: unknown (auto-accept as calibrated)."
+        ),
+    )
     prelabels: list[Detection] = Field(
         default_factory=list, max_length=2000, description="Pre-labels the person started from."
     )

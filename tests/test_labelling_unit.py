@@ -372,6 +372,16 @@ def test_score_samples_and_auto_accept() -> None:
     assert decide([det(0, 0, 10, 10, score=0.85)], cal, image_id="a" * 64, spot_check_rate=1).reason is LabelRejectReason.SPOT_CHECK
 
 
+def test_a_model_that_predates_a_class_is_never_auto_accepted() -> None:
+    """Calibration vouches for the boxes a model draws, not for objects of a class it never learnt."""
+    cal = {"car": Calibration("car", 60, 0.8, 0.97, 50, "calibrated")}
+    sure = [det(0, 0, 10, 10, score=0.95)]
+    old = decide(sure, cal, image_id="a" * 64, spot_check_rate=0, taxonomy=["car", "bike"], model_classes=["car"])
+    assert not old.accepted and old.reason is LabelRejectReason.NEEDS_REVIEW and "does not know 'bike'" in old.message
+    assert decide(sure, cal, image_id="a" * 64, spot_check_rate=0, taxonomy=["car", "bike"], model_classes=["car", "bike"]).accepted
+    assert decide(sure, cal, image_id="a" * 64, spot_check_rate=0, taxonomy=["car", "bike"], model_classes=None).accepted  # unknown: as calibrated
+
+
 def test_spot_checks_are_fixed_per_image_and_about_the_rate() -> None:
     ids = [uuid.uuid4().hex * 2 for _ in range(4000)]
     chosen = [spot_checked(i, 0.05) for i in ids]

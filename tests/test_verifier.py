@@ -89,6 +89,14 @@ async def test_prelabels_are_auto_accepted_once_calibrated(lab: Lab) -> None:
     assert auto["provenance"]["actions"]["prelabels_accepted"] == 1 and auto["boxes"][0]["score"] is None
     message = next(m["payload"]["message"] for m in lab.messages("label.rejected") if m["payload"]["image"]["image_id"] == low_score.image_id)
     assert "0.850 < threshold 0.900" in message
+    # A model that predates a class of the taxonomy vouches for nothing: it cannot see objects of that class.
+    predates = fake_image(103)
+    await publish_many(lab.settings, [recognized(predates, [CAR.model_copy(update={"score": 0.95})]).model_copy(update={"class_names": ["car"]})],
+                       project="auto")
+    await eventually(lambda: _outcome(lab, predates.image_id))
+    assert _outcome(lab, predates.image_id) == [("rejected", "needs_review")]
+    message = next(m["payload"]["message"] for m in lab.messages("label.rejected") if m["payload"]["image"]["image_id"] == predates.image_id)
+    assert "does not know 'person'" in message
     # Auto-accepted: no task for anyone; the others wait for a reviewer.
     await lab.wait_tasks(1, where=f"image_id = '{sure.image_id}' AND state = 'done'")
     states = {r["image_id"]: r["state"] for r in await lab.tasks("project = 'auto'")}

@@ -147,6 +147,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: GatewaySettings) -> FastA
             source=LabelSourceKind.PRELABEL,
             submitted_at=now,
             prelabel_model=payload.recognition.model,
+            prelabel_classes=usable(payload.class_names),
             prelabels=list(payload.prelabels),
             uncertainty=payload.recognition.uncertainty,
             class_names=classes,

@@ -101,10 +101,22 @@ class AutoDecision:
     message: str
 
 
-def decide(prelabels: Sequence[Box], calibration: Mapping[str, Calibration], *, image_id: str, spot_check_rate: float) -> AutoDecision:
-    """Auto-accept a pre-label set, or say why a person looks at it."""
+def decide(prelabels: Sequence[Box], calibration: Mapping[str, Calibration], *, image_id: str, spot_check_rate: float,
+           taxonomy: Sequence[str] | None = None, model_classes: Sequence[str] | None = None) -> AutoDecision:
+    """Auto-accept a pre-label set, or say why a person looks at it.
+
+    Calibration vouches for the boxes a model draws, not for objects it cannot see: a model that
+    predates a class of the project's `taxonomy` misses every object of it, so nothing it
+    pre-labels is auto-accepted until a model that knows the class pre-labels.
+    """
     if not prelabels:
         return AutoDecision(False, LabelRejectReason.NEEDS_REVIEW, "no pre-labels: box precision cannot vouch for an empty image")
+    unknown = [c for c in taxonomy or () if model_classes is not None and c not in model_classes]
+    if unknown:
+        named = ", ".join(repr(c) for c in unknown[:3]) + (f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else "")
+        return AutoDecision(False, LabelRejectReason.NEEDS_REVIEW,
+                            f"the pre-labelling model does not know {named}: a person checks the image for objects of it "
+                            "until a model that knows it is released")
     short = []
     for index, box in enumerate(prelabels):
         cal = calibration.get(box.class_name)

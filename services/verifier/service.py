@@ -6,7 +6,8 @@ sentence, the problem of each box).
 
 - A person's (or an import's) label set passes the checks in verify.py.
 - A pre-label set (source `prelabel`, offered by the gateway for every recognised image) is
-  auto-accepted when calibrate.py says so; otherwise it is rejected with `needs_review` or
+  auto-accepted when calibrate.py says so (its classes calibrated, its model knowing every class
+  of the taxonomy); otherwise it is rejected with `needs_review` or
   `spot_check`, and the gateway hands it to a reviewer. Every human verdict on pre-labels adds
   calibration samples.
 - Submissions of a consensus group wait until `consensus_size` distinct people have answered;
@@ -168,7 +169,8 @@ def wire(runtime: Runtime, adapters: Adapters, config: VerifierSettings) -> None
             await rejected(unit, sub, project, Verdict(False, reason=LabelRejectReason.NEEDS_REVIEW, message="auto-accept is off for this project"))
         else:
             cal = await calibration_of(unit.conn, unit.schema, project, model_id)
-            decision = decide(sub.boxes, cal, image_id=sub.image.image_id, spot_check_rate=policy.spot_check_rate)
+            decision = decide(sub.boxes, cal, image_id=sub.image.image_id, spot_check_rate=policy.spot_check_rate,
+                              taxonomy=class_names, model_classes=sub.prelabel_classes)
             if decision.accepted:
                 outcome = "auto_accepted"
                 boxes = [b.model_copy(update={"score": None}) for b in checked.boxes]
