@@ -19,7 +19,7 @@ figure of merit is `effort_reduction` = 1 - loop / manual, at the final models' 
 The stream's shape decides the whole-run figure. Round 1 (the bootstrap: an empty library) is
 drawn by hand in both arms, so it bounds the reduction; the loop earns its keep in the rounds
 after it. The bench's default stream (`BENCH_ROUNDS`) is the demo's scenario with a longer review
-round (150 bootstrap images, 600 reviewed, 200 with a new class), as a loop in service sees a
+round (150 bootstrap images, 800 reviewed, 200 with a new class), as a loop in service sees a
 stream much longer than its bootstrap; `--rounds` sets other shapes (the demo's own 200/150/150
 gives 55 %, docs/benchmarks.md), and `effort_reduction_after_round_1` is reported for every shape.
 """
@@ -37,7 +37,7 @@ from visionloop.bench import machine
 
 STATE = Path(".visionloop") / "bench" / "loop"
 
-BENCH_ROUNDS = (150, 600, 200)
+BENCH_ROUNDS = (150, 800, 200)
 """The default stream: bootstrap, review round, new-class round (images submitted per round)."""
 BENCH_FINETUNE_EPOCHS = 10
 """Fine-tuning epochs per model in both arms (the demo's 20 on this longer stream would double the wall time)."""
