@@ -19,7 +19,9 @@ Emitted events are handed to the broker client right after the transaction commi
 the offset commit does not wait for the broker's acknowledgements (the committed outbox row is
 the durable record; each acknowledgement marks its row published). A relay publishes whatever
 that missed (a crash, a broker outage) and, when the broker has lost its topics (a restarted
-embedded broker), re-publishes the retained outbox so downstream work is re-derived.
+embedded broker), re-publishes the retained outbox so downstream work is re-derived, once the
+process's clients know the fresh broker's partitions and its consumers are rewound to the start of
+the fresh logs (`Runtime._check_epoch`).
 
 `consume_batch` keeps this policy per message for handlers that are cheaper per batch than per
 message (model inference): up to N messages (or what arrives within T ms) are read at once, a
@@ -198,6 +200,8 @@ class Runtime:
         """Current values a service reports in every heartbeat (queue depth, calibration...)."""
         self._started_at = time.monotonic()
         self._epoch: str | None = None
+        self._broker_suspect = False
+        """A publish failed: the relay checks the broker epoch on its next tick, not in 30."""
         self.produces(DeadLetter, PipelineStatus)
 
     # -- wiring -------------------------------------------------------------------------------
@@ -331,7 +335,7 @@ class Runtime:
         specs = {s.spec for s in self._subscriptions} | {spec_for(p) for p in self._publishers}
         await kafka.ensure_topics(self.settings, specs)
         if self.pool is not None:
-            await self._check_epoch()
+            await self._check_epoch(clients_running=False)
         await self.broker.start()
         if self.pool is not None:
             self._tasks.append(asyncio.create_task(self._relay_loop(), name=f"{self.service}-relay"))
@@ -397,6 +401,7 @@ class Runtime:
             await self.publish_now(envelope)
         except Exception as exc:  # status is advisory; never fail the service for it
             log.warning("%s: status not published: %s", self.service, exc)
+            self._broker_suspect = True
 
     # -- consuming --------------------------------------------------------------------------------
     async def _on_message(self, sub: _Subscription, message: KafkaMessage) -> None:
@@ -586,30 +591,7 @@ class Runtime:
     def _parse(
         self, sub: _Subscription, value: bytes | None
     ) -> tuple[Envelope[Any] | None, DeadLetterReason | None, str]:
-        """Validate a raw message; on failure say why, as a dead-letter reason and a sentence."""
-        try:
-            data = json.loads(value or b"")
-        except (ValueError, UnicodeDecodeError) as exc:
-            return None, DeadLetterReason.NOT_JSON, f"the message is not JSON: {exc}"
-        try:
-            header = EnvelopeHeader.model_validate(data)
-        except ValidationError as exc:
-            return None, DeadLetterReason.NOT_AN_ENVELOPE, f"the message is not a visionloop envelope: {_brief(exc)}"
-        major = int(header.schema_version.split(".", 1)[0])
-        if major != SUPPORTED_MAJOR:
-            return None, DeadLetterReason.UNSUPPORTED_VERSION, (
-                f"schema_version {header.schema_version} has major {major}; this consumer reads "
-                f"major {SUPPORTED_MAJOR} (a new major travels on a new topic)"
-            )
-        if header.event_type != sub.spec.payload.event_type:
-            return None, DeadLetterReason.UNEXPECTED_EVENT_TYPE, (
-                f"event_type {header.event_type!r} on topic {sub.spec.name}, which carries "
-                f"{sub.spec.payload.event_type!r}"
-            )
-        try:
-            return sub.model.model_validate(data), None, ""
-        except ValidationError as exc:
-            return None, DeadLetterReason.SCHEMA_VIOLATION, f"the payload breaks the {sub.spec.name} schema: {_brief(exc)}"
+        return parse_event(sub.spec, sub.model, value)
 
     async def _handle_once(self, sub: _Subscription, event: Envelope[Any], handler: Handler[Any] | None = None) -> bool:
         """One attempt in one transaction; False when the inbox says it was handled already."""
@@ -668,30 +650,9 @@ class Runtime:
         envelope: Envelope[Any] | None = None,
     ) -> None:
         """Send a message to the dead-letter topic, durably, and record it in the inbox."""
-        value: bytes = record.value or b""
-        try:
-            text, b64 = value.decode("utf-8"), None
-        except UnicodeDecodeError:
-            text, b64 = None, base64.b64encode(value).decode("ascii")
-        original = OriginalMessage(
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=record.key.decode("utf-8", "replace") if record.key else None,
-            headers={k: v.decode("utf-8", "replace") for k, v in (record.headers or ())},
-            value_text=text,
-            value_base64=b64,
-            timestamp_ms=record.timestamp,
-        )
-        letter = DeadLetter(
-            reason=reason,
-            message=problem[:4096],
-            error_type=error_type,
-            consumer_group=sub.group,
-            service=self.service,
-            attempts=attempts,
-            original_event_id=str(event_id) if event_id else None,
-            original=original,
+        letter = dead_letter(
+            record, reason, problem, consumer_group=sub.group, service=self.service, attempts=attempts,
+            event_id=event_id, error_type=error_type,
         )
         self.counters[f"dead_lettered.{reason.value}"] += 1
         assert self.pool is not None
@@ -803,6 +764,7 @@ class Runtime:
             except Exception as exc:
                 log.warning("%s: publish to %s deferred to the relay: %s", self.service, out.topic, exc)
                 self.counters["publish_deferred"] += 1
+                self._broker_suspect = True
                 return
             self._unacked.add(acked)
             acked.add_done_callback(functools.partial(self._on_ack, out))
@@ -813,6 +775,7 @@ class Runtime:
         if problem is not None:
             log.warning("%s: publish to %s deferred to the relay: %s", self.service, out.topic, problem)
             self.counters["publish_deferred"] += 1
+            self._broker_suspect = True
             return
         self.counters["published"] += 1
         if out.outbox_id is not None:
@@ -869,12 +832,40 @@ class Runtime:
             )
         return sent
 
-    async def _check_epoch(self) -> None:
-        """Replay the retained outbox when the broker is not the one this schema last saw."""
+    async def prune_inbox(self) -> int:
+        """Delete inbox rows older than `inbox_retention_s` (no redelivery can reach back that far); how many went."""
+        assert self.pool is not None
+        status = await self.pool.execute(
+            f"DELETE FROM {quote_ident(self.schema)}.inbox WHERE handled_at < now() - make_interval(secs => $1)",
+            self.settings.inbox_retention_s,
+        )
+        pruned = int(status.split()[-1])
+        self.counters["inbox_pruned"] += pruned
+        return pruned
+
+    async def _check_epoch(self, *, clients_running: bool = True) -> None:
+        """Replay the retained outbox when the broker is not the one this schema last saw.
+
+        Before the replay the registry's topics are created where still missing and, when this
+        process's Kafka clients are running, their metadata is given time to refresh (a client that
+        still holds the lost broker's partitions sends to partitions the fresh broker may not have,
+        libs/kafka.py, and the replayed records would be lost again) and every consumer is rewound
+        to the start of the fresh logs (`_rewind_consumers`).
+        """
         assert self.pool is not None
         epoch = await kafka.broker_epoch(self.settings)
         self._epoch = epoch
+        self._broker_suspect = False
         schema = quote_ident(self.schema)
+        last = await self.pool.fetchval(f"SELECT value FROM {schema}.bus_state WHERE name = 'broker_epoch'")
+        if last == epoch:
+            return
+        if last is not None:
+            specs = {s.spec for s in self._subscriptions} | {spec_for(p) for p in self._publishers}
+            await kafka.ensure_topics(self.settings, specs)
+            if clients_running:
+                await asyncio.sleep(kafka.metadata_refresh_s(self.settings) * 1.5)
+                await self._rewind_consumers()
         async with self.pool.acquire() as conn, conn.transaction():
             last = await conn.fetchval(
                 f"SELECT value FROM {schema}.bus_state WHERE name = 'broker_epoch' FOR UPDATE"
@@ -896,16 +887,38 @@ class Runtime:
                 epoch,
             )
 
+    async def _rewind_consumers(self) -> None:
+        """Every running consumer back to offset 0 of its partitions, and that offset committed.
+
+        A consumer that lived through a broker restart still fetches from the lost broker's positions
+        (and commits them to the fresh broker with its next acknowledgement, so a rejoin keeps them):
+        it skips the first records of every fresh log, what was published since the restart. From
+        the start, the inbox skips what was handled already.
+        """
+        for subscriber in self.broker.subscribers:
+            consumer = getattr(subscriber, "consumer", None)
+            partitions = consumer.assignment() if consumer is not None else set()
+            if not partitions:
+                continue
+            for partition in partitions:
+                consumer.seek(partition, 0)
+            try:
+                await consumer.commit({partition: 0 for partition in partitions})
+            except Exception as exc:  # a rebalance under way: its new assignment starts from no committed offset
+                log.warning("%s: rewound consumer could not commit offset 0: %s", self.service, exc)
+            self.counters["consumers_rewound"] += 1
+
     async def _relay_loop(self) -> None:
         ticks = 0
         while True:
             await asyncio.sleep(self.settings.outbox_relay_interval_s)
             ticks += 1
             try:
-                if ticks % 30 == 0:
+                if ticks % 30 == 0 or self._broker_suspect:
                     await self._check_epoch()
                 while await self.relay_once() > 0:
                     pass
+                await self.prune_inbox()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -965,6 +978,75 @@ def _linger(subscriber: Any, max_records: int, max_wait_ms: int) -> None:
 async def _raw(message: KafkaMessage) -> KafkaMessage:
     """FastStream decoder that hands the framework message itself to the bus."""
     return message
+
+
+def parse_event(
+    spec: TopicSpec, model: type[Envelope[Any]], value: bytes | None
+) -> tuple[Envelope[Any] | None, DeadLetterReason | None, str]:
+    """Validate a raw message of `spec`'s topic as `model`; on failure say why, as a dead-letter
+    reason and a sentence (the first step of the consumer policy, for any consumer)."""
+    try:
+        data = json.loads(value or b"")
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, DeadLetterReason.NOT_JSON, f"the message is not JSON: {exc}"
+    try:
+        header = EnvelopeHeader.model_validate(data)
+    except ValidationError as exc:
+        return None, DeadLetterReason.NOT_AN_ENVELOPE, f"the message is not a visionloop envelope: {_brief(exc)}"
+    major = int(header.schema_version.split(".", 1)[0])
+    if major != SUPPORTED_MAJOR:
+        return None, DeadLetterReason.UNSUPPORTED_VERSION, (
+            f"schema_version {header.schema_version} has major {major}; this consumer reads "
+            f"major {SUPPORTED_MAJOR} (a new major travels on a new topic)"
+        )
+    if header.event_type != spec.payload.event_type:
+        return None, DeadLetterReason.UNEXPECTED_EVENT_TYPE, (
+            f"event_type {header.event_type!r} on topic {spec.name}, which carries "
+            f"{spec.payload.event_type!r}"
+        )
+    try:
+        return model.model_validate(data), None, ""
+    except ValidationError as exc:
+        return None, DeadLetterReason.SCHEMA_VIOLATION, f"the payload breaks the {spec.name} schema: {_brief(exc)}"
+
+
+def dead_letter(
+    record: Any,
+    reason: DeadLetterReason,
+    problem: str,
+    *,
+    consumer_group: str,
+    service: str,
+    attempts: int = 1,
+    event_id: Any = None,
+    error_type: str | None = None,
+) -> DeadLetter:
+    """The dead letter of a consumed Kafka record: why, and the original bytes to replay it."""
+    value: bytes = record.value or b""
+    try:
+        text, b64 = value.decode("utf-8"), None
+    except UnicodeDecodeError:
+        text, b64 = None, base64.b64encode(value).decode("ascii")
+    original = OriginalMessage(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key.decode("utf-8", "replace") if record.key else None,
+        headers={k: v.decode("utf-8", "replace") for k, v in (record.headers or ())},
+        value_text=text,
+        value_base64=b64,
+        timestamp_ms=record.timestamp,
+    )
+    return DeadLetter(
+        reason=reason,
+        message=problem[:4096],
+        error_type=error_type,
+        consumer_group=consumer_group,
+        service=service,
+        attempts=attempts,
+        original_event_id=str(event_id) if event_id else None,
+        original=original,
+    )
 
 
 def _brief(exc: ValidationError) -> str:

@@ -254,7 +254,7 @@ def read_coco(doc: Any, *, split: str = "train") -> tuple[list[str], list[Labell
         ]
     except FormatError:
         raise
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # any shape JSON can take
         raise FormatError("invalid_format", f"the COCO document is malformed: {type(exc).__name__}: {exc}") from None
     return [name for _, name in categories], images
 
@@ -333,7 +333,7 @@ def read_data_yaml(text: str) -> tuple[list[str], dict[str, str]]:
     if isinstance(names, dict):
         try:
             ordered = sorted((int(k), str(v)) for k, v in names.items())
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise FormatError("invalid_format", "data.yaml `names` maps class indices to names") from None
         if [k for k, _ in ordered] != list(range(len(ordered))):
             raise FormatError("invalid_format", "data.yaml `names` indices must run 0, 1, 2, ...")
@@ -434,7 +434,7 @@ def boxes_from_ls_results(results: Any, width: int | None = None, height: int | 
                     score=item.get("score") if isinstance(item.get("score"), int | float) and 0 <= item["score"] <= 1 else None,
                 )
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # Infinity is valid JSON to json.loads
             if isinstance(exc, FormatError):
                 raise
             raise FormatError("invalid_box", f"a rectanglelabels value is malformed: {exc}") from None

@@ -3,6 +3,13 @@
 Defaults work on both the embedded Tansu broker and Apache Kafka: no idempotent or
 transactional producer (Tansu refuses them; the inbox makes effects exactly-once instead),
 `acks=all`, and short group timeouts only where the broker is the embedded one.
+
+On the embedded broker every client also refreshes its metadata every few seconds
+(`EMBEDDED_METADATA_MAX_AGE_MS`). A restarted Tansu has lost its topics and re-creates any topic
+a client names with its own default of 4 partitions, not the registry's count; a producer still
+holding the old broker's metadata sends to partitions that no longer exist, and Tansu acknowledges
+those records without storing them. Fresh metadata ends that window within seconds, and the bus
+replays its outbox only after it (`Runtime._check_epoch`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ log = logging.getLogger(__name__)
 TOPIC_ALREADY_EXISTS = 36
 EPOCH_TOPIC = "vl._broker.epoch"
 """Internal topic whose first message names the broker's life: a new value means lost topics."""
+EMBEDDED_METADATA_MAX_AGE_MS = 3000
+"""How often clients of the embedded broker refresh their metadata (aiokafka's default: 5 minutes)."""
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -73,6 +82,8 @@ def client_kwargs(settings: Settings) -> dict[str, object]:
         "bootstrap_servers": settings.kafka_bootstrap,
         "security_protocol": settings.kafka_security_protocol,
     }
+    if embedded(settings):
+        kwargs["metadata_max_age_ms"] = EMBEDDED_METADATA_MAX_AGE_MS
     context = _ssl_context(settings)
     if context is not None:
         kwargs["ssl_context"] = context
@@ -84,6 +95,16 @@ def client_kwargs(settings: Settings) -> dict[str, object]:
             "sasl_plain_password": password.get_secret_value() if password else None,
         }
     return kwargs
+
+
+def embedded(settings: Settings) -> bool:
+    """Whether the broker is the embedded Tansu (memory only: a restart loses every topic)."""
+    return settings.embedded_kafka or settings.kafka_embedded
+
+
+def metadata_refresh_s(settings: Settings) -> float:
+    """Longest time until every client of this process has fresh metadata (0: not bounded here)."""
+    return EMBEDDED_METADATA_MAX_AGE_MS / 1000 if embedded(settings) else 0.0
 
 
 def consumer_kwargs(settings: Settings) -> dict[str, object]:
@@ -107,6 +128,7 @@ def make_broker(settings: Settings, client_id: str) -> KafkaBroker:
         logger=logging.getLogger(f"visionloop.kafka.{client_id}"),
         log_level=logging.DEBUG,  # per-message "Received/Processed" lines only at debug level
         graceful_timeout=15.0,
+        **({"metadata_max_age_ms": EMBEDDED_METADATA_MAX_AGE_MS} if embedded(settings) else {}),
     )
 
 

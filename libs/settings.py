@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -173,6 +173,15 @@ class Settings(_FileBacked):
         ge=0,
         description="Published events kept this long so a fresh broker can be re-fed (replay).",
     )
+    inbox_retention_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description=(
+            "Ids of handled events kept this long to skip redeliveries, then pruned (otherwise the "
+            "inbox grows forever). Must outlive any redelivery: the broker's retention (Kafka's "
+            "default is 7 days) and `outbox_retention_s` (a re-fed broker replays events that old)."
+        ),
+    )
     heartbeat_interval_s: float = Field(
         default=5.0, gt=0, description="How often each service publishes its status (heartbeat)."
     )
@@ -193,6 +202,17 @@ class Settings(_FileBacked):
         if value and not all(c.isalnum() or c in "._-" for c in value):
             raise ValueError("prefixes may hold letters, digits, '.', '_' and '-' only")
         return value
+
+    @model_validator(mode="after")
+    def _inbox_outlives_outbox(self) -> "Settings":
+        # A re-fed broker replays outbox events up to outbox_retention_s old; their consumers
+        # must still find them in the inbox, or the effects would happen twice.
+        if self.inbox_retention_s < self.outbox_retention_s:
+            raise ValueError(
+                f"inbox_retention_s ({self.inbox_retention_s:g}) must be at least outbox_retention_s "
+                f"({self.outbox_retention_s:g}): replayed events must still be recognised as handled"
+            )
+        return self
 
     # -- derived values --------------------------------------------------------------------
     @property
@@ -249,7 +269,7 @@ class Settings(_FileBacked):
 
     def redacted(self) -> dict[str, Any]:
         """Settings as a dict with secrets and URL passwords masked, safe to print or log."""
-        from urllib.parse import urlsplit, urlunsplit
+        from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
         data = self.model_dump(mode="json")
         for key in ("kafka_sasl_password",):
@@ -260,7 +280,13 @@ class Settings(_FileBacked):
             parts = urlsplit(url)
             if parts.password:
                 netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-                data["database_url"] = urlunsplit(parts._replace(netloc=netloc))
+                parts = parts._replace(netloc=netloc)
+            # libpq also takes the password (and the client key's) as query parameters.
+            query = parse_qsl(parts.query, keep_blank_values=True)
+            if any(name in ("password", "sslpassword") for name, _ in query):
+                masked = [(name, "***" if name in ("password", "sslpassword") else value) for name, value in query]
+                parts = parts._replace(query=urlencode(masked, safe="/*"))
+            data["database_url"] = urlunsplit(parts)
         return data
 
 

@@ -251,3 +251,32 @@ async def test_topics_are_created_from_the_registry_and_existing_ones_tolerated(
         await admin.close()
     partitions = {d["topic"]: len(d["partitions"]) for d in described}
     assert partitions == {settings.topic(s.name): s.partitions for s in TOPICS.values()}
+
+
+async def test_inbox_rows_older_than_the_retention_are_pruned_by_the_relay_loop(settings, pool) -> None:  # noqa: ANN001
+    """The inbox would otherwise grow forever (every handled event, heartbeats included)."""
+    settings = settings.model_copy(update={"inbox_retention_s": 3600.0, "outbox_retention_s": 60.0})
+    rec = recorder(settings, pool)
+    await rec.start()
+    try:
+        sent = [await publish(settings, _ingested(40 + n)) for n in range(3)]
+        await eventually(lambda: rec.counters["handled"] == 3)
+        inbox = f'"{rec.schema}".inbox'
+        old = [sent[0].event_id, sent[1].event_id]
+        # Two handled long ago (past the retention), one just now.
+        await pool.execute(f"UPDATE {inbox} SET handled_at = now() - interval '2 hours' WHERE event_id = ANY($1::uuid[])", old)
+        # The relay loop (every outbox_relay_interval_s) prunes them; the recent one stays.
+        await eventually(lambda: rec.counters["inbox_pruned"] == 2, timeout=10)
+        assert [r["event_id"] for r in await pool.fetch(f"SELECT event_id FROM {inbox}")] == [sent[2].event_id]
+        assert await rec.prune_inbox() == 0
+    finally:
+        await rec.stop()
+
+
+def test_the_inbox_must_outlive_the_outbox() -> None:
+    """A re-fed broker replays outbox events that old: their consumers must still skip them."""
+    from visionloop.libs.settings import Settings
+
+    with pytest.raises(ValueError, match="inbox_retention_s"):
+        Settings(inbox_retention_s=60.0, outbox_retention_s=3600.0)
+    assert Settings().inbox_retention_s >= Settings().outbox_retention_s

@@ -1,11 +1,11 @@
 """The dashboard (issue 8): the gateway follows heartbeats, releases and device reports into its
 read model, and `GET /v1/dashboard` shows services with throughput and lag, the queue by kind,
-the model library and releases with device states; a headless Chromium renders the page."""
+the model library and releases with device states; a headless Chromium renders the page.
+(docs/dashboard.png is the screenshot tests/test_demo.py takes of the quick demo's dashboard.)"""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 from datetime import UTC, datetime, timedelta
@@ -37,7 +37,6 @@ from visionloop.services.labeling_gateway.admin import create_project
 from visionloop.services.labeling_gateway.dashboard import group_owner, handled_per_s, instance_state, release_status
 
 ENV = {"VL_LABELING_GATEWAY_PROJECTS": '{"dash": {"auto_accept": false}}'}
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 # -- the decisions, without a broker -------------------------------------------------------------------
@@ -220,6 +219,3 @@ async def test_page_renders_live_numbers_in_chromium(lab: Lab, tmp_path: Path) -
     # A refused token is dropped and the page asks for another one.
     refused = (await asyncio.to_thread(_chromium, "--dump-dom", f"{lab.base_url}/dashboard?token=vl_000000000000_forged")).stdout
     assert '<form id="login">' in refused and '<main id="panels" hidden="">' in refused and "send an API token" in refused
-    if os.environ.get("VL_UPDATE_SCREENSHOT") == "1":
-        DOCS.mkdir(exist_ok=True)
-        shutil.copyfile(shot, DOCS / "dashboard.png")

@@ -353,13 +353,33 @@ def demo(
     from visionloop.demo.report import write_report
     from visionloop.demo.scenario import DemoConfig, run_demo
 
-    _logging("WARNING")
+    _demo_logging()
     cfg = DemoConfig.quick() if quick else DemoConfig()
     result = run_demo(cfg, state=Path(".visionloop") / "demo", console=console)
     report = write_report(result, Path(result["folder"]) / "report")
     console.print(f"[green]report[/]: {report}")
     if json_output:
         out.print(json.dumps(_demo_summary(result, report)), highlight=False, soft_wrap=True, markup=False)
+
+
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """A log handler that writes to whatever `sys.stderr` is when it writes: while the demo's
+    progress bars are live, rich's proxy, which prints the record above them."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _demo_logging() -> None:
+    """`_logging("WARNING")`, through `_CurrentStderr`."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", handlers=[_CurrentStderr()])
+    for noisy in ("aiokafka", "faststream", "visionloop.kafka", "pgserver"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _demo_summary(result: dict[str, Any], report: Path) -> dict[str, Any]:
@@ -605,15 +625,45 @@ def bench_release(
 @bench_app.command("loop")
 def bench_loop(
     quick: Annotated[bool, typer.Option("--quick", help="The CI-sized scenario in both arms (about 6 minutes).")] = False,
+    rounds: Annotated[str | None, typer.Option(help="Images per round: bootstrap,review,new-class (default 150,800,200).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
 ) -> None:
     """Human labelling effort, manual vs the loop, on the same data and seeds, at the final models' test mAP."""
     from visionloop.bench.loop import run_loop_bench
 
+    shape = None
+    if rounds is not None:
+        parts = [p.strip() for p in rounds.split(",")]
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            console.print(f"[red]--rounds must be three positive counts, e.g. 150,600,200 (got {rounds!r})[/]")
+            raise typer.Exit(2)
+        shape = (int(parts[0]), int(parts[1]), int(parts[2]))
     _logging("WARNING")
-    result = run_loop_bench(quick=quick, console=console)
+    result = run_loop_bench(quick=quick, rounds=shape, console=console)
     if json_output:
         out.print(json.dumps(result), highlight=False, soft_wrap=True, markup=False)
+
+
+@bench_app.command("chaos")
+def bench_chaos(
+    seed: Annotated[int, typer.Option(help="Seed of the scenario and of the kill schedule.")] = 11,
+    ci: Annotated[bool, typer.Option("--ci", help="The test suite's reduced run: 150 images, intake and labelling, 5 kills, the broker restart.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
+) -> None:
+    """The quick-demo scenario (1,020 images) while services are SIGKILLed and the broker restarts; reconciles; exit 1 on any discrepancy."""
+    from dataclasses import replace
+
+    from visionloop.bench.chaos import ChaosConfig, run_chaos_bench, summary
+
+    _demo_logging()
+    for expected in ("aiokafka", "asyncio"):  # connection errors while the broker restarts are the point
+        logging.getLogger(expected).setLevel(logging.CRITICAL)
+    cfg = replace(ChaosConfig.ci() if ci else ChaosConfig(), seed=seed)
+    result = run_chaos_bench(cfg, console=console)
+    if json_output:
+        out.print(json.dumps(summary(result)), highlight=False, soft_wrap=True, markup=False)
+    if not result["ok"]:
+        raise typer.Exit(1)
 
 
 @gateway_project_app.command("create")
@@ -996,6 +1046,27 @@ def library_list(
     out.print(table)
     if not entries:
         console.print("the library is empty: `visionloop library add MODEL.onnx --project P --alias production`")
+
+
+@bench_app.command("soak")
+def bench_soak(
+    minutes: Annotated[float, typer.Option(help="How long images are submitted.")] = 10.0,
+    rate: Annotated[float | None, typer.Option(help="Images submitted per second (default: one the reference machine holds).")] = None,
+    services: Annotated[str | None, typer.Option(help="Comma-separated services to run (default: all ten).")] = None,
+    sample: Annotated[float, typer.Option(help="Seconds between samples of memory, lag and database size.")] = 5.0,
+    warmup: Annotated[float | None, typer.Option(help="Seconds left out of the growth fit (default: a fifth of the run, at most 120).")] = None,
+    drain: Annotated[float, typer.Option(help="Most seconds to wait after the last submission for every decision.")] = 180.0,
+    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
+) -> None:
+    """Sustained submissions through every service (each its own process): memory growth per hour, consumer lag, database growth."""
+    from visionloop.bench.soak import RATE_PER_S, run_soak_bench
+
+    _logging("WARNING")
+    names = [n.strip() for n in services.split(",")] if services else None
+    result = run_soak_bench(minutes=minutes, rate=rate or RATE_PER_S, services=names, sample_s=sample, warmup_s=warmup,
+                            drain_s=drain, console=console)
+    if json_output:
+        out.print(json.dumps(result), highlight=False, soft_wrap=True, markup=False)
 
 
 @bench_app.command("recognizer")

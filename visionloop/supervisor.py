@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,21 @@ def child_environment(settings: Settings) -> dict[str, str]:
         env[f"VL_{name.upper()}"] = str(value)
     env["VL_BLOB_URL"] = settings.blob_location
     return env
+
+
+@contextlib.contextmanager
+def _environment(overrides: dict[str, str]) -> Iterator[None]:
+    """`os.environ` with `overrides`, while a service's settings are read here as its child will read them."""
+    saved = {name: os.environ.get(name) for name in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @dataclass
@@ -124,7 +140,8 @@ class Supervisor:
             if settings.metrics_port is not None:
                 # Each process serves its own /metrics: the configured port plus the service's index (0: any free port).
                 env["VL_METRICS_PORT"] = str(settings.metrics_port + index if settings.metrics_port else 0)
-            config = spec.settings() if spec.settings is not None else None
+            with _environment(extra_env or {}):  # read as the child reads them: `extra_env` may name its config file
+                config = spec.settings() if spec.settings is not None else None
             if config is not None and "port" in type(config).model_fields and config.port == 0:
                 # One port for the life of the stack: a restart must not strand the service's clients.
                 env[f"VL_{spec.settings.section.upper()}_PORT"] = str(free_port(settings.http_host))

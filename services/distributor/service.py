@@ -20,6 +20,7 @@ fleet; serves packages over HTTP.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
@@ -50,6 +51,7 @@ from visionloop.libs.blob import BlobError
 from visionloop.libs.bus import PermanentError, Runtime, Unit
 from visionloop.libs.db import migrate, quote_ident
 from visionloop.libs.package import PackageError, in_stage, open_package
+from visionloop.libs.refusals import install_refusals
 from visionloop.libs.service import Adapters, ServiceSpec
 from visionloop.libs.signing import TrustStore
 from visionloop.services.distributor.config import DistributorSettings
@@ -57,7 +59,8 @@ from visionloop.services.distributor.rollout import StageView, Step, decide, sta
 
 log = logging.getLogger(__name__)
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")
+"""One byte range; 18 digits at most (more is no real offset, and `int()` refuses very long numbers)."""
 
 
 def release_id_for(model: ModelRef, fleet: str, target: Target) -> str:
@@ -390,17 +393,19 @@ def wire(runtime: Runtime, adapters: Adapters, config: DistributorSettings) -> F
 def package_server(runtime: Runtime, blobs: Any, config: DistributorSettings) -> FastAPI:
     """The HTTP face: packages by SHA-256 (ranges, ETag) and releases."""
     app = FastAPI(title="visionloop distributor", version="1", docs_url=None, redoc_url=None)
+    install_refusals(app)
     token = config.release_token.get_secret_value() if config.release_token else None
 
     def authorise(authorization: str | None) -> None:
-        if token is not None and authorization != f"Bearer {token}":
-            raise HTTPException(401, detail={"reason": "unauthorised", "message": "a valid bearer token is required"})
+        # Compared in constant time, so the answer's timing says nothing about the token.
+        if token is not None and not hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode()):
+            raise HTTPException(401, detail={"reason": "unauthorised", "message": "a valid bearer token is required"},
+                                headers={"WWW-Authenticate": 'Bearer realm="visionloop"'})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.api_route("/v1/packages/{sha256}", methods=["GET", "HEAD"])
     async def package(sha256: str, request: Request, authorization: str | None = Header(default=None),
                       range_: str | None = Header(default=None, alias="Range"),
                       if_none_match: str | None = Header(default=None, alias="If-None-Match")) -> Response:
@@ -437,6 +442,10 @@ def package_server(runtime: Runtime, blobs: Any, config: DistributorSettings) ->
             return Response(status_code=status, headers=headers)
         body = await blobs.get(sha256) if status == 200 else await blobs.open_range(sha256, start, end)
         return Response(content=body, status_code=status, headers=headers)
+
+    # One route per method, so each has its own operation id in the OpenAPI document.
+    app.add_api_route("/v1/packages/{sha256}", package, methods=["GET"], operation_id="get_package")
+    app.add_api_route("/v1/packages/{sha256}", package, methods=["HEAD"], operation_id="head_package")
 
     @app.get("/v1/releases")
     async def releases(fleet: str | None = None, authorization: str | None = Header(default=None)) -> list[dict[str, Any]]:

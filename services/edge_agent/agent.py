@@ -18,6 +18,9 @@ its fleet that addresses it (`libs.package.in_stage`):
 Every state goes to `vl.device.status.v1` as a `DeviceStatus` straight from an aiokafka producer
 (a device has no database; reports that cannot be sent wait in a small queue), plus a periodic
 `heartbeat`. The active model survives restarts: it is loaded (and fully re-verified) from `home`.
+A malformed release (not JSON, not an envelope, another major version or event type, a schema
+violation) is never acted on: it goes to `vl.message.deadlettered.v1` with its reason code, as
+every service's consumer does (`libs.bus.parse_event`).
 
 On disk, under `home`::
 
@@ -47,10 +50,10 @@ from typing import Any
 import httpx
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from pydantic import ValidationError
 
 from visionloop.contracts import (
     SYSTEM_PROJECT,
+    DeadLetter,
     Detection,
     DeviceFailureReason,
     DeviceState,
@@ -64,6 +67,7 @@ from visionloop.contracts import (
     topic_of,
 )
 from visionloop.libs import kafka
+from visionloop.libs.bus import dead_letter, parse_event
 from visionloop.libs.inference import Detector, InferenceError, decode_image
 from visionloop.libs.package import Manifest, Opened, PackageError, in_stage, open_package
 from visionloop.libs.settings import Settings
@@ -473,14 +477,19 @@ class EdgeAgent:
                     await consumer.commit({tp: record.offset + 1})
 
     async def _on_record(self, record: Any) -> None:
-        try:
-            envelope = Envelope[EdgeRelease].model_validate_json(record.value or b"")
-        except ValidationError as exc:
+        # The consumer policy of every service (libs/bus.py): malformed messages, unknown majors
+        # and other event types are dead-lettered with a reason code, never acted on.
+        envelope, reason, problem = parse_event(spec_for(EdgeRelease), Envelope[EdgeRelease], record.value)
+        if envelope is None:
+            assert reason is not None
             self.counters["malformed"] += 1
-            log.warning("edge agent: skipped a malformed release at %s/%s: %s", record.partition, record.offset, str(exc)[:300])
-            return
-        if envelope.event_type != EdgeRelease.event_type:
-            self.counters["malformed"] += 1
+            self.counters[f"dead_lettered.{reason.value}"] += 1
+            log.warning("edge agent: dead-lettered a release at %s/%s (%s): %s", record.partition, record.offset, reason.value, problem[:300])
+            letter = dead_letter(record, reason, problem, consumer_group=self.group, service="edge-agent")
+            out = Envelope.of(letter, producer=self.producer_name, project=SYSTEM_PROJECT)
+            key = spec_for(DeadLetter).key_of(out).encode()
+            self._unsent.append((topic_of(DeadLetter, self.settings.topic_prefix), key, out.model_dump_json().encode()))
+            await self._flush()
             return
         await self.handle(envelope.payload, project=envelope.project, correlation_id=envelope.correlation_id)
 

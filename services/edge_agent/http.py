@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from visionloop.contracts import Detection
 from visionloop.libs.inference import InferenceError
+from visionloop.libs.refusals import install_refusals
 from visionloop.services.edge_agent.agent import EdgeAgent, EdgeError
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -38,6 +39,7 @@ def create_app(agent: EdgeAgent, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> F
         title=f"visionloop edge agent {agent.device_id}",
         description="Health, the active model, and predictions of the model the fleet's releases installed.",
     )
+    install_refusals(app)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -66,6 +68,9 @@ def create_app(agent: EdgeAgent, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> F
             413: {"description": "The body is larger than the limit (`image_too_large`)."},
             503: {"description": "No model is active yet (`no_model`)."},
         },
+        openapi_extra={"requestBody": {"required": True, "content": {
+            media: {"schema": {"type": "string", "format": "binary"}} for media in ("image/*", "application/octet-stream")
+        }}},
     )
     async def predict(request: Request) -> Any:
         """Boxes of the active model on the raw image bytes of the body (JPEG, PNG, WebP...)."""

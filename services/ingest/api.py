@@ -44,6 +44,7 @@ from visionloop.contracts import (
 from visionloop.contracts.common import ProjectName
 from visionloop.libs.blob import BlobError
 from visionloop.libs.bus import INFRASTRUCTURE_ERRORS, Runtime
+from visionloop.libs.refusals import install_refusals
 from visionloop.services.ingest import policy
 from visionloop.services.ingest.inspect import Refusal
 from visionloop.services.ingest.intake import Intake, Outcome
@@ -394,7 +395,12 @@ same reason. Requests refused before that (malformed fields, an oversized body, 
 that cannot be an image) are answered only here.
 """
 
-_FIELD_SCHEMA = {name: {"type": "string", "description": text} for name, text in FIELDS.items()}
+_FORMS: dict[str, dict[str, str]] = {
+    "project": {"pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"},
+    "captured_at": {"format": "date-time"},
+}
+"""What a field's text must look like, where the schema can say it (generated clients, fuzzing)."""
+_FIELD_SCHEMA = {name: {"type": "string", "description": text, **_FORMS.get(name, {})} for name, text in FIELDS.items()}
 _REQUEST_BODY = {
     "required": True,
     "content": {
@@ -422,7 +428,7 @@ _REQUEST_BODY = {
     },
 }
 _QUERY = [
-    {"name": name, "in": "query", "required": False, "schema": {"type": "string"},
+    {"name": name, "in": "query", "required": False, "schema": {"type": "string", **_FORMS.get(name, {})},
      "description": f"Raw bodies only. {text}"}
     for name, text in FIELDS.items()
 ]
@@ -445,6 +451,7 @@ def http_app(runtime: Runtime, intake: Intake) -> FastAPI:
         description="Step 1 of the loop: images in, stored once, or refused with a reason.",
         version="1",
     )
+    install_refusals(app)
     gate = asyncio.Semaphore(config.api_max_concurrent)
 
     @app.post(
@@ -470,6 +477,13 @@ def http_app(runtime: Runtime, intake: Intake) -> FastAPI:
                     outcome = await intake.record(
                         unit, project=fields.project, submission=submission, examined=examined, channel="http"
                     )
+            except asyncpg.DataError as exc:  # a field PostgreSQL cannot store (a NUL character): the request's fault
+                body = RefusalAnswer(
+                    reason=ImageRejectReason.INVALID_SUBMISSION.value,
+                    message=f"the submission holds a value that cannot be stored: {exc}",
+                    submission_id=submission.submission_id,
+                )
+                return JSONResponse(body.model_dump(mode="json"), status_code=422)
             except (BlobError, asyncpg.PostgresError, *INFRASTRUCTURE_ERRORS) as exc:
                 log.warning("ingest: POST /v1/images could not be served: %r", exc)
                 body = RefusalAnswer(

@@ -177,4 +177,5 @@ def signature_valid(key: bytes, project: str, image_id: str, expires: int, signa
     """Whether `signature` signs this image for this project and has not expired."""
     if expires < time.time():
         return False
-    return hmac.compare_digest(sign(key, project, image_id, expires), signature)
+    # As bytes: compare_digest refuses str with non-ASCII characters (a 500 on a forged URL).
+    return hmac.compare_digest(sign(key, project, image_id, expires).encode(), signature.encode("utf-8", "replace"))

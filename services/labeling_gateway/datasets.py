@@ -266,7 +266,7 @@ class _Archive:
 
 
 def _from_coco(doc: Any, split: str) -> tuple[list[str], list[Item]]:
-    class_names, images = formats.read_coco(doc, split=split)
+    class_names, images = _format(lambda: formats.read_coco(doc, split=split))
     raw = {str(img["file_name"]): img for img in doc["images"]}
     items = []
     for image in images:

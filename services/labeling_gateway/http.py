@@ -153,6 +153,11 @@ def install_errors(app: FastAPI) -> None:
     for error in (asyncpg.PostgresError, BlobError, *INFRASTRUCTURE_ERRORS):
         app.add_exception_handler(error, _unavailable)
 
+    @app.exception_handler(asyncpg.DataError)
+    async def _unstorable(request: Request, exc: asyncpg.DataError) -> JSONResponse:
+        # The request's fault, not the database's (a NUL character, a number out of range): no retry helps.
+        return refusal_response(Refusal(422, "invalid_request", f"the request holds a value that cannot be stored: {exc}"))
+
 
 def install_openapi(app: FastAPI, gateway: Gateway) -> None:
     """The OpenAPI document, with the JSON body models the endpoints read themselves."""

@@ -17,15 +17,17 @@ status topic.
   trains: a replica that dies loses its run to the next one), snapshots the dataset into an
   immutable, content-hashed version, writes it out as a YOLO dataset from the blob store and
   trains in a child process (`child.py`): a crash or out-of-memory kill of the child fails the
-  run, not the service, and a run past `time_limit_s` is killed. The first model of a project
-  trains from the model yaml; later ones fine-tune the champion, its head extended by name
-  for new classes.
+  run, not the service, and a run past `time_limit_s` is killed. The child dies with the
+  trainer (even a SIGKILLed one), so a run re-queued by the lease never trains twice at once.
+  The first model of a project trains from the model yaml; later ones fine-tune the champion,
+  its head extended by name for new classes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -535,6 +537,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: TrainerSettings) -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "visionloop.services.trainer.child", str(folder / "job.json"),
             stdout=asyncio.subprocess.PIPE, stderr=stderr, start_new_session=True, cwd=folder, env=env,
+            preexec_fn=_die_with_trainer,
         )
         await runtime.pool.execute(f"UPDATE {s}.runs SET pid = $2 WHERE run_id = $1", run_id, proc.pid)
         await runtime.status(StatusKind.PROGRESS, progress=Progress(task="training", task_id=run_id, step=0, message=f"{project}: started"))
@@ -673,6 +676,15 @@ def hyperparameters(policy: Policy, overrides: Mapping[str, Any], *, first: bool
     }
     extras = {k: v for k, v in policy.train_args.items() if k in TUNABLE}
     return base | extras | {k: v for k, v in overrides.items() if k in TUNABLE}
+
+
+def _die_with_trainer() -> None:  # pragma: no cover - runs in the child before exec
+    # Linux: the kernel SIGKILLs the child when the trainer dies, even by SIGKILL. Without this an
+    # orphaned child (its own session, so no signal reaches it) trained on for the rest of its epoch
+    # while the next trainer ran the re-queued run again, two trainings on the same cores.
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:

@@ -59,6 +59,40 @@ def _effort(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Cumulative human effort against each model's test mAP50-95, both arms, one marker per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arm, style in (("manual", "o-"), ("loop", "s-")):
+        effort = result[arm]["effort_by_round_s"]
+        cumulative = [sum(effort[: i + 1]) / 3600 for i in range(len(effort))]
+        maps = result[arm]["map50_95_by_round"]
+        left.plot(cumulative, maps, style, label=f"{arm}: {cumulative[-1]:.1f} h, mAP {maps[-1]:.3f}")
+        for i, (x, y) in enumerate(zip(cumulative, maps, strict=True)):
+            left.annotate(f"v{i + 1}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    left.set_xlabel("cumulative human effort (simulated hours)")
+    left.set_ylabel("test mAP50-95 of the round's model")
+    left.set_title(f"effort at equal mAP: {result['effort_reduction']:.1%} less")
+    left.legend(loc="lower right")
+    rounds = range(1, len(result["manual"]["effort_by_round_s"]) + 1)
+    width = 0.38
+    right.bar([r - width / 2 for r in rounds], [s / 3600 for s in result["manual"]["effort_by_round_s"]], width, label="manual")
+    right.bar([r + width / 2 for r in rounds], [s / 3600 for s in result["loop"]["effort_by_round_s"]], width, label="loop")
+    right.set_xticks(list(rounds), [f"round {r}\n({n} images)" for r, n in zip(rounds, result["rounds"], strict=True)])
+    right.set_ylabel("human effort (simulated hours)")
+    right.set_title("effort per round")
+    right.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def run_loop_bench(*, quick: bool = False, rounds: tuple[int, int, int] | None = None,
                    console: Console | None = None) -> dict[str, Any]:
     """Run both arms one after the other; print a table; return the results."""
@@ -101,6 +135,7 @@ def run_loop_bench(*, quick: bool = False, rounds: tuple[int, int, int] | None =
     }
     after_a, after_b = sum(a["effort_by_round_s"][1:]), sum(b["effort_by_round_s"][1:])
     result["effort_reduction_after_round_1"] = round(1 - after_b / after_a, 4) if after_a else None
+    result["plot"] = str(plot(result, Path(loop["folder"]).parent / f"bench-loop-{Path(loop['folder']).name}.png"))
     table = Table(title="visionloop bench loop")
     table.add_column("measure")
     table.add_column("manual", justify="right")

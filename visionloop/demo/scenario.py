@@ -16,6 +16,13 @@
 Nothing is shortcut: the scenario only publishes what an upstream system would, calls the
 gateway as people would, and reads the topics. Its report (`report.py`) is computed from the
 events of the run and the annotators' counters.
+
+While it runs, `progress(message)` receives a line per milestone and `on_steps(steps)`, twice a
+second, each round's steps so far (`Step`: images decided, labels verified, training epochs from
+the trainer's `progress` statuses, edge agents on the new model); `progress.py` shows both with
+rich. `on_ready(endpoints, tokens)` is called once the services run and the demo's people have
+their tokens, so an observer (the CLI's dashboard link, a test with a browser) can watch the
+gateway's dashboard during the run.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import time
 import uuid
 import zipfile
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +111,23 @@ class RoundLog:
     model: dict[str, Any] | None = None
     started: float = 0.0
     ended: float = 0.0
+    version: int = 0
+    """The model the round trains."""
+    ids: set[str] = field(default_factory=set, repr=False)
+    """The submission ids of the round's images."""
+    training_from: int | None = None
+    """How many training runs the demo had seen when it asked for this round's (None: not asked yet)."""
+    releasing: bool = False
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a round as it stands: `completed` of `total` (None while the total is unknown)."""
+
+    key: str
+    description: str
+    completed: int
+    total: int | None
 
 
 def _config_file(folder: Path, cfg: DemoConfig) -> Path:
@@ -129,15 +154,31 @@ def _config_file(folder: Path, cfg: DemoConfig) -> Path:
 class Demo:
     """One run of the scenario (see the module docstring)."""
 
-    def __init__(self, cfg: DemoConfig, state: Path, progress: Any = None) -> None:
+    def __init__(self, cfg: DemoConfig, state: Path, progress: Callable[[str], None] | None = None, *,
+                 on_steps: Callable[[list[Step]], None] | None = None,
+                 on_ready: Callable[[Mapping[str, str], Mapping[str, str]], None] | None = None) -> None:
+        """`progress(message)`: one line per milestone; `on_steps(steps)`: the rounds' steps, every
+        half second; `on_ready(endpoints, tokens)`: once, with the services' base URLs by name and
+        the demo's API tokens by user (`alice` annotator, `bob` reviewer, `carol` admin of the
+        project, and `dashboard`, an annotator token for watching `/dashboard`)."""
         self.cfg = cfg
         self.state = state
         self.progress = progress or (lambda message: log.info(message))
+        self.on_steps = on_steps
+        self.on_ready = on_ready
         self.world = World(cfg.seed, CLASSES, width=cfg.width, height=cfg.height, objects=cfg.objects, size=cfg.size)
         self.rounds: list[RoundLog] = []
         self.events: list[dict[str, Any]] = []
         self.event_times: list[float] = []
+        self.agents: list[Any] = []
         self.started = time.monotonic()
+        # What the steps are counted from, kept up to date as events arrive (see `_index`).
+        self._decided_ids: set[str] = set()
+        self._accepted_ids: dict[str, str] = {}
+        self._verified_ids: set[str] = set()
+        self._runs: list[str] = []
+        self._run_epochs: dict[str, tuple[int, int | None]] = {}
+        self._activated: dict[int, set[str]] = {}
 
     # -- plumbing ---------------------------------------------------------------------------------
     async def _read_events(self, settings: Any) -> None:
@@ -159,8 +200,60 @@ class Demo:
                         with contextlib.suppress(ValueError):
                             self.events.append(json.loads(record.value))
                             self.event_times.append(now)
+                            self._index(self.events[-1])
         finally:
             await reader.stop()
+
+    def _index(self, event: Any) -> None:
+        """Note what the steps count: decided and accepted submissions, verified images, training
+        epochs, the devices that activated each model version."""
+        with contextlib.suppress(KeyError, TypeError, AttributeError):
+            kind, payload = event.get("event_type"), event["payload"]
+            if kind in ("image.accepted", "image.rejected") and event.get("project") == PROJECT and payload.get("submission_id"):
+                self._decided_ids.add(payload["submission_id"])
+                if kind == "image.accepted":
+                    self._accepted_ids[payload["submission_id"]] = payload["image"]["image_id"]
+            elif kind == "label.verified" and event.get("project") == PROJECT:
+                self._verified_ids.add(payload["image"]["image_id"])
+            elif kind == "device.status" and event.get("project") == PROJECT and payload.get("state") == "activated":
+                self._activated.setdefault(int(payload["model"]["version"]), set()).add(payload["device_id"])
+            elif kind == "pipeline.status" and (payload.get("progress") or {}).get("task") == "training":
+                # The trainer's progress: step = epochs done, total = the run's epochs; its message names the project.
+                progress = payload["progress"]
+                if str(progress.get("message") or "").split(":")[0] != PROJECT:
+                    return
+                run = str(progress["task_id"])
+                if run not in self._run_epochs:
+                    self._runs.append(run)
+                done, total = self._run_epochs.get(run, (0, None))
+                self._run_epochs[run] = (max(done, int(progress.get("step") or 0)), progress.get("total") or total)
+
+    def steps(self) -> list[Step]:
+        """Every round's steps so far, in order."""
+        out = []
+        for r in self.rounds:
+            tag = f"round {r.version}"
+            out.append(Step(f"{tag}.decided", f"{tag} · images decided", len(r.ids & self._decided_ids), len(r.ids)))
+            accepted = {self._accepted_ids[i] for i in r.ids if i in self._accepted_ids}
+            if accepted:
+                out.append(Step(f"{tag}.labelled", f"{tag} · labels verified", len(accepted & self._verified_ids), len(accepted)))
+            if r.training_from is not None:
+                run = self._runs[r.training_from] if len(self._runs) > r.training_from else None
+                done, total = self._run_epochs.get(run, (0, None)) if run else (0, None)
+                out.append(Step(f"{tag}.training", f"{tag} · training v{r.version} (epochs)", done, total))
+            if r.releasing:
+                on = len(self._activated.get(r.version, ()))
+                out.append(Step(f"{tag}.release", f"{tag} · edge agents activated v{r.version}", on, self.cfg.agents))
+        return out
+
+    async def _follow_steps(self) -> None:
+        assert self.on_steps is not None
+        while True:
+            try:
+                self.on_steps(self.steps())
+            except Exception:  # progress is for people; never fail the run for it
+                log.debug("demo: steps not shown", exc_info=True)
+            await asyncio.sleep(0.5)
 
     def of(self, event_type: str, project: str | None = PROJECT) -> list[dict[str, Any]]:
         """Events of one type seen so far (of the demo's project unless `project` is None)."""
@@ -186,6 +279,7 @@ class Demo:
         from visionloop.services.labeling_gateway.admin import create_project, create_token
 
         reader = asyncio.create_task(self._read_events(settings))
+        follower = asyncio.create_task(self._follow_steps()) if self.on_steps else None
         host = ServiceHost(settings, _all_services())
         agents: list[Any] = []
         self.progress("starting every service")
@@ -195,6 +289,7 @@ class Demo:
             _, annotator_token = await create_token(settings, project=PROJECT, role="annotator", user_id="alice", created_by="demo")
             _, reviewer_token = await create_token(settings, project=PROJECT, role="reviewer", user_id="bob", created_by="demo")
             _, admin_token = await create_token(settings, project=PROJECT, role="admin", user_id="carol", created_by="demo")
+            _, dashboard_token = await create_token(settings, project=PROJECT, role="annotator", user_id="dashboard", created_by="demo")
             base = host.endpoints["labeling-gateway"]
             ensure_key_pair(settings.state_dir / "keys")
             trust = TrustStore.load([settings.state_dir / "keys"])
@@ -204,6 +299,9 @@ class Demo:
                 await agent.start()
                 agents.append(agent)
             self.agents = agents
+            if self.on_ready is not None:
+                self.on_ready(dict(host.endpoints), {"alice": annotator_token, "bob": reviewer_token, "carol": admin_token,
+                                                     "dashboard": dashboard_token})
             async with httpx.AsyncClient(base_url=base, timeout=60) as http:
                 await self._import_test_set(http, admin_token, CLASSES, self.cfg.test_images, offset=0)
                 alice = Annotator(base, annotator_token, PROJECT, self.world, user_id="alice", noise_px=self.cfg.noise_px, rng_seed=1)
@@ -223,9 +321,14 @@ class Demo:
                 with contextlib.suppress(Exception):
                     await agent.stop()
             await host.stop()
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            for task in (reader, follower):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+            if self.on_steps is not None:
+                with contextlib.suppress(Exception):
+                    self.on_steps(self.steps())
         return self.summary()
 
     async def _import_test_set(self, http: httpx.AsyncClient, token: str, classes: tuple[str, ...], n: int, *, offset: int) -> None:
@@ -253,14 +356,15 @@ class Demo:
         from visionloop.contracts import TrainingRequested
         from visionloop.libs.kafka import publish_once
 
-        log_ = RoundLog(name=name, started=time.monotonic())
-        self.rounds.append(log_)
+        log_ = RoundLog(name=name, started=time.monotonic(), version=version)
         self.progress(name)
         before = {id(p): _snapshot(p) for p in people}
         items = self.world.stream(n, exact_dup_rate=self.cfg.exact_dup_rate, near_dup_rate=self.cfg.near_dup_rate,
                                   low_res_rate=self.cfg.low_res_rate, corrupt_rate=self.cfg.corrupt_rate, classes=classes)
         settings = self.settings
         ids = {f"demo-upstream-{i.name}" for i in items}
+        log_.ids = ids
+        self.rounds.append(log_)
         log_.submitted = len(items)
         waves = max(1, self.cfg.waves)
         for w in range(waves):
@@ -287,6 +391,7 @@ class Demo:
             if e["payload"]["image"]["image_id"] in fresh:
                 log_.verified[e["payload"]["provenance"]["method"]] += 1
         # Training: the round's labels are in; ask for the run (the count trigger also works; a command is deterministic).
+        log_.training_from = len(self._runs)
         await publish_once(settings, TrainingRequested(requested_by="demo"), project=PROJECT, producer="demo", key=PROJECT)
         self.progress(f"{name}: {len(fresh)} images labelled; training model v{version}")
         evaluated = await self.until(f"model v{version} evaluated", lambda: next(
@@ -296,6 +401,7 @@ class Demo:
                       "classes": evaluated["payload"]["lineage"]["class_names"]}
         if evaluated["payload"]["passed"]:
             self.progress(f"{name}: v{version} passed the gate (mAP50-95 {evaluated['payload']['candidate']['map50_95']:.3f}); releasing")
+            log_.releasing = True
             await self.until(f"v{version} on every edge agent", lambda: all(
                 a.active is not None and a.active.model.version == version for a in self.agents))
             if self.cfg.assist:
@@ -318,8 +424,7 @@ class Demo:
                 raise TimeoutError(f"demo: {name}: {len(missing)} accepted images still unlabelled")
 
     def _decided(self, items: list[Item]) -> bool:
-        done = {e["payload"].get("submission_id") for e in self.of("image.rejected") + self.of("image.accepted")}
-        return all(f"demo-upstream-{i.name}" in done for i in items)
+        return all(f"demo-upstream-{i.name}" in self._decided_ids for i in items)
 
     # -- the summary ------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -390,8 +495,13 @@ def _all_services() -> list[str]:
     return list(services.available())
 
 
-def run_demo(cfg: DemoConfig, *, state: Path, console: Any = None) -> dict[str, Any]:
-    """Start the embedded stack, run the scenario, stop everything; the summary."""
+def run_demo(cfg: DemoConfig, *, state: Path, console: Any = None,
+             on_ready: Callable[[Mapping[str, str], Mapping[str, str]], None] | None = None) -> dict[str, Any]:
+    """Start the embedded stack, run the scenario, stop everything; the summary.
+
+    With a rich `console`, the run's progress is shown on it (`progress.LiveProgress`: the line log,
+    the steps as bars, and a link to the gateway's dashboard). `on_ready` is `Demo`'s."""
+    from visionloop.demo.progress import LiveProgress
     from visionloop.libs.embedded import EmbeddedStack
     from visionloop.libs.settings import Settings
 
@@ -404,17 +514,21 @@ def run_demo(cfg: DemoConfig, *, state: Path, console: Any = None) -> dict[str, 
         "topic_prefix": f"demo{tag}.", "schema_prefix": f"demo{tag}_", "state_dir": folder / "state",
         "blob_url": (folder / "blobs").as_uri(), "heartbeat_interval_s": 2.0,
     })
+    live = LiveProgress(console) if console is not None else None
 
-    def say(message: str) -> None:
-        if console is not None:
-            console.print(f"[bold cyan]demo[/] {time.strftime('%H:%M:%S')} {message}")
+    def ready(endpoints: Mapping[str, str], tokens: Mapping[str, str]) -> None:
+        if live is not None:
+            live.line(f"dashboard: {endpoints['labeling-gateway']}/dashboard?token={tokens['dashboard']}")
+        if on_ready is not None:
+            on_ready(endpoints, tokens)
 
-    demo = Demo(cfg, folder, progress=say)
+    demo = Demo(cfg, folder, progress=live.line if live else (lambda message: None), on_steps=live.update if live else None,
+                on_ready=ready)
     demo.settings = settings
     try:
-        result = asyncio.run(demo.run(settings))
+        with live or contextlib.nullcontext():
+            result = asyncio.run(demo.run(settings))
     finally:
         stack.stop()
     result["folder"] = str(folder)
     return result
-
