@@ -635,7 +635,7 @@ def bench_loop(
     if rounds is not None:
         parts = [p.strip() for p in rounds.split(",")]
         if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            console.print(f"[red]--rounds must be three positive counts, e.g. 150,600,200 (got {rounds!r})[/]")
+            console.print(f"[red]--rounds must be three positive counts, e.g. 150,800,200 (got {rounds!r})[/]")
             raise typer.Exit(2)
         shape = (int(parts[0]), int(parts[1]), int(parts[2]))
     _logging("WARNING")

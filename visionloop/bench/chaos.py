@@ -68,6 +68,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from visionloop.bench import machine
+from visionloop.demo.scenario import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -495,16 +496,8 @@ class ChaosRun:
     # -- plumbing ---------------------------------------------------------------------------------------
     async def until(self, what: str, predicate: Callable[[], Any], timeout_s: float | None = None) -> Any:
         """Poll `predicate` until it is truthy; `ChaosStalled` after the timeout."""
-        deadline = time.monotonic() + (timeout_s or self.cfg.timeout_s)
-        while True:
-            value = predicate()
-            if asyncio.iscoroutine(value):
-                value = await value
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise ChaosStalled(f"{what} did not happen within {timeout_s or self.cfg.timeout_s:.0f} s")
-            await asyncio.sleep(0.3)
+        limit = timeout_s or self.cfg.timeout_s
+        return await wait_until(predicate, limit, 0.3, lambda: ChaosStalled(f"{what} did not happen within {limit:.0f} s"))
 
     async def publish(self, items: list[Any]) -> None:
         """Send items on the submit topic as the upstream system does; retry while the broker is down."""

@@ -93,6 +93,20 @@ class DemoConfig:
                    finetune_epochs=8, batch=8, agents=3, timeout_s=300.0)
 
 
+async def wait_until(predicate: Callable[[], Any], timeout_s: float, interval_s: float, error: Callable[[], Exception]) -> Any:
+    """Poll `predicate` (sync or async) every `interval_s` until it is truthy; its value, or `error()` raised after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise error()
+        await asyncio.sleep(interval_s)
+
+
 @dataclass
 class RoundLog:
     """What one round did and measured."""
@@ -260,16 +274,8 @@ class Demo:
         return [e for e in self.events if e.get("event_type") == event_type and (project is None or e.get("project") == project)]
 
     async def until(self, what: str, predicate: Any, timeout: float | None = None) -> Any:
-        deadline = time.monotonic() + (timeout or self.cfg.timeout_s)
-        while True:
-            value = predicate()
-            if asyncio.iscoroutine(value):
-                value = await value
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"demo: {what} did not happen within {timeout or self.cfg.timeout_s:.0f} s")
-            await asyncio.sleep(0.2)
+        limit = timeout or self.cfg.timeout_s
+        return await wait_until(predicate, limit, 0.2, lambda: TimeoutError(f"demo: {what} did not happen within {limit:.0f} s"))
 
     # -- the run ------------------------------------------------------------------------------------
     async def run(self, settings: Any) -> dict[str, Any]:
