@@ -1,15 +1,30 @@
-"""Kafka plumbing below the bus: the FastStream broker factory, topic creation, broker epoch.
+"""Kafka plumbing below the bus: client options, topic creation, the broker epoch, and two hooks
+into aiokafka that keep a restarted embedded broker from losing records.
 
 Defaults work on both the embedded Tansu broker and Apache Kafka: no idempotent or
 transactional producer (Tansu refuses them; the inbox makes effects exactly-once instead),
 `acks=all`, and short group timeouts only where the broker is the embedded one.
 
+What a restarted Tansu does (measured on 0.6.0, memory storage; tests/test_broker_restart.py):
+
+- It has lost every topic, record and committed offset.
+- A metadata request that names a missing topic creates it with Tansu's default of 4 partitions,
+  not the registry's count; CreatePartitions is not supported, so it stays at 4.
+- A produce request to a topic or partition it does not have is acknowledged (offset 0) and
+  stored nowhere.
+- Commit metadata is not kept (an offset commit's metadata string reads back empty).
+
+So no client of this project may create a topic by naming it: every client's metadata requests
+say `allow_auto_topic_creation=false` (aiokafka always says true; `_NoAutoCreate` below), and
+topics are created only by `ensure_topics`, with the registry's partition counts (Apache Kafka's
+own `auto.create.topics.enable` would otherwise create them with one partition). And every
+process learns at once that its connection to the broker broke (`on_connection_lost`): the bus
+then holds its offset commits and publishes until it has checked the broker's epoch
+(`libs/bus/epoch.py`), so nothing is committed to, or counted as published on, a broker that has
+not yet been given the registry's topics.
+
 On the embedded broker every client also refreshes its metadata every few seconds
-(`EMBEDDED_METADATA_MAX_AGE_MS`). A restarted Tansu has lost its topics and re-creates any topic
-a client names with its own default of 4 partitions, not the registry's count; a producer still
-holding the old broker's metadata sends to partitions that no longer exist, and Tansu acknowledges
-those records without storing them. Fresh metadata ends that window within seconds, and the bus
-replays its outbox only after it (`Runtime._check_epoch`).
+(`EMBEDDED_METADATA_MAX_AGE_MS`; aiokafka's default is 5 minutes).
 """
 
 from __future__ import annotations
@@ -18,11 +33,15 @@ import asyncio
 import logging
 import ssl
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import aiokafka.admin.client
+import aiokafka.client
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.conn import CloseReason
+from aiokafka.protocol.metadata import MetadataRequest
 from faststream.kafka import KafkaBroker
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
@@ -35,10 +54,75 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOPIC_ALREADY_EXISTS = 36
+UNKNOWN_TOPIC_OR_PARTITION = 3
 EPOCH_TOPIC = "vl._broker.epoch"
 """Internal topic whose first message names the broker's life: a new value means lost topics."""
 EMBEDDED_METADATA_MAX_AGE_MS = 3000
 """How often clients of the embedded broker refresh their metadata (aiokafka's default: 5 minutes)."""
+
+
+# -- hooks into aiokafka ------------------------------------------------------------------------
+
+
+class _NoAutoCreate(MetadataRequest):
+    """A metadata request that never creates the topics it names (aiokafka always asks to)."""
+
+    def __init__(self, topics: list[str] | None = None, allow_auto_topic_creation: bool | None = False) -> None:
+        super().__init__(topics, bool(allow_auto_topic_creation))
+
+
+aiokafka.client.MetadataRequest = _NoAutoCreate  # type: ignore[misc]
+aiokafka.admin.client.MetadataRequest = _NoAutoCreate  # type: ignore[misc]
+
+
+class _MissingTopicIsNoError(logging.Filter):
+    """aiokafka logs an ERROR at every metadata refresh for each topic a client tracks that does not
+    exist yet; without automatic creation that is the normal state until `ensure_topics` runs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Topic %s not found in cluster metadata"
+
+
+logging.getLogger("aiokafka.cluster").addFilter(_MissingTopicIsNoError())
+
+_LOST_REASONS = {CloseReason.CONNECTION_BROKEN, CloseReason.CONNECTION_TIMEOUT, CloseReason.OUT_OF_SYNC}
+_lost_listeners: list[Callable[[str], None]] = []
+_closed = aiokafka.client.AIOKafkaClient._on_connection_closed
+
+
+def _on_connection_closed(client: Any, conn: Any, reason: Any) -> None:
+    _closed(client, conn, reason)
+    if reason in _LOST_REASONS:
+        where = f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
+        for listener in list(_lost_listeners):
+            listener(where)
+
+
+aiokafka.client.AIOKafkaClient._on_connection_closed = _on_connection_closed  # type: ignore[method-assign]
+
+
+def on_connection_lost(listener: Callable[[str], None]) -> Callable[[], None]:
+    """Call `listener(host:port)` whenever any Kafka client of this process loses a connection
+    (broken or timed out, not closed on purpose); returns the function that stops it."""
+    _lost_listeners.append(listener)
+    return lambda: _lost_listeners.remove(listener) if listener in _lost_listeners else None
+
+
+def known_partitions(client: Any, topic: str) -> int | None:
+    """How many partitions a running client's metadata shows for `topic` (None: not known).
+
+    `client` is an AIOKafkaProducer or AIOKafkaConsumer; nothing is requested from the broker.
+    """
+    inner = getattr(client, "client", None) or getattr(client, "_client", None)
+    partitions = inner.cluster.partitions_for_topic(topic) if inner is not None else None
+    return len(partitions) if partitions is not None else None
+
+
+async def refresh_metadata(client: Any) -> None:
+    """Make a running producer or consumer fetch its metadata now (it does so every few seconds anyway)."""
+    inner = getattr(client, "client", None) or getattr(client, "_client", None)
+    if inner is not None:
+        await inner.force_metadata_update()
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -112,6 +196,11 @@ def consumer_kwargs(settings: Settings) -> dict[str, object]:
     return client_kwargs(settings) | {"fetch_max_wait_ms": settings.fetch_max_wait_ms}
 
 
+def producer_kwargs(settings: Settings) -> dict[str, object]:
+    """Options for the bus's producer: connection, `acks=all`, no idempotence (Tansu refuses it)."""
+    return client_kwargs(settings) | {"acks": "all", "enable_idempotence": False}
+
+
 def make_broker(settings: Settings, client_id: str) -> KafkaBroker:
     """A FastStream KafkaBroker configured from settings.
 
@@ -135,18 +224,21 @@ def make_broker(settings: Settings, client_id: str) -> KafkaBroker:
 async def ensure_topics(settings: Settings, specs: Iterable[TopicSpec], extra: Iterable[tuple[str, int]] = ()) -> list[str]:
     """Create the registry's topics (partitions from the registry); existing ones are fine.
 
-    Returns the names created now.
+    An existing topic with fewer partitions than the registry says (created by a client that
+    named it, or by hand) is grown where the broker can (Apache Kafka); where it cannot (Tansu has
+    no CreatePartitions) it is named in a warning, once per process. Returns the names created now.
     """
-    wanted = [(settings.topic(s.name), s.partitions) for s in specs] + list(extra)
+    wanted = dict([(settings.topic(s.name), s.partitions) for s in specs] + list(extra))
     admin = AIOKafkaAdminClient(**client_kwargs(settings))  # type: ignore[arg-type]
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         new = [
             NewTopic(name, partitions, settings.kafka_replication_factor)
-            for name, partitions in wanted
+            for name, partitions in wanted.items()
             if name not in existing
         ]
+        await _grow(admin, {name: count for name, count in wanted.items() if name in existing})
         if not new:
             return []
         response = await admin.create_topics(new)
@@ -159,6 +251,45 @@ async def ensure_topics(settings: Settings, specs: Iterable[TopicSpec], extra: I
         return created
     finally:
         await admin.close()
+
+
+async def ensure_named(settings: Settings, topics: Iterable[str]) -> list[str]:
+    """`ensure_topics` for topic names (prefix included), as a client outside the services has them:
+    a registry topic gets the registry's partition count, any other topic one partition."""
+    from visionloop.contracts.topics import TOPICS
+
+    by_name = {settings.topic(spec.name): spec for spec in TOPICS.values()}
+    wanted = set(topics)
+    specs = [by_name[name] for name in wanted if name in by_name]
+    return await ensure_topics(settings, specs, extra=[(name, 1) for name in wanted if name not in by_name])
+
+
+_warned_short: set[str] = set()
+
+
+async def _grow(admin: AIOKafkaAdminClient, wanted: dict[str, int]) -> None:
+    """Give existing topics the registry's partition count where they have fewer."""
+    if not wanted:
+        return
+    short = {}
+    for topic in await admin.describe_topics(list(wanted)):
+        name, count = topic.get("topic"), len(topic.get("partitions") or ())
+        if topic.get("error_code") == 0 and name in wanted and count < wanted[name]:
+            short[name] = count
+    if not short:
+        return
+    try:
+        await admin.create_partitions({name: NewPartitions(wanted[name]) for name in short})
+        log.warning("topics grown to the registry's partition counts: %s", {n: (c, wanted[n]) for n, c in short.items()})
+    except Exception as exc:  # Tansu: "CreatePartitionsRequest cannot be used"
+        for name, count in short.items():
+            if name not in _warned_short:
+                _warned_short.add(name)
+                log.warning(
+                    "topic %s has %d partitions, the registry says %d, and the broker cannot add partitions "
+                    "(%s): it works with %d; delete the topic while the stack is stopped to have it re-created",
+                    name, count, wanted[name], type(exc).__name__, count,
+                )
 
 
 async def broker_epoch(settings: Settings) -> str:

@@ -10,12 +10,13 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from visionloop.contracts import Envelope, ImageIngested, ImageRejected, ImageSubmitted, topic_of
-from visionloop.libs.kafka import client_kwargs
+from visionloop.libs.kafka import client_kwargs, ensure_named
 from visionloop.libs.settings import Settings
 
 
 async def submit_all(settings: Settings, submissions: Iterable[ImageSubmitted], *, project: str, key: str = "one-partition") -> None:
     """Publish every submission with one key, so ingest handles them in this order."""
+    await ensure_named(settings, [topic_of(ImageSubmitted, settings.topic_prefix)])
     producer = AIOKafkaProducer(**client_kwargs(settings), acks="all", max_request_size=4 * 1024 * 1024)
     await producer.start()
     try:
@@ -35,6 +36,7 @@ async def answers(settings: Settings, submission_ids: Iterable[str], timeout: fl
     """
     wanted = set(submission_ids)
     topics = [topic_of(ImageIngested, settings.topic_prefix), topic_of(ImageRejected, settings.topic_prefix)]
+    await ensure_named(settings, topics)
     consumer = AIOKafkaConsumer(*topics, **client_kwargs(settings), auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     found: dict[str, list[dict[str, Any]]] = {}

@@ -10,7 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from visionloop.contracts import Envelope, Payload, topic_of
-from visionloop.libs.kafka import client_kwargs, consumer_kwargs
+from visionloop.libs.kafka import client_kwargs, consumer_kwargs, ensure_named
 from visionloop.libs.settings import Settings
 
 
@@ -30,6 +30,7 @@ async def eventually(predicate, timeout: float = 20.0, interval: float = 0.05): 
 
 async def read_topic(settings: Settings, topic: str, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
     """Read at least `count` messages from the start of `topic` (no consumer group); JSON-decoded."""
+    await ensure_named(settings, [topic])
     consumer = AIOKafkaConsumer(topic, **consumer_kwargs(settings), auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     found: list[dict[str, Any]] = []
@@ -49,7 +50,9 @@ async def read_topic(settings: Settings, topic: str, count: int, timeout: float 
 
 
 async def produce(settings: Settings, topic: str, value: bytes, key: bytes | None = None) -> None:
-    """Write raw bytes to a topic, as any Kafka client could."""
+    """Write raw bytes to a topic, as any Kafka client could (the topic is created first, as the
+    services would: this project's clients never create a topic by naming it)."""
+    await ensure_named(settings, [topic])
     producer = AIOKafkaProducer(**client_kwargs(settings), acks="all")
     await producer.start()
     try:
@@ -112,11 +115,13 @@ class Collector:
     """Reads topics from the start in the background and keeps every decoded message."""
 
     def __init__(self, settings: Settings, *topics: str) -> None:
+        self._settings, self._topics = settings, topics
         self._consumer = AIOKafkaConsumer(*topics, **consumer_kwargs(settings), auto_offset_reset="earliest", enable_auto_commit=False)
         self.messages: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> "Collector":
+        await ensure_named(self._settings, self._topics)
         await self._consumer.start()
         self._task = asyncio.create_task(self._run())
         return self

@@ -37,7 +37,7 @@ from visionloop.contracts import (
     UnrecognizedReason,
     topic_of,
 )
-from visionloop.libs.kafka import client_kwargs
+from visionloop.libs.kafka import client_kwargs, ensure_named
 from visionloop.libs.settings import Settings
 from visionloop.services.labeling_gateway import store
 from visionloop.services.labeling_gateway.admin import create_project
@@ -88,6 +88,7 @@ def recognized(image: ImageRef, prelabels: list[Detection], uncertainty: float =
 
 async def publish_many(settings: Settings, payloads: list[Payload], *, project: str) -> list[Envelope[Any]]:
     """Publish events on their topics with one producer (fast for hundreds)."""
+    await ensure_named(settings, {topic_of(p, settings.topic_prefix) for p in payloads})
     producer = AIOKafkaProducer(**client_kwargs(settings), acks="all", linger_ms=5)
     await producer.start()
     envelopes = []

@@ -231,7 +231,7 @@ async def test_fresh_broker_is_refed_from_the_outbox(settings, pool, tmp_path) -
 def test_emitting_an_undeclared_contract_is_refused(settings) -> None:  # noqa: ANN001
     runtime = Runtime("lonely", settings, pool=None)
     with pytest.raises(ValueError, match="produces"):
-        runtime._outgoing(Envelope.of(_ingested(1), producer="x", project="p"), None)
+        runtime.outgoing(Envelope.of(_ingested(1), producer="x", project="p"), None)
 
 
 async def test_topics_are_created_from_the_registry_and_existing_ones_tolerated(settings) -> None:  # noqa: ANN001

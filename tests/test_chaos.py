@@ -25,7 +25,7 @@ from visionloop.contracts import Envelope, ImageAccepted, ImageHashes, ImageInge
 from visionloop.contracts.topics import spec_for
 from visionloop.libs.bus import Runtime
 from visionloop.libs.embedded import EmbeddedBroker
-from visionloop.libs.kafka import client_kwargs, consumer_kwargs
+from visionloop.libs.kafka import client_kwargs, consumer_kwargs, ensure_named
 
 
 def test_reduced_chaos_loses_and_duplicates_nothing(database_url: str, tmp_path: Path) -> None:
@@ -121,6 +121,7 @@ def _ingested(n: int) -> Envelope[ImageIngested]:
 
 
 async def _send(settings: Any, events: list[Envelope[ImageIngested]]) -> None:
+    await ensure_named(settings, [topic_of(ImageIngested, settings.topic_prefix)])
     producer = AIOKafkaProducer(**client_kwargs(settings), acks="all")
     await producer.start()
     try:
@@ -133,6 +134,7 @@ async def _send(settings: Any, events: list[Envelope[ImageIngested]]) -> None:
 
 async def _accepted_on_broker(settings: Any, want: set[str], timeout: float) -> set[str]:
     """Submission ids of the `image accepted` events the (fresh) broker holds, once all of `want` are there."""
+    await ensure_named(settings, [topic_of(ImageAccepted, settings.topic_prefix)])
     consumer = AIOKafkaConsumer(topic_of(ImageAccepted, settings.topic_prefix), **consumer_kwargs(settings),
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()

@@ -28,7 +28,7 @@ def test_wheel_maps_folders_under_one_namespace(tmp_path: Path) -> None:
         "visionloop/contracts/envelope.py",
         "visionloop/contracts/schemas/vl.image.ingested.v1.json",
         "visionloop/contracts/asyncapi.yaml",
-        "visionloop/libs/bus.py",
+        "visionloop/libs/bus/runtime.py",
         "visionloop/libs/migrations/0001_inbox_outbox.sql",
         "visionloop/services/ingest/service.py",
         "visionloop/services/ingest/migrations/0001_images.sql",

@@ -41,6 +41,20 @@ def build_runtime(
     return runtime, app
 
 
+def consumer_groups(settings: Settings, names: list[str] | None = None) -> list[tuple[str, str]]:
+    """(topic, consumer group) of every handler of the named services (all when None), as wired,
+    without starting anything."""
+    from visionloop.libs.blob import LocalBlobStore
+
+    adapters = Adapters(blobs=LocalBlobStore(settings.state_dir / "blobs"))
+    groups: list[tuple[str, str]] = []
+    for name, spec in services.available().items():
+        if names is None or name in names:
+            runtime, _ = build_runtime(spec, settings, None, adapters)
+            groups += runtime.subscriptions
+    return groups
+
+
 @dataclass
 class ServiceHost:
     """Runs some of the loop's services in this process against configured infrastructure."""

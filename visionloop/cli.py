@@ -305,9 +305,10 @@ async def submit_and_follow(settings, data: bytes, *, project: str, submission_i
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     from visionloop.contracts import TOPICS, Envelope, ImageSubmitted, topic_of
-    from visionloop.libs.kafka import client_kwargs, consumer_kwargs
+    from visionloop.libs.kafka import client_kwargs, consumer_kwargs, ensure_topics
 
     image_topics = [topic_of(p, settings.topic_prefix) for p in TOPICS if p.event_type.startswith("image.") and p is not ImageSubmitted]
+    await ensure_topics(settings, [spec for p, spec in TOPICS.items() if p.event_type.startswith("image.")])
     consumer = AIOKafkaConsumer(*image_topics, **consumer_kwargs(settings), auto_offset_reset="latest", enable_auto_commit=False)  # type: ignore[arg-type]
     await consumer.start()
     producer = AIOKafkaProducer(**client_kwargs(settings), acks="all")  # type: ignore[arg-type]
@@ -446,19 +447,11 @@ def status(
     config: ConfigOpt = None,
 ) -> None:
     """What is running, topic lag per consumer group, and the last event on each topic."""
-    from visionloop import services as registry
-    from visionloop.app import build_runtime
-    from visionloop.libs.blob import LocalBlobStore
-    from visionloop.libs.service import Adapters
+    from visionloop.app import consumer_groups
     from visionloop.observe import snapshot
 
     settings = _attach(_settings(config))
-    adapters = Adapters(blobs=LocalBlobStore(settings.state_dir / "blobs"))
-    groups: list[tuple[str, str]] = []
-    for spec in registry.available().values():
-        runtime, _ = build_runtime(spec, settings, None, adapters)
-        groups += runtime.subscriptions
-    snap = asyncio.run(snapshot(settings, groups))
+    snap = asyncio.run(snapshot(settings, consumer_groups(settings)))
     if json_output:
         out.print(snap.to_json(), highlight=False, soft_wrap=True, markup=False)
         return

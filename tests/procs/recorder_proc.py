@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from recorder import recorder  # noqa: E402
 
-from visionloop.libs.bus import Runtime  # noqa: E402
+from visionloop.libs.bus.outbox import Outbox  # noqa: E402
 from visionloop.libs.db import create_pool  # noqa: E402
 from visionloop.libs.settings import Settings  # noqa: E402
 
@@ -26,10 +26,11 @@ async def main() -> None:
     pool = await create_pool(settings)
     runtime = recorder(settings, pool)
     if os.environ.get("RECORDER_MODE") == "kill-after-effect":
-        async def die(self: Runtime, outgoing: list) -> None:  # noqa: ARG001
-            os.kill(os.getpid(), signal.SIGKILL)
+        async def die(self: Outbox, outgoing: list, **_: object) -> None:  # noqa: ARG001
+            if outgoing:
+                os.kill(os.getpid(), signal.SIGKILL)
 
-        Runtime._publish_after_commit = die  # type: ignore[method-assign]
+        Outbox.publish_after_commit = die  # type: ignore[method-assign]
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await runtime.start()

@@ -69,6 +69,8 @@ from rich.table import Table
 
 from visionloop.bench import machine
 from visionloop.demo.scenario import wait_until
+from visionloop.libs.lag import Progress as LagProgress
+from visionloop.libs.lag import progress, read_partitions
 
 log = logging.getLogger(__name__)
 
@@ -234,11 +236,13 @@ class EventLog:
         from aiokafka import AIOKafkaConsumer
 
         from visionloop.contracts import TOPICS
-        from visionloop.libs.kafka import consumer_kwargs
+        from visionloop.libs.kafka import consumer_kwargs, ensure_topics
 
         topics = [self.settings.topic(spec.name) for spec in TOPICS.values()]
         while True:
             self._reconnect.clear()
+            with contextlib.suppress(Exception):  # a broker still restarting: the reader's start retries
+                await ensure_topics(self.settings, TOPICS.values())
             reader = AIOKafkaConsumer(*topics, **(consumer_kwargs(self.settings) | {"fetch_max_wait_ms": 20}),
                                       auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
             try:
@@ -461,6 +465,10 @@ class ChaosRun:
         self.settings: Any = None
         self.epochs: tuple[int, int] = (0, 0)
         """(epoch, epochs) of the run in training, for the progress bar."""
+        self.lag: LagProgress | None = None
+        """Consumer groups with lag at the end, stuck or slow (`settle_lag`)."""
+        self.partitions: dict[str, Any] | None = None
+        """Per topic and consumer group, the end and the committed offset of every partition."""
 
     def elapsed(self) -> float:
         """Seconds since the run started."""
@@ -693,6 +701,9 @@ class ChaosRun:
             if monkey is not None:
                 monkey.cancel()
             await self.quiet()
+            self.lag = await self.settle_lag()
+            with contextlib.suppress(Exception):
+                self.partitions = (await read_partitions(settings, self.groups())).as_dict()
             truth = await load_truth(self.pool, settings)
             devices = {a.device_id: (a.active.model.version if a.active else None) for a in self.agents}
             outcome = reconcile(self.items, self.events.events.values(), truth, devices)
@@ -816,6 +827,29 @@ class ChaosRun:
                 return
             await asyncio.sleep(0.5)
 
+    def groups(self) -> list[tuple[str, str]]:
+        """(topic, consumer group) of every handler of the services this run started."""
+        from visionloop.app import consumer_groups
+
+        return consumer_groups(self.settings, list(self.services))
+
+    async def settle_lag(self, patience_s: float = 300.0) -> LagProgress | None:
+        """Read every consumer group's lag until no committed offset moves any more: groups that
+        still have lag then are stuck (a consumer not reading some partitions), not slow."""
+        deadline = time.monotonic() + patience_s
+        seen: LagProgress | None = None
+        try:
+            while True:
+                seen = await progress(self.settings, self.groups(), interval_s=10.0)
+                if not seen.slow or time.monotonic() > deadline:
+                    break
+                self.say(f"consumer groups still catching up: {seen.slow}")
+        except Exception as exc:  # a reading that failed is reported, never fatal
+            self.say(f"[red]consumer lag not read[/]: {exc}")
+        if seen is not None and (seen.stuck or seen.ahead):
+            self.say(f"[red]stuck consumer groups[/]: {seen.stuck or ''} {seen.ahead or ''}")
+        return seen
+
     def result(self, outcome: Reconciliation, problems: list[str]) -> dict[str, Any]:
         """The run's figures, with every discrepancy."""
         kills = self.monkey.kills
@@ -832,6 +866,11 @@ class ChaosRun:
             problems.append("kill plan not carried out: no converter, packager or distributor kill during a release")
         if len(self.monkey.broker_restarts) < self.cfg.broker_restarts:
             problems.append("kill plan not carried out: the broker was not restarted")
+        if self.lag is None:
+            problems.append("consumer lag could not be read before the reconciliation")
+        else:
+            problems += [f"consumer group stuck: {key} (lag per partition {parts})" for key, parts in self.lag.stuck.items()]
+            problems += [f"consumer group committed past the log: {key} (by {parts})" for key, parts in self.lag.ahead.items()]
         return {
             "machine": machine(),
             "size": asdict(self.cfg) | {"submitted": self.cfg.submitted},
@@ -862,6 +901,10 @@ class ChaosRun:
             "models": self.models,
             "releases": outcome.releases,
             "devices": outcome.devices,
+            "stuck_groups": self.lag.stuck if self.lag else None,
+            "ahead_groups": self.lag.ahead if self.lag else None,
+            "slow_groups": self.lag.slow if self.lag else None,
+            "partitions": self.partitions,
             "discrepancies": problems,
             "ok": not problems,
             "kill_log": [asdict(k) for k in kills],
@@ -1290,7 +1333,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     keys = ("submitted", "terminal", "lost", "duplicated", "kills", "broker_restarts", "ok", "rejected", "labelled", "pending_person",
             "rejected_by_reason", "duplicated_by_kind", "dead_letters", "kills_by_service", "kills_mid_training", "kills_mid_release", "recovery_s",
             "supervisor_restarts", "resent_submissions", "event_copies_read", "models", "releases", "devices", "discrepancies",
-            "wall_s", "machine", "folder", "plot")
+            "stuck_groups", "ahead_groups", "slow_groups", "partitions", "wall_s", "machine", "folder", "plot")
     return {k: result[k] for k in keys}
 
 

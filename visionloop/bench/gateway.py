@@ -53,8 +53,9 @@ async def _seed(settings: Any, count: int, progress: Progress) -> None:
     from aiokafka import AIOKafkaProducer
 
     from visionloop.contracts import Envelope, ImageRef, ImageSource, ImageUnrecognized, UnrecognizedReason, topic_of
-    from visionloop.libs.kafka import client_kwargs
+    from visionloop.libs.kafka import client_kwargs, ensure_named
 
+    await ensure_named(settings, [topic_of(ImageUnrecognized, settings.topic_prefix)])
     producer = AIOKafkaProducer(**client_kwargs(settings), acks="all", linger_ms=5)
     await producer.start()
     rng = random.Random(1)
@@ -182,8 +183,9 @@ async def _events(settings: Any, submissions: set[str], progress: Progress) -> i
     from aiokafka import AIOKafkaConsumer
 
     from visionloop.contracts import LabelSubmitted, topic_of
-    from visionloop.libs.kafka import consumer_kwargs
+    from visionloop.libs.kafka import consumer_kwargs, ensure_named
 
+    await ensure_named(settings, [topic_of(LabelSubmitted, settings.topic_prefix)])
     reader = AIOKafkaConsumer(topic_of(LabelSubmitted, settings.topic_prefix), **consumer_kwargs(settings),
                               auto_offset_reset="earliest", enable_auto_commit=False)
     await reader.start()

@@ -115,8 +115,9 @@ async def _end_to_end(settings: Any, latency_images: list[bytes], backlog: list[
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     from visionloop.contracts import Envelope, ImageAccepted, ImageRejected, ImageSubmitted, topic_of
-    from visionloop.libs.kafka import client_kwargs, consumer_kwargs
+    from visionloop.libs.kafka import client_kwargs, consumer_kwargs, ensure_named
 
+    await ensure_named(settings, [topic_of(t, settings.topic_prefix) for t in (ImageAccepted, ImageRejected, ImageSubmitted)])
     reader = AIOKafkaConsumer(
         topic_of(ImageAccepted, settings.topic_prefix), topic_of(ImageRejected, settings.topic_prefix),
         **consumer_kwargs(settings), auto_offset_reset="earliest", enable_auto_commit=False,

@@ -132,7 +132,7 @@ async def _through_the_broker(settings: Any, blobs: Any, images: list[bytes], ba
         ImageUnrecognized,
         topic_of,
     )
-    from visionloop.libs.kafka import client_kwargs
+    from visionloop.libs.kafka import client_kwargs, ensure_named
 
     refs = [await blobs.put(data) for data in images]
 
@@ -143,6 +143,7 @@ async def _through_the_broker(settings: Any, blobs: Any, images: list[bytes], ba
             fetch_max_wait_ms=fetch_wait_ms,
         )
 
+    await ensure_named(settings, [topic_of(t, settings.topic_prefix) for t in (ImageRecognized, ImageUnrecognized, ImageAccepted)])
     reader = make_reader(READER_FETCH_WAIT_MS)
     producer = AIOKafkaProducer(**client_kwargs(settings), acks="all", linger_ms=0)
     await reader.start()

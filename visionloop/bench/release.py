@@ -89,7 +89,7 @@ async def _run(settings: Any, detector: Any, imgsz: int, console: Console) -> di
     from visionloop.app import ServiceHost
     from visionloop.contracts import DeviceStatus, EdgeRelease, Envelope, ModelConverted, ModelPackaged, topic_of
     from visionloop.libs.blob import open_blob_store
-    from visionloop.libs.kafka import client_kwargs, consumer_kwargs
+    from visionloop.libs.kafka import client_kwargs, consumer_kwargs, ensure_named
     from visionloop.libs.signing import TrustStore
     from visionloop.services.edge_agent.agent import EdgeAgent
 
@@ -97,6 +97,7 @@ async def _run(settings: Any, detector: Any, imgsz: int, console: Console) -> di
     host = ServiceHost(settings, ["converter", "packager", "distributor"])
     await host.start()
     topics = [topic_of(t, settings.topic_prefix) for t in (ModelConverted, ModelPackaged, EdgeRelease, DeviceStatus)]
+    await ensure_named(settings, topics)
     reader = AIOKafkaConsumer(*topics, **(consumer_kwargs(settings) | {"fetch_max_wait_ms": 10}),
                               auto_offset_reset="latest", enable_auto_commit=False, group_id=None)
     producer = AIOKafkaProducer(**client_kwargs(settings), acks="all")  # type: ignore[arg-type]

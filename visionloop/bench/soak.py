@@ -234,10 +234,11 @@ async def _publish(settings: Any, rate: float, seconds: float, tally: _Tally, st
     from visionloop.contracts import Envelope, ImageSubmitted
     from visionloop.contracts.topics import spec_for
     from visionloop.demo.world import submission
-    from visionloop.libs.kafka import client_kwargs
+    from visionloop.libs.kafka import client_kwargs, ensure_topics
 
     spec = spec_for(ImageSubmitted)
     topic = settings.topic(spec.name)
+    await ensure_topics(settings, [spec])
     total = int(round(rate * seconds))
     producer = AIOKafkaProducer(**client_kwargs(settings), acks="all", linger_ms=0)  # type: ignore[arg-type]
     await producer.start()

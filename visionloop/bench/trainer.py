@@ -130,11 +130,12 @@ async def _orchestrated(settings: Any, train: list[Any], test: list[Any], traine
     from visionloop.libs.service import Adapters
 
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-    from visionloop.libs.kafka import client_kwargs
+    from visionloop.libs.kafka import client_kwargs, ensure_named
 
     pool = await create_pool(settings)
     adapters = Adapters(blobs=open_blob_store(settings.blob_location))
     runtimes = []
+    await ensure_named(settings, [topic_of(t, settings.topic_prefix) for t in (ModelTrained, ModelEvaluated, LabelVerified)])
     reader = AIOKafkaConsumer(topic_of(ModelTrained, settings.topic_prefix), topic_of(ModelEvaluated, settings.topic_prefix),
                               **(consumer_kwargs(settings) | {"fetch_max_wait_ms": 20}), auto_offset_reset="earliest", enable_auto_commit=False)
     producer = AIOKafkaProducer(**client_kwargs(settings), acks="all")  # type: ignore[arg-type]

@@ -199,9 +199,10 @@ class Demo:
         from aiokafka import AIOKafkaConsumer
 
         from visionloop.contracts import TOPICS
-        from visionloop.libs.kafka import consumer_kwargs
+        from visionloop.libs.kafka import consumer_kwargs, ensure_topics
 
         topics = [settings.topic(spec.name) for spec in TOPICS.values()]
+        await ensure_topics(settings, TOPICS.values())
         reader = AIOKafkaConsumer(*topics, **(consumer_kwargs(settings) | {"fetch_max_wait_ms": 20}),
                                   auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
         await reader.start()

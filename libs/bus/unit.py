@@ -1,0 +1,115 @@
+"""What a handler works with: the unit (its transaction and what it emits) and the failure kinds."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import asyncpg
+
+from visionloop.contracts import Envelope, Payload
+from visionloop.contracts.topics import TopicSpec
+from visionloop.libs.db import quote_ident
+
+if TYPE_CHECKING:
+    from visionloop.libs.bus.runtime import Runtime
+
+P = TypeVar("P", bound=Payload)
+
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    ConnectionError,
+)
+"""Failures of the platform, not of the message: rewind and retry, never dead-letter."""
+
+
+class PermanentError(Exception):
+    """Raised by a handler for a message that can never succeed: dead-lettered without retries."""
+
+
+@dataclass
+class Outgoing:
+    """One emitted event, ready for the outbox and the broker."""
+
+    envelope: Envelope[Any]
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: dict[str, str]
+    outbox_id: int | None = None
+
+
+@dataclass
+class Unit(Generic[P]):
+    """What a handler gets besides its event: the open transaction and a way to emit events.
+
+    Everything done through `conn` and every `emit` commit together, or not at all.
+    """
+
+    conn: asyncpg.Connection
+    runtime: "Runtime"
+    event: Envelope[P] | None = None
+    emitted: list[Outgoing] = field(default_factory=list)
+
+    @property
+    def schema(self) -> str:
+        """The service's own schema, quoted, for use in SQL text."""
+        return quote_ident(self.runtime.schema)
+
+    def emit(
+        self,
+        payload: Payload,
+        *,
+        project: str | None = None,
+        key: str | None = None,
+        correlation_id: str | None = None,
+    ) -> Envelope[Any]:
+        """Queue `payload` for publishing when the transaction commits.
+
+        The envelope is filled in: a new event id, this service as producer, and project,
+        correlation and causation taken from the incoming event unless given.
+        """
+        if project is None:
+            if self.event is None:
+                raise ValueError("emit outside a handler needs project=")
+            project = self.event.project
+        envelope = Envelope.of(
+            payload,
+            producer=self.runtime.producer,
+            project=project,
+            correlation_id=correlation_id,
+            causation=self.event,
+        )
+        self.emitted.append(self.runtime.outgoing(envelope, key))
+        return envelope
+
+
+Handler = Callable[[Envelope[P], Unit[P]], Awaitable[None]]
+
+BatchPrepare = Callable[[list[Envelope[P]]], Awaitable[Sequence[Any]]]
+"""Work for a whole batch, outside any transaction: one result (or exception) per event, in order."""
+BatchHandler = Callable[[Envelope[P], Unit[P], Any], Awaitable[None]]
+"""One event's effect inside the transaction, given its prepared result."""
+
+
+@dataclass
+class Subscription:
+    """One consumed contract: its topic, handler and consumer group."""
+
+    spec: TopicSpec
+    handler: Any
+    group: str
+    model: type[Envelope[Any]]
+    prepare: Any = None
+    """Set for batch subscriptions (`consume_batch`)."""
+    subscriber: Any = None
+    """The FastStream subscriber (its `consumer` is the aiokafka consumer once started)."""
+
+    @property
+    def consumer(self) -> Any:
+        """The running aiokafka consumer, or None."""
+        return getattr(self.subscriber, "consumer", None)
