@@ -16,8 +16,11 @@ What a restarted Tansu does (measured on 0.6.0, memory storage; tests/test_broke
 
 So no client of this project may create a topic by naming it: every client's metadata requests
 say `allow_auto_topic_creation=false` (aiokafka always says true; `_NoAutoCreate` below), and
-topics are created only by `ensure_topics`, with the registry's partition counts (Apache Kafka's
-own `auto.create.topics.enable` would otherwise create them with one partition). And every
+topics are created only with the registry's partition counts, by `ensure_topics` (and by
+FastStream's subscribers, which the bus gives the registry's counts; Apache Kafka's own
+`auto.create.topics.enable` would otherwise create them with one partition). A client outside the
+services (a bench, the CLI, a test) calls `ensure_named` or `ensure_topics` before it produces or
+subscribes. And every
 process learns at once that its connection to the broker broke (`on_connection_lost`): the bus
 then holds its offset commits and publishes until it has checked the broker's epoch
 (`libs/bus/epoch.py`), so nothing is committed to, or counted as published on, a broker that has

@@ -79,6 +79,8 @@ class PackageServer:
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
+        self.unavailable: dict[str, int] = {}
+        """Path -> how many more requests answer 503 (a package server restarting)."""
         self.url = ""
 
     def add(self, name: str, data: bytes) -> str:
@@ -89,6 +91,9 @@ class PackageServer:
         data = self.files.get(scope["path"])
         status = 200 if data is not None else 404
         body = data if data is not None else b"not found"
+        if self.unavailable.get(scope["path"], 0) > 0:
+            self.unavailable[scope["path"]] -= 1
+            status, body = 503, b"starting"
         await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
@@ -340,3 +345,21 @@ async def test_cli_predicts_with_the_installed_model(settings, tmp_path: Path) -
     refused = runner.invoke(edge_app, ["--home", str(tmp_path / "home"), "--trust", str(stranger), "predict", str(tmp_path / "scene.png")])
     assert refused.exit_code == 1 and "no_model" in refused.output
     assert runner.invoke(edge_app, []).exit_code == 2  # the agent needs --fleet and --device
+
+
+async def test_a_package_server_that_is_briefly_away_is_tried_again(settings, server, tmp_path) -> None:  # noqa: ANN001
+    """The distributor SIGKILLed mid-release (the chaos bench's case): the device's first downloads
+    fail with 503 and the device tries again (1 s, 2 s) instead of failing the release at once."""
+    good = build(1)
+    url = server.add("flaky.tar", good.archive)
+    server.unavailable["/p/flaky.tar"] = 2
+    agent = EdgeAgent(settings, FLEET, "cam-9", tmp_path / "cam-9", TRUST)
+    async with Collector(settings, topic_of(DeviceStatus, settings.topic_prefix)) as seen:
+        await agent.start()
+        try:
+            await publish(settings, release(good, url, "flaky"), project="demo")
+            assert (await final(seen, "flaky", timeout=40)).state is DeviceState.ACTIVATED
+            assert agent.counters["download_retries"] == 2
+        finally:
+            await agent.stop()
+

@@ -62,6 +62,8 @@ class Outbox:
         self.generation = 0
         self._published: list[int] = []
         self._unacked: set[asyncio.Future[Any]] = set()
+        self._inflight: set[int] = set()
+        """Outbox ids handed to the producer and not yet acknowledged (the relay leaves them alone)."""
         self._logged: dict[str, float] = {}
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -90,6 +92,7 @@ class Outbox:
         """Forget every acknowledgement still to come or not yet written: the broker changed."""
         self.generation += 1
         self._published.clear()
+        self._inflight.clear()
 
     # -- what may be sent ---------------------------------------------------------------------------
     def ready(self, topic: str) -> bool:
@@ -172,10 +175,13 @@ class Outbox:
                 self.counters["publish_deferred"] += len(outgoing) - outgoing.index(out) - 1
                 return
             self._unacked.add(acked)
+            if out.outbox_id is not None:
+                self._inflight.add(out.outbox_id)
             acked.add_done_callback(functools.partial(self._on_ack, out, generation))
 
     def _on_ack(self, out: Outgoing, generation: int, acked: asyncio.Future[Any]) -> None:
         self._unacked.discard(acked)
+        self._inflight.discard(out.outbox_id)  # type: ignore[arg-type]
         problem = acked.exception() if not acked.cancelled() else asyncio.CancelledError()
         if problem is not None:
             self.counters["publish_deferred"] += 1
@@ -232,9 +238,11 @@ class Outbox:
             rows = await conn.fetch(
                 f"""SELECT id, topic, key, value, headers FROM {self.schema}.outbox
                     WHERE published_at IS NULL AND created_at < now() - make_interval(secs => $1)
+                      AND id <> ALL($3::bigint[])
                     ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED""",
                 min_age_s,
                 limit,
+                list(self._inflight),
             )
             done = await self._send_rows(rows)
             if done and generation == self.generation:

@@ -95,6 +95,14 @@ class EdgeError(Exception):
         return f"{self.reason}: {self.args[0]}"
 
 
+DOWNLOAD_ATTEMPTS = 4
+"""Tries of a package download that failed in a way the server may recover from."""
+
+
+class _Transient(Exception):
+    """A download failure worth another try (no connection, a 5xx, a timeout)."""
+
+
 class Refused(Exception):
     """A release the device refuses or fails, with the reason it reports."""
 
@@ -477,7 +485,7 @@ class EdgeAgent:
                     await consumer.commit({tp: record.offset + 1})
 
     async def _on_record(self, record: Any) -> None:
-        # The consumer policy of every service (libs/bus.py): malformed messages, unknown majors
+        # The consumer policy of every service (libs/bus/): malformed messages, unknown majors
         # and other event types are dead-lettered with a reason code, never acted on.
         envelope, reason, problem = parse_event(spec_for(EdgeRelease), Envelope[EdgeRelease], record.value)
         if envelope is None:
@@ -611,9 +619,23 @@ class EdgeAgent:
         return DeviceState.ROLLED_BACK
 
     async def _download(self, release: Release) -> bytes:
+        """The release's package; a failure the server may recover from (no connection, a 5xx, a
+        timeout: the package server restarting, a flaky link) is tried again after 1, 2 and 4 s
+        before the device reports `download_failed`."""
         url = release.package_url
         if not url or not url.startswith(("http://", "https://")):
             raise Refused(DeviceFailureReason.DOWNLOAD_FAILED, "the release carries no http(s) package_url to download from")
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            try:
+                return await self._download_once(url)
+            except _Transient as exc:
+                if attempt == DOWNLOAD_ATTEMPTS - 1:
+                    raise Refused(DeviceFailureReason.DOWNLOAD_FAILED, f"{exc} ({DOWNLOAD_ATTEMPTS} attempts)") from None
+                self.counters["download_retries"] += 1
+                await asyncio.sleep(2.0**attempt)
+        raise AssertionError("unreachable")
+
+    async def _download_once(self, url: str) -> bytes:
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=self.download_timeout_s, follow_redirects=True)
         chunks: list[bytes] = []
@@ -621,6 +643,8 @@ class EdgeAgent:
         try:
             async with asyncio.timeout(self.download_timeout_s):
                 async with self._http.stream("GET", url) as response:
+                    if response.status_code >= 500 or response.status_code == 429:
+                        raise _Transient(f"GET {url} answered HTTP {response.status_code}")
                     if response.status_code != 200:
                         raise Refused(DeviceFailureReason.DOWNLOAD_FAILED, f"GET {url} answered HTTP {response.status_code}")
                     declared = response.headers.get("content-length")
@@ -632,7 +656,9 @@ class EdgeAgent:
                             raise Refused(DeviceFailureReason.DOWNLOAD_FAILED, f"the package is larger than {self.max_package_bytes} bytes")
                         chunks.append(chunk)
         except TimeoutError:
-            raise Refused(DeviceFailureReason.DOWNLOAD_FAILED, f"downloading {url} took longer than {self.download_timeout_s:g} s") from None
+            raise _Transient(f"downloading {url} took longer than {self.download_timeout_s:g} s") from None
+        except httpx.TransportError as exc:
+            raise _Transient(f"GET {url} failed: {type(exc).__name__}: {exc}") from None
         except httpx.HTTPError as exc:
             raise Refused(DeviceFailureReason.DOWNLOAD_FAILED, f"GET {url} failed: {type(exc).__name__}: {exc}") from None
         self.counters["downloaded_bytes"] += size
