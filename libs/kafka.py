@@ -189,11 +189,6 @@ def embedded(settings: Settings) -> bool:
     return settings.embedded_kafka or settings.kafka_embedded
 
 
-def metadata_refresh_s(settings: Settings) -> float:
-    """Longest time until every client of this process has fresh metadata (0: not bounded here)."""
-    return EMBEDDED_METADATA_MAX_AGE_MS / 1000 if embedded(settings) else 0.0
-
-
 def consumer_kwargs(settings: Settings) -> dict[str, object]:
     """Options for plain aiokafka consumers: connection plus the fetch long-poll limit in force."""
     return client_kwargs(settings) | {"fetch_max_wait_ms": settings.fetch_max_wait_ms}

@@ -55,14 +55,6 @@ class LagReport:
     topic_partitions: dict[str, int] = field(default_factory=dict)
     """Each topic's partition count on the broker (absent: the topic does not exist)."""
 
-    def by_group(self) -> dict[str, int]:
-        """Total lag per 'topic group'."""
-        totals: dict[str, int] = {}
-        for p in self.partitions:
-            key = f"{p.topic} {p.group}"
-            totals[key] = totals.get(key, 0) + p.lag
-        return totals
-
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: per topic its partitions, per group its lag per partition."""
         topics: dict[str, Any] = {}
