@@ -115,3 +115,26 @@ def _draw_shape(draw: ImageDraw.ImageDraw, name: str, box: tuple[float, float, f
         w, h = (x2 - x1) / 3, (y2 - y1) / 3
         draw.rectangle((x1 + w, y1, x2 - w, y2), fill=colour)
         draw.rectangle((x1, y1 + h, x2, y2 - h), fill=colour)
+
+
+# -- worlds by style --------------------------------------------------------------------------------
+
+STYLE_CLASSES: dict[str, tuple[str, ...]] = {"shapes": SHAPES[:4]}
+"""Per world style, the classes it can draw: the first three are a world's starting classes, the
+fourth the class a later round adds (the demo's round 3). `photo` is registered by its renderer."""
+
+
+def render_world_scene(
+    style: str,
+    seed: int,
+    *,
+    width: int,
+    height: int,
+    classes: tuple[str, ...],
+    objects: tuple[int, int],
+    size: tuple[float, float],
+) -> Scene:
+    """A scene of the world `style` (`shapes`: `render_scene`; `photo`: real photographs)."""
+    if style == "shapes":
+        return render_scene(seed, width=width, height=height, classes=classes, objects=objects, size=size)
+    raise ValueError(f"unknown world style {style!r} ({', '.join(STYLE_CLASSES)})")
