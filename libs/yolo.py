@@ -8,8 +8,8 @@ pip-install what it misses (`YOLO_AUTOINSTALL`). Left alone it writes under `~/.
 network, no installs) and only then imports it, so the recognizer's tests, the benchmark and the
 trainer run on a machine without internet exactly as on one with it.
 
-Training here always starts from a model yaml (`yolo11n.yaml`) or from weights the loop made
-itself: nothing is ever downloaded.
+Training here always starts from a model yaml (`yolo11n.yaml`), from weights the loop made
+itself, or from a local checkpoint the operator named: nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -319,15 +319,14 @@ def extend_classes(
 ) -> Path:
     """Write to `out` a copy of `weights` whose detection head knows `new_names`; return `out`.
 
-    Every tensor is the parent's except the final classification convs of the Detect head
-    (`cv3[i][-1]`, and `one2one_cv3[i][-1]` where the head has it): those get one row per class
-    of `new_names`, in that order. A class the parent knew keeps its parent row exactly (matched
-    by name, so `old_names` need not be a prefix); a new class gets the row a freshly built
-    model of the same yaml would start with (`Detect.bias_init`'s prior for its bias). The model's
-    `names`, head `nc` and yaml `nc` follow `new_names`, so Ultralytics' trainer, fine-tuning on
-    data with these names in this order, transfers every tensor instead of re-initialising the
-    head. Classes are never dropped: a class of `old_names` missing from `new_names` is a
-    ValueError. With `new_names == old_names` the file is copied as it is.
+    Every tensor is the parent's except the final classification convs of the Detect head,
+    rebuilt by `remap_head`: a class the parent knew keeps its parent row exactly (matched by
+    name, so `old_names` need not be a prefix); a new class gets the row a freshly built model of
+    the same yaml would start with. The model's `names`, head `nc` and yaml `nc` follow
+    `new_names`, so Ultralytics' trainer, fine-tuning on data with these names in this order,
+    transfers every tensor instead of re-initialising the head. Classes are never dropped: a
+    class of `old_names` missing from `new_names` is a ValueError. With `new_names == old_names`
+    the file is copied as it is.
     """
     old, new = list(old_names), list(new_names)
     if len(set(new)) != len(new) or len(set(old)) != len(old):
@@ -342,79 +341,124 @@ def extend_classes(
             shutil.copyfile(weights, out)
         return out
 
-    ul = ultralytics(state_dir)
+    ultralytics(state_dir)
+    from ultralytics.nn.tasks import load_checkpoint
+
+    parent, ckpt = load_checkpoint(str(weights))
+    parent_names = [parent.names[i] for i in sorted(parent.names)]
+    if parent_names != old:
+        raise ValueError(f"{weights} was trained on classes {parent_names}, not {old}")
+    child = remap_head(parent, [old.index(name) if name in old else -1 for name in new], new)
+    return save_checkpoint(
+        state_dir, child, out, train_args=dict(ckpt.get("train_args") or {}),
+        provenance={"extended_from": str(weights), "old_names": old, "new_names": new},
+    )
+
+
+def remap_head(model: Any, source_rows: Sequence[int], new_names: Sequence[str]) -> Any:
+    """A copy of the YOLO detector `model` whose head has one class row per name of `new_names`.
+
+    The rows are those of the final classification convs of the Detect head (`cv3[i][-1]`, and
+    `one2one_cv3[i][-1]` where the head has it). Row `k` is the model's row `source_rows[k]`,
+    weight and bias exactly; where that is -1 it is the row a freshly built model of the same
+    yaml starts with (built under a fixed seed, so the result is reproducible; where the model's
+    branch is wider than a fresh one, e.g. an 80-class parent, a default-initialised row with
+    `Detect.bias_init`'s prior bias). Every other tensor is the model's, and `model` itself is
+    left as it was. The copy's `names`, head `nc` and `no` and yaml `nc` follow `new_names`.
+    A head this cannot rebuild (not a closed-vocabulary YOLO Detect head, or an unexpected
+    classification layer) is a ValueError.
+    """
     import copy
-    import math
-    from datetime import datetime
 
     import torch
     from torch import nn
     from ultralytics.nn.modules.head import Detect
-    from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+    from ultralytics.nn.tasks import DetectionModel
 
-    parent, ckpt = load_checkpoint(str(weights))
-    head = parent.model[-1]
-    if not isinstance(head, Detect) or hasattr(parent, "set_classes"):
-        raise ValueError(f"{weights} is not a closed-vocabulary YOLO detector ({type(head).__name__} head)")
-    parent_names = [parent.names[i] for i in sorted(parent.names)]
-    if parent_names != old:
-        raise ValueError(f"{weights} was trained on classes {parent_names}, not {old}")
-
-    nc = len(new)
-    source_row = [old.index(name) if name in old else -1 for name in new]
-    # The freshly built model supplies new classes' starting rows; a fixed seed keeps the file reproducible.
+    head = model.model[-1]
+    if not isinstance(head, Detect) or hasattr(model, "set_classes"):
+        raise ValueError(f"not a closed-vocabulary YOLO detector ({type(head).__name__} head)")
+    if len(source_rows) != len(new_names) or any(not -1 <= r < head.nc for r in source_rows):
+        raise ValueError(f"source rows {list(source_rows)} do not fit {len(new_names)} classes from a head of {head.nc}")
+    nc = len(new_names)
+    child = copy.deepcopy(model)
+    child_head = child.model[-1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        fresh = DetectionModel(copy.deepcopy(parent.yaml), ch=parent.yaml.get("channels", 3), nc=nc, verbose=False)
-    fresh_head = fresh.model[-1]
-
-    child = copy.deepcopy(parent)
-    child_head = child.model[-1]
-    for attr in ("cv3", "one2one_cv3"):
-        branches = getattr(child_head, attr, None)
-        if branches is None:
-            continue
-        templates = getattr(fresh_head, attr, None)
-        for i, branch in enumerate(branches):
-            previous = branch[-1]
-            if not isinstance(previous, nn.Conv2d) or previous.out_channels != len(old) or previous.bias is None:
-                raise ValueError(f"unexpected classification layer {attr}[{i}][-1] in {weights}: {previous}")
-            grown = nn.Conv2d(previous.in_channels, nc, 1)
-            with torch.no_grad():
+        fresh = DetectionModel(copy.deepcopy(model.yaml), ch=model.yaml.get("channels", 3), nc=nc, verbose=False)
+        fresh_head = fresh.model[-1]
+        for attr in ("cv3", "one2one_cv3"):
+            branches = getattr(child_head, attr, None)
+            if branches is None:
+                continue
+            templates = getattr(fresh_head, attr, None)
+            for i, branch in enumerate(branches):
+                previous = branch[-1]
+                if not isinstance(previous, nn.Conv2d) or previous.out_channels != head.nc or previous.bias is None:
+                    raise ValueError(f"unexpected classification layer {attr}[{i}][-1]: {previous}")
                 template = templates[i][-1] if templates is not None else None
-                if template is not None and template.weight.shape == grown.weight.shape:
-                    grown.weight.copy_(template.weight)
-                    grown.bias.copy_(template.bias)
-                else:  # the parent's branch is wider than a fresh one (nc > head width): bias_init's prior
-                    grown.bias.fill_(math.log(5 / nc / (640 / float(child_head.stride[i])) ** 2))
-                for row, src in enumerate(source_row):
-                    if src >= 0:
-                        grown.weight[row] = previous.weight[src]
-                        grown.bias[row] = previous.bias[src]
-            branch[-1] = grown.to(previous.weight.device, previous.weight.dtype).requires_grad_(
-                previous.weight.requires_grad
-            )
+                branch[-1] = _class_conv(previous, template, source_rows, float(child_head.stride[i]))
     child_head.nc = nc
     child_head.no = nc + child_head.reg_max * 4
     child.yaml["nc"] = nc
-    child.names = dict(enumerate(new))
+    child.names = dict(enumerate(new_names))
     for stale in ("class_weights", "criterion", "pt_path"):  # sized for, or pointing at, the parent
         if hasattr(child, stale):
             delattr(child, stale)
+    return child
 
+
+def _class_conv(previous: Any, template: Any, source_rows: Sequence[int], stride: float) -> Any:
+    """A classification conv with one row per entry of `source_rows`: `previous`'s row, or a fresh one."""
+    import math
+
+    import torch
+    from torch import nn
+
+    nc = len(source_rows)
+    grown = nn.Conv2d(previous.in_channels, nc, 1)
+    with torch.no_grad():
+        if template is not None and template.weight.shape == grown.weight.shape:
+            grown.weight.copy_(template.weight)
+            grown.bias.copy_(template.bias)
+        else:  # the model's branch is wider than a fresh one (nc > head width): bias_init's prior
+            grown.bias.fill_(math.log(5 / nc / (640 / stride) ** 2))
+        for row, src in enumerate(source_rows):
+            if src >= 0:
+                grown.weight[row] = previous.weight[src]
+                grown.bias[row] = previous.bias[src]
+    return grown.to(previous.weight.device, previous.weight.dtype).requires_grad_(previous.weight.requires_grad)
+
+
+def save_checkpoint(
+    state_dir: Path, model: Any, out: Path, *, train_args: dict[str, Any], provenance: dict[str, Any]
+) -> Path:
+    """Write `model` to `out` (atomically) as an Ultralytics checkpoint fine-tuning can start from.
+
+    The file holds a half-precision copy (as Ultralytics saves its own), no optimizer state (so it
+    never resumes: it starts a new training), `train_args` and, under `visionloop`, `provenance`.
+    """
+    ul = ultralytics(state_dir)
+    import copy
+    from datetime import datetime
+
+    import torch
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     torch.save(
         {
             "epoch": -1,
             "best_fitness": None,
-            "model": child.half(),
+            "model": copy.deepcopy(model).half(),
             "ema": None,
             "updates": None,
             "optimizer": None,
-            "train_args": dict(ckpt.get("train_args") or {}),
+            "train_args": train_args,
             "date": datetime.now().astimezone().isoformat(),
             "version": ul.__version__,
-            "visionloop": {"extended_from": str(weights), "old_names": old, "new_names": new},
+            "visionloop": provenance,
         },
         tmp,
     )

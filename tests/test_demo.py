@@ -167,7 +167,7 @@ def test_quick_demo_closes_the_loop_three_times(quick_demo: QuickDemo) -> None:
     report = Path(summary["report"])
     assert report.is_file() and (report.parent / "rounds.png").read_bytes()[:4] == b"\x89PNG"
     text = report.read_text()
-    assert "round 3" in text and "diamond" in text and "release.edge" in text
+    assert "round 3" in text and "star" in text and "release.edge" in text
     # The progress: milestones as lines, the steps as bars (printed once at the end: stderr is no terminal).
     log = quick_demo.stderr
     assert "round 1: empty library, people label" in log and "v1 passed the gate" in log
@@ -199,14 +199,14 @@ def test_dashboard_shows_the_quick_demo_live_in_chromium(quick_demo: QuickDemo) 
     assert gateway[2] == "running" and re.fullmatch(r"[\d,]+\.\d", gateway[6]) and int(gateway[5].replace(",", "")) > 0, gateway
     assert '<section id="models" class="panel">' in during.dom and '<section id="releases" class="panel wide">' in during.dom
     # After the first release: v1 in the library (server and edge builds), its edge release with devices reporting.
-    assert '<tr data-key="shapes-detector@1/server">' in after.dom and '<tr data-key="shapes-detector@1/edge">' in after.dom
-    assert re.search(r'<td>shapes-detector v1</td>.*?<span class="badge activated">\d+ activated</span>', after.dom), after.dom[-3000:]
+    assert '<tr data-key="photo-detector@1/server">' in after.dom and '<tr data-key="photo-detector@1/edge">' in after.dom
+    assert re.search(r'<td>photo-detector v1</td>.*?<span class="badge activated">\d+ activated</span>', after.dom), after.dom[-3000:]
     # The numbers moved: every service handled more.
     handled = [_handled(b.dom) for b in (during, after)]
     moved = [s for s in handled[0] if handled[1].get(s, 0) > handled[0][s]]
     assert {"ingest", "dedup", "labeling-gateway", "verifier"} <= set(moved), handled
     # The page kept what the JSON said: people had annotate tasks while round 1 was labelled.
-    assert any(q["project"] == "shapes" and q["kind"] == "annotate" for q in during.data["queue"])
+    assert any(q["project"] == "photo" and q["kind"] == "annotate" for q in during.data["queue"])
     shot = quick_demo.screenshot
     assert shot is not None and shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10_000
     if os.environ.get("VL_UPDATE_SCREENSHOT") == "1":

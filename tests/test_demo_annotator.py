@@ -20,6 +20,7 @@ from visionloop.contracts import (
     UnrecognizedReason,
 )
 from visionloop.demo.annotator import Annotator
+from visionloop.demo.people import PERFECT
 from visionloop.demo.world import Item, World
 from visionloop.libs.boxes import iou
 
@@ -90,7 +91,7 @@ async def test_annotator_draws_the_truth_and_skips_strangers(lab: Lab) -> None:
     await lab.wait_tasks(11, where=f"project = '{lab.project}'")
 
     async with Annotator(lab.base_url, await lab.token("annotator", "sim-ann"), lab.project, world, user_id="sim-ann",
-                         noise_px=NOISE, miss_rate=0.15, rng_seed=3) as annotator:
+                         errors=PERFECT, noise_px=NOISE, miss_rate=0.15, rng_seed=3) as annotator:
         outcomes = await annotator.drain()
         tally = annotator.tally
         assert await annotator.run_once() is None  # the skipped task is never handed back to it
@@ -108,7 +109,8 @@ async def test_annotator_draws_the_truth_and_skips_strangers(lab: Lab) -> None:
     assert (tally.boxes_kept, tally.boxes_deleted) == (1, 1)
     assert tally.boxes_drawn == truth_boxes - tally.boxes_missed - tally.boxes_kept
     assert tally.boxes_missed == sum(o.missed for o in done) and tally.boxes_missed > 0
-    assert tally.seconds == pytest.approx(tally.boxes_drawn * 35.0 + tally.boxes_deleted * 8.0)
+    # The task that starts from the model's two guesses is charged their review (4 s + 1.6 s a box).
+    assert tally.seconds == pytest.approx(tally.boxes_drawn * 35.0 + tally.boxes_deleted * 8.0 + 4.0 + 2 * 1.6)
     assert sum(o.seconds for o in done) == pytest.approx(tally.seconds)
     assert tally.accepts == tally.corrections == tally.rejects == 0
 
@@ -148,7 +150,7 @@ async def test_reviewer_accepts_corrects_and_rejects_by_the_truth(lab: Lab) -> N
     await lab.wait_tasks(8, where=f"project = '{lab.project}' AND kind = 'review' AND state = 'queued'")
 
     async with Annotator(lab.base_url, await lab.token("reviewer", "sim-rev"), lab.project, world, user_id="sim-rev",
-                         noise_px=NOISE, rng_seed=4, http=lab.http, kinds=["review"]) as reviewer:
+                         errors=PERFECT, noise_px=NOISE, rng_seed=4, http=lab.http, kinds=["review"]) as reviewer:
         outcomes = await reviewer.drain()
         decisions = {o.image_id: o.decision for o in outcomes}
         expected = [ReviewDecision.ACCEPT] * 3 + [ReviewDecision.CORRECT] * 2 + [ReviewDecision.ACCEPT, ReviewDecision.CORRECT, ReviewDecision.REJECT]
@@ -158,7 +160,9 @@ async def test_reviewer_accepts_corrects_and_rejects_by_the_truth(lab: Lab) -> N
         assert (t.accepts, t.corrections, t.rejects) == (4, 3, 1)
         assert (t.boxes_relabelled, t.boxes_added, t.boxes_deleted, t.boxes_moved) == (1, 1, 1, 0)
         assert t.boxes_corrected == 3 and t.boxes_drawn == 0
-        assert t.seconds == pytest.approx(8 * 4.0 + 2 * 8.0 + 1 * 35.0)
+        shown = sum(len(p) for p in prelabels)
+        assert t.actions.boxes_shown == shown and t.actions.images_reviewed == 8
+        assert t.seconds == pytest.approx(8 * 4.0 + shown * 1.6 + 2 * 8.0 + 1 * 35.0)
 
         # accepted and corrected label sets are verified; the rejected image comes back to be drawn
         verified = await _verified(lab, 7)

@@ -343,12 +343,14 @@ def test_verify_checks_in_order() -> None:
 
 
 def test_calibration_picks_the_lowest_threshold_that_reaches_the_target() -> None:
-    samples = [Sample(0.95, True)] * 30 + [Sample(0.8, True)] * 15 + [Sample(0.8, False)] + [Sample(0.5, False)] * 10 + [Sample(0.4, True)] * 5
+    """The lower confidence bound of the precision (not the raw precision) must reach the target (see test_calibration_bound.py)."""
+    samples = [Sample(0.95, True)] * 100 + [Sample(0.8, True)] * 60 + [Sample(0.8, False)] + [Sample(0.5, False)] * 10 + [Sample(0.4, True)] * 5
     cal = calibrate("car", samples, target=0.95, min_samples=50, min_support=20)
-    assert cal.status == "calibrated" and cal.threshold == 0.8 and cal.support == 46 and cal.precision == pytest.approx(45 / 46)
+    assert cal.status == "calibrated" and cal.threshold == 0.8 and cal.support == 161 and cal.precision == pytest.approx(160 / 161)
+    assert cal.lower_bound is not None and 0.95 <= cal.lower_bound < cal.precision
     assert calibrate("car", samples[:40], target=0.95, min_samples=50, min_support=20).status == "too_few_samples"
     bad = calibrate("car", [Sample(0.9, False)] * 60, target=0.95, min_samples=50, min_support=20)
-    assert (bad.status, bad.threshold, bad.precision) == ("target_unreachable", None, 0.0)
+    assert (bad.status, bad.threshold, bad.precision, bad.lower_bound) == ("bound_below_target", None, 0.0, 0.0)
     # a threshold resting on too few boxes is not trusted
     thin = calibrate("car", [Sample(0.99, True)] * 5 + [Sample(0.5, False)] * 60, target=0.95, min_samples=50, min_support=20)
     assert thin.threshold is None

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from helpers import eventually
-from labelling import Lab, fake_image, publish_many, recognized, running_lab, unrecognized
+from labelling import Lab, fake_image, publish_many, recognition, recognized, running_lab, unrecognized
 
-from visionloop.contracts import Detection
+from visionloop.contracts import Detection, ImageRecognized, ModelRef
 
 ENV = {
     "VL_VERIFIER_MIN_SAMPLES": "6",
@@ -34,6 +34,22 @@ async def lab(kafka_bootstrap: str, database_url: str, tmp_path_factory: pytest.
 
 CAR = Detection(x1=100, y1=100, x2=200, y2=180, class_name="car", score=0.9)
 GHOST = Detection(x1=400, y1=300, x2=450, y2=380, class_name="person", score=0.3)
+
+
+def cars(n: int) -> list[Detection]:
+    """`n` cars apart from each other (rows of ten), scoring 0.9."""
+    return [Detection(x1=10 + 60 * (i % 10), y1=10 + 70 * (i // 10), x2=50 + 60 * (i % 10), y2=40 + 70 * (i // 10), class_name="car", score=0.9)
+            for i in range(n)]
+
+
+CARS = cars(10)
+"""Six images of ten cars are 60 verified boxes: enough evidence for a lower bound of
+0.05 ** (1 / 60) = 0.951 at target 0.95 (six single boxes would bound at 0.61)."""
+
+
+def by_model(payload: ImageRecognized, model: ModelRef) -> ImageRecognized:
+    """The same recognition, pre-labelled by another model version."""
+    return payload.model_copy(update={"recognition": recognition(0.1).model_copy(update={"model": model})})
 
 
 async def _review_all(lab: Lab, project: str, answer: Any) -> list[str]:
@@ -64,12 +80,12 @@ def _outcome(lab: Lab, image_id: str) -> list[tuple[str, str]]:
 async def test_prelabels_are_auto_accepted_once_calibrated(lab: Lab) -> None:
     await lab.use_project("auto")
     first = [fake_image(n) for n in range(6)]
-    await publish_many(lab.settings, [recognized(image, [CAR, GHOST]) for image in first], project="auto")
+    await publish_many(lab.settings, [recognized(image, [*CARS, GHOST]) for image in first], project="auto")
     await lab.wait_tasks(6, where="project = 'auto' AND state = 'queued'")
     # nothing calibrated yet (the collector may trail the task table by a moment)
     await eventually(lambda: all(_outcome(lab, i.image_id) == [("rejected", "needs_review")] for i in first))
-    # People keep the car and delete the ghost, six times.
-    keep_car = {"decision": "correct", "boxes": [{"class_name": "car", "x1": 101, "y1": 99, "x2": 200, "y2": 181}]}
+    # People keep the cars (a pixel off) and delete the ghost, six times.
+    keep_car = {"decision": "correct", "boxes": [{"class_name": "car", "x1": c.x1 + 1, "y1": c.y1 - 1, "x2": c.x2, "y2": c.y2 + 1} for c in CARS]}
     reviewed = await _review_all(lab, "auto", lambda task: keep_car)
     assert len(reviewed) == 6
     await eventually(lambda: sum(1 for i in first if ("verified", "human") in _outcome(lab, i.image_id)) == 6)
@@ -89,6 +105,14 @@ async def test_prelabels_are_auto_accepted_once_calibrated(lab: Lab) -> None:
     assert auto["provenance"]["actions"]["prelabels_accepted"] == 1 and auto["boxes"][0]["score"] is None
     message = next(m["payload"]["message"] for m in lab.messages("label.rejected") if m["payload"]["image"]["image_id"] == low_score.image_id)
     assert "0.850 < threshold 0.900" in message
+    # A new version of the model starts uncalibrated: v3's evidence does not vouch for v4's boxes.
+    newer = fake_image(104)
+    v4 = ModelRef(model_id="demo-detector", version=4)
+    await publish_many(lab.settings, [by_model(recognized(newer, [CAR.model_copy(update={"score": 0.99})]), v4)], project="auto")
+    await eventually(lambda: _outcome(lab, newer.image_id))
+    assert _outcome(lab, newer.image_id) == [("rejected", "needs_review")]
+    message = next(m["payload"]["message"] for m in lab.messages("label.rejected") if m["payload"]["image"]["image_id"] == newer.image_id)
+    assert "demo-detector@v4" in message, message
     # A model that predates a class of the taxonomy vouches for nothing: it cannot see objects of that class.
     predates = fake_image(103)
     await publish_many(lab.settings, [recognized(predates, [CAR.model_copy(update={"score": 0.95})]).model_copy(update={"class_names": ["car"]})],
@@ -113,17 +137,32 @@ async def test_prelabels_are_auto_accepted_once_calibrated(lab: Lab) -> None:
     )
     assert shown.returncode == 0, shown.stderr
     report = {r["class_name"]: r for r in json.loads(shown.stdout.strip().splitlines()[-1])["classes"]}
-    assert report["car"]["status"] == "calibrated" and report["car"]["threshold"] == pytest.approx(0.9)
-    assert report["car"]["precision"] == 1.0 and report["car"]["samples"] == 6 and report["car"]["target"] == 0.95
-    assert report["person"]["status"] == "target_unreachable" and report["person"]["threshold"] is None
+    car, person = report["car"], report["person"]
+    assert car["status"] == "calibrated" and car["threshold"] == pytest.approx(0.9) and (car["model_id"], car["model_version"]) == ("demo-detector", 3)
+    assert (car["correct"], car["samples"], car["support_correct"], car["support"]) == (60, 60, 60, 60)
+    assert car["precision"] == 1.0 and car["lower_bound"] == pytest.approx(0.05 ** (1 / 60)) and (car["target"], car["confidence"]) == (0.95, 0.95)
+    assert person["status"] == "bound_below_target" and person["threshold"] is None and (person["correct"], person["samples"]) == (0, 6)
+    assert person["lower_bound"] == 0.0
     verifier = next(r for r in lab.host.runtimes if r.service == "verifier")
-    assert verifier.gauges["calibration.auto.demo-detector.car.threshold"] == pytest.approx(0.9)
+    assert verifier.gauges["calibration.auto.demo-detector@v3.car.threshold"] == pytest.approx(0.9)
+    assert verifier.gauges["calibration.auto.demo-detector@v3.car.lower_bound"] == pytest.approx(0.05 ** (1 / 60))
+
+    # A person's verdict on v4's pre-labels is evidence for v4 (and for no other version).
+    await _review_all(lab, "auto", lambda task: {"decision": "accept"})
+    await eventually(lambda: ("verified", "human") in _outcome(lab, newer.image_id))
+
+    async def v4_evidence() -> list[Any]:
+        return await lab.pool.fetch(f"SELECT * FROM {lab.verifier_schema}.calibration WHERE project = 'auto' AND model_version = 4")
+
+    await eventually(v4_evidence)
+    [row] = await v4_evidence()
+    assert (row["class_name"], row["samples"], row["correct"], row["status"], row["threshold"]) == ("car", 1, 1, "too_few_samples", None)
 
 
 async def test_spot_checks_still_go_to_people(lab: Lab) -> None:
     await lab.use_project("spot")
     seed = fake_image(200)
-    await publish_many(lab.settings, [recognized(seed, [CAR])], project="spot")
+    await publish_many(lab.settings, [recognized(seed, cars(60))], project="spot")
     await lab.wait_tasks(1, where="project = 'spot' AND state = 'queued'")
     await _review_all(lab, "spot", lambda task: {"decision": "accept"})
     await eventually(lambda: ("verified", "human") in _outcome(lab, seed.image_id))
@@ -136,6 +175,9 @@ async def test_spot_checks_still_go_to_people(lab: Lab) -> None:
     await eventually(lambda: ("verified", "human") in _outcome(lab, checked.image_id))
     [label] = [m["payload"] for m in lab.messages("label.verified") if m["payload"]["image"]["image_id"] == checked.image_id]
     assert label["provenance"]["spot_check"] is True
+    # the spot check's verdict is more evidence for the version that drew the pre-labels
+    row = await lab.pool.fetchrow(f"SELECT * FROM {lab.verifier_schema}.calibration WHERE project = 'spot' AND class_name = 'car'")
+    assert (row["model_id"], row["model_version"], row["samples"], row["correct"], row["status"]) == ("demo-detector", 3, 61, 61, "calibrated")
 
 
 async def _annotate(lab: Lab, token: str, boxes: list[tuple[str, float, float, float, float]]) -> dict[str, Any]:

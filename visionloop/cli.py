@@ -345,22 +345,73 @@ async def submit_and_follow(settings, data: bytes, *, project: str, submission_i
         await consumer.stop()
 
 
-@app.command()
+demo_app = typer.Typer(help="The whole loop in three rounds on the embedded stack; the built-in world.")
+app.add_typer(demo_app, name="demo")
+world_app = typer.Typer(help="The demo's built-in world.", no_args_is_help=True)
+demo_app.add_typer(world_app, name="world")
+DatasetOpt = Annotated[Path | None, typer.Option(
+    "--dataset", help="Your own labelled images instead of the built-in world: a COCO JSON with its images, or a YOLO folder "
+    "(images/, labels/, data.yaml). Checked before anything starts.")]
+WorldOpt = Annotated[str, typer.Option("--world", help="The built-in world: photo (real photographs, the default) or shapes.")]
+
+
+@demo_app.callback(invoke_without_command=True)
 def demo(
+    ctx: typer.Context,
     quick: Annotated[bool, typer.Option("--quick", help="The CI-sized run (about 3 minutes on two cores); its models learn little.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line summarising the report.")] = False,
+    dataset: DatasetOpt = None,
+    world: WorldOpt = "photo",
 ) -> None:
     """The whole loop in three rounds on the embedded stack, every service as in production; writes a report."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from dataclasses import replace
+
     from visionloop.demo.report import write_report
     from visionloop.demo.scenario import DemoConfig, run_demo
 
     _demo_logging()
-    cfg = DemoConfig.quick() if quick else DemoConfig()
+    _check_dataset(dataset)
+    cfg = replace(DemoConfig.quick() if quick else DemoConfig(), world=world, dataset=str(dataset) if dataset else None)
     result = run_demo(cfg, state=Path(".visionloop") / "demo", console=console)
     report = write_report(result, Path(result["folder"]) / "report")
     console.print(f"[green]report[/]: {report}")
     if json_output:
         out.print(json.dumps(_demo_summary(result, report)), highlight=False, soft_wrap=True, markup=False)
+
+
+def _check_dataset(dataset: Path | None) -> None:
+    """Refuse a malformed dataset before anything starts, naming the file and the problem."""
+    if dataset is None:
+        return
+    from visionloop.demo.dataset import DatasetError, load_dataset
+
+    try:
+        found = load_dataset(dataset)
+    except DatasetError as exc:
+        console.print(f"[red]dataset refused[/] ({getattr(exc, 'reason', 'invalid')}): {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"dataset {dataset}: {len(found.images)} labelled images, classes {', '.join(found.classes)}")
+
+
+@world_app.command("export")
+def demo_world_export(
+    out_dir: Annotated[Path, typer.Option("--out", help="A new (or empty) folder to write the dataset into.")],
+    format_: Annotated[str, typer.Option("--format", help="coco (annotations/instances.json + images/) or yolo (data.yaml, images/, labels/).")] = "coco",
+    images: Annotated[int, typer.Option(help="Scenes to write.")] = 600,
+    seed: Annotated[int, typer.Option(help="The world's seed.")] = 7,
+    world: WorldOpt = "photo",
+) -> None:
+    """Write the built-in world as a labelled dataset folder (check `--dataset` against it)."""
+    from visionloop.demo.export import export_world
+
+    try:
+        folder = export_world(out_dir, fmt=format_, images=images, style=world, seed=seed)
+    except (ValueError, FileExistsError) as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    out.print(f"wrote the {world} world ({images} scenes, {format_}) to {folder}")
 
 
 class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
@@ -617,22 +668,45 @@ def bench_release(
 
 @bench_app.command("loop")
 def bench_loop(
-    quick: Annotated[bool, typer.Option("--quick", help="The CI-sized scenario in both arms (about 6 minutes).")] = False,
-    rounds: Annotated[str | None, typer.Option(help="Images per round: bootstrap,review,new-class (default 150,800,200).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="The CI-sized scenario, every arm, one seed unless --seeds.")] = False,
+    rounds: Annotated[str | None, typer.Option(help="Images per round: bootstrap,review,new-class (default 100,400,120).")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per arm (default 3; --quick: 1).", min=1)] = None,
+    dataset: DatasetOpt = None,
+    world: WorldOpt = "photo",
+    miss_rate: Annotated[float, typer.Option(help="Annotator: share of objects not drawn.")] = 0.05,
+    jitter_frac: Annotated[float, typer.Option(help="Annotator: sd of each drawn edge, as a share of the box's side.")] = 0.04,
+    confusion_rate: Annotated[float, typer.Option(help="Annotator: share of drawn boxes given a wrong class.")] = 0.03,
+    rubber_stamp_rate: Annotated[float, typer.Option(help="Reviewer: share of wrong pre-label sets accepted as they are.")] = 0.10,
+    review_miss_rate: Annotated[float, typer.Option(help="Reviewer: share of objects missing from pre-labels not noticed.")] = 0.10,
+    draw_box_s: Annotated[float, typer.Option(help="Seconds per box drawn by hand.")] = 35.0,
+    review_image_s: Annotated[float, typer.Option(help="Seconds per image shown with boxes to check.")] = 4.0,
+    review_box_s: Annotated[float, typer.Option(help="Seconds per box shown to a person.")] = 1.6,
+    correct_box_s: Annotated[float, typer.Option(help="Seconds per box moved, relabelled or deleted.")] = 8.0,
     json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
 ) -> None:
-    """Human labelling effort, manual vs the loop, on the same data and seeds, at the final models' test mAP."""
+    """Human time for model quality: manual, assisted (review) and the loop (review + auto-accept), several seeds."""
     from visionloop.bench.loop import run_loop_bench
+    from visionloop.demo.effort import Costs
+    from visionloop.demo.people import PersonErrors
 
     shape = None
     if rounds is not None:
         parts = [p.strip() for p in rounds.split(",")]
         if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            console.print(f"[red]--rounds must be three positive counts, e.g. 150,800,200 (got {rounds!r})[/]")
+            console.print(f"[red]--rounds must be three positive counts, e.g. 100,400,120 (got {rounds!r})[/]")
             raise typer.Exit(2)
         shape = (int(parts[0]), int(parts[1]), int(parts[2]))
+    try:
+        errors = PersonErrors(miss_rate=miss_rate, jitter_frac=jitter_frac, confusion_rate=confusion_rate,
+                              rubber_stamp_rate=rubber_stamp_rate, review_miss_rate=review_miss_rate)
+        costs = Costs(draw_box_s=draw_box_s, review_image_s=review_image_s, review_box_s=review_box_s, correct_box_s=correct_box_s)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    _check_dataset(dataset)
     _logging("WARNING")
-    result = run_loop_bench(quick=quick, rounds=shape, console=console)
+    result = run_loop_bench(quick=quick, rounds=shape, seeds=seeds if seeds is not None else (1 if quick else None), world=world,
+                            dataset=str(dataset) if dataset else None, errors=errors, costs=costs, console=console)
     if json_output:
         out.print(json.dumps(result), highlight=False, soft_wrap=True, markup=False)
 
@@ -716,7 +790,7 @@ def verifier_calibration(
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Auto-accept calibration per class: threshold, estimated precision, samples."""
+    """Auto-accept calibration per project, class and model version: threshold, evidence, precision and its lower bound."""
     from visionloop.services.verifier.service import calibration_report
 
     settings = _attach(_settings(config))
@@ -724,19 +798,28 @@ def verifier_calibration(
     if json_output:
         out.print(json.dumps({"project": project, "classes": rows}), highlight=False, soft_wrap=True, markup=False)
         return
+
+    def figure(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     table = Table(title=f"auto-accept calibration{f' — {project}' if project else ''}")
-    for column in ("project", "model", "class", "threshold", "precision", "target", "support", "samples", "status"):
+    columns = ("project", "model", "version", "class", "threshold", "right/verified", "right/support", "precision", "lower bound",
+               "target", "confidence", "status")
+    for column in columns:
         table.add_column(column)
     for r in rows:
         table.add_row(
-            r["project"], r["model_id"], r["class_name"],
-            "-" if r["threshold"] is None else f"{r['threshold']:.3f}",
-            "-" if r["precision"] is None else f"{r['precision']:.3f}",
-            f"{r['target']:.2f}", str(r["support"]), str(r["samples"]), r["status"],
+            r["project"], r["model_id"], "?" if r["model_version"] == 0 and r["model_id"] != "-" else str(r["model_version"]),
+            r["class_name"], figure(r["threshold"]), f"{r['correct']}/{r['samples']}", f"{r['support_correct']}/{r['support']}",
+            figure(r["precision"]), figure(r["lower_bound"]), f"{r['target']:.2f}",
+            "-" if r["confidence"] is None else f"{r['confidence']:.2f}", r["status"],
         )
     out.print(table)
     if not rows:
-        console.print("no calibration yet: it grows as people verify pre-labels (review tasks)")
+        console.print("no calibration yet: it grows as people verify pre-labels (review tasks, spot checks) of each model version")
+    else:
+        console.print("a threshold stands where the one-sided Clopper-Pearson lower bound of box precision at it reaches the target; "
+                      "precision and bound are at the threshold, or at the best cut without one; a new model version starts uncalibrated")
 
 
 # -- the trainer ------------------------------------------------------------------------------------
@@ -841,6 +924,18 @@ def releases(
     out.print(table)
     if not rows:
         console.print("no releases yet: a model that passes the gate is converted, packaged and released by the loop")
+
+
+@app.command()
+def report(
+    project: Annotated[str, typer.Argument(help="The project.")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for report.md and the plots (default ./visionloop-report-PROJECT/).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The labelling economy of PROJECT per model version (test mAP50-95, human seconds, auto-accept rate and precision) and its queue depth, as Markdown with PNG plots."""
+    from visionloop.report import run_report
+
+    raise typer.Exit(run_report(_attach(_settings(config)), project, out_dir))
 
 
 def _release_command(kind: str, release_id: str | None, fleet: str | None, reason: str | None, config: Path | None) -> None:

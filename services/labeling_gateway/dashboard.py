@@ -1,6 +1,6 @@
 """The dashboard: one page that shows the loop at work, refreshed every 2 s.
 
-Four panels, each from what the gateway may know without talking to another service:
+Five panels, each from what the gateway may know without talking to another service:
 
 - **services**: the latest `pipeline.status` of every instance (state, uptime, handled, dead
   letters), its throughput — the growth of the monotonic `handled` counter between its last two
@@ -9,7 +9,11 @@ Four panels, each from what the gateway may know without talking to another serv
 - **queue**: the gateway's own open tasks by project, kind and state;
 - **models**: the model library (a shared read model: `ModelLibrary.entries`), with metrics and aliases;
 - **releases**: `release.edge` and `release.server` events (the latest stage of each release)
-  and the latest `device.status` of each device per release, counted by state.
+  and the latest `device.status` of each device per release, counted by state;
+- **economy** (per project, as inline SVG plots): test mAP50-95, human seconds, auto-accept rate
+  and precision per model version, and queue depth over time (economy.py says how each is
+  measured). It follows `model.evaluated` here; service.py's `label.verified` handler records
+  how each label set was verified (`economy_store.record_verified`).
 
 Heartbeats, releases and device reports are kept in tables (`0002_dashboard.sql`), not in
 memory: gateway replicas share one consumer group per topic, so each sees only part of them.
@@ -18,7 +22,9 @@ Routes: `GET /dashboard` (the page) and `GET /dashboard/static/{name}` are publi
 data; the page asks for a token (or takes `?token=` once), keeps it in sessionStorage and polls
 `GET /v1/dashboard`, which needs any valid token (annotator and up). A project token sees its
 project's queue and models; an all-projects token sees every project's. Services and releases
-are operational facts shared by every project and shown to every token.
+are operational facts shared by every project and shown to every token. The economy is read
+per project, less often: `GET /v1/projects/{project}/economy` (the numbers, JSON) and
+`GET /v1/projects/{project}/economy/plots` (the same as SVG), with a token of that project.
 """
 
 from __future__ import annotations
@@ -36,15 +42,28 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
-from visionloop.contracts import TOPICS, DeviceStatus, EdgeRelease, Envelope, PipelineStatus, ServerRelease
+from visionloop.contracts import (
+    TOPICS,
+    DeviceStatus,
+    EdgeRelease,
+    Envelope,
+    ModelEvaluated,
+    PipelineStatus,
+    ServerRelease,
+)
 from visionloop.contracts.release import DeviceState, Release, ReleaseAction
 from visionloop.contracts.status import StatusKind
 from visionloop.libs.bus import Runtime, Unit
 from visionloop.libs.kafka import client_kwargs
 from visionloop.libs.library import ModelLibrary
 from visionloop.libs.settings import Settings
+from visionloop.services.labeling_gateway import economy_store, store
+from visionloop.services.labeling_gateway.api import ProjectPath
 from visionloop.services.labeling_gateway.auth import Principal, Role
+from visionloop.services.labeling_gateway.economy import EconomyOut, assemble
 from visionloop.services.labeling_gateway.http import Gateway, RefusalAnswer, guard, role_extra
+from visionloop.services.labeling_gateway.svg import economy_plots
+from visionloop.services.labeling_gateway.tasks import Refusal
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +196,11 @@ async def on_device(event: Envelope[DeviceStatus], unit: Unit[Any]) -> None:
         p.release_id or "", p.device_id, p.fleet, p.state.value, p.reason.value if p.reason else None, active,
         event.occurred_at, heartbeat,
     )
+
+
+async def on_evaluated(event: Envelope[ModelEvaluated], unit: Unit[Any]) -> None:
+    """Keep each model version's latest test-set metrics (the economy's mAP)."""
+    await economy_store.record_evaluation(unit.conn, unit.schema, event.project, event.payload, event.occurred_at)
 
 
 def _json(value: dict[str, Any]) -> str:
@@ -335,9 +359,18 @@ class DashboardOut(BaseModel):
     lags: list[GroupLagOut]
     lag_read_at: datetime | None = Field(description="When the lag was read from the broker.")
     lag_error: str | None = Field(description="Why the lag could not be read last time, if it could not.")
+    projects: list[str] = Field(description="Projects the token may see (the economy panel reads them one at a time).")
     queue: list[QueueOut]
     models: list[ModelOut]
     releases: list[ReleaseOut]
+
+
+class EconomyPlotsOut(BaseModel):
+    """The economy of one project as SVG plots (inline SVG, for the dashboard)."""
+
+    project: str
+    generated_at: datetime
+    plots: dict[str, str] = Field(description="SVG documents by name: map50_95, human_seconds, seconds_per_task, auto_accept, queue.")
 
 
 async def _services(pool: asyncpg.Pool, s: str, heartbeat_s: float, lags: list[dict[str, Any]], lag_known: bool) -> list[ServiceOut]:
@@ -431,6 +464,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
     runtime.consume(EdgeRelease, on_release)
     runtime.consume(ServerRelease, on_release)
     runtime.consume(DeviceStatus, on_device)
+    runtime.consume(ModelEvaluated, on_evaluated)
     lag = LagCache(runtime.settings)
     runtime.background("dashboard-lag", lag.work)
     reader = Depends(guard(gw, Role.ANNOTATOR))
@@ -459,6 +493,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
         await lag.current()
         pool, s, settings = gw.pool, gw.s, runtime.settings
         project = principal.project
+        async with pool.acquire() as conn:
+            projects = [project] if project is not None else await store.projects(conn, s)
         return DashboardOut(
             generated_at=datetime.now(UTC),
             heartbeat_interval_s=settings.heartbeat_interval_s,
@@ -466,7 +502,41 @@ def register(app: FastAPI, gw: Gateway) -> None:
             lags=[GroupLagOut(**g) for g in lag.lags],
             lag_read_at=lag.read_at,
             lag_error=lag.error,
+            projects=projects,
             queue=await _queue(pool, s, project),
             models=await _models(pool, settings, project),
             releases=await _releases(pool, s),
         )
+
+    _register_economy(app, gw, reader)
+
+
+def _register_economy(app: FastAPI, gw: Gateway, reader: Any) -> None:
+    """The economy's JSON and plots, per project."""
+    refusals: dict[int | str, dict[str, Any]] = {code: {"model": RefusalAnswer} for code in (401, 403, 404)}
+
+    async def economy(project: str) -> EconomyOut:
+        async with gw.pool.acquire() as conn:
+            if not await store.project_exists(conn, gw.s, project):
+                raise Refusal(404, "unknown_project", f"project {project!r} does not exist; an admin creates it with POST /v1/projects")
+            rows = await economy_store.economy_rows(conn, gw.s, project)
+        return assemble(project, rows, datetime.now(UTC))
+
+    @app.get("/v1/projects/{project}/economy", summary="The labelling economy per model version", tags=["dashboard"],
+             description=(
+                 "Per model version: test mAP50-95, human seconds (lease to submit) and tasks, auto-accept rate and "
+                 "precision (from spot checks) with their counts; and the queue depth by kind over time. `rules` says "
+                 "how each number is measured and attributed. A token of the project (any role)."
+             ),
+             response_model=EconomyOut, responses=refusals,
+             openapi_extra=role_extra(Role.ANNOTATOR))
+    async def economy_numbers(project: ProjectPath, principal: Principal = reader) -> EconomyOut:
+        return await economy(project)
+
+    @app.get("/v1/projects/{project}/economy/plots", summary="The labelling economy as SVG plots", tags=["dashboard"],
+             description="The economy's numbers drawn as inline SVG documents (what the dashboard shows).",
+             response_model=EconomyPlotsOut, responses=refusals,
+             openapi_extra=role_extra(Role.ANNOTATOR))
+    async def economy_svg(project: ProjectPath, principal: Principal = reader) -> EconomyPlotsOut:
+        numbers = await economy(project)
+        return EconomyPlotsOut(project=project, generated_at=numbers.generated_at, plots=economy_plots(numbers))

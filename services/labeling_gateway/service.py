@@ -12,8 +12,8 @@ Consumes:
 
 Emits `label submitted` (every answer, through the outbox) and `training requested` (Label
 Studio's "Start Training"). Serves the HTTP API on `port` (api.py, labelstudio.py) and the
-dashboard (dashboard.py), which follows `pipeline status`, `release edge`, `release server` and
-`device status` into read-model tables of its own.
+dashboard (dashboard.py), which follows `pipeline status`, `release edge`, `release server`,
+`device status` and `model evaluated` into read-model tables of its own.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from visionloop.contracts import (
 from visionloop.contracts.envelope import utcnow
 from visionloop.libs.bus import Runtime, Unit
 from visionloop.libs.service import Adapters, ServiceSpec
-from visionloop.services.labeling_gateway import api, dashboard, labelstudio, store
+from visionloop.services.labeling_gateway import api, dashboard, economy_store, labelstudio, store
 from visionloop.services.labeling_gateway.auth import TokenCache
 from visionloop.services.labeling_gateway.config import GatewaySettings
 from visionloop.services.labeling_gateway.http import Gateway, install_errors, install_openapi
@@ -209,6 +209,10 @@ def wire(runtime: Runtime, adapters: Adapters, config: GatewaySettings) -> FastA
         await store.store_label(
             unit.conn, s, project, payload.image.image_id, label_id=payload.label_id, boxes=payload.boxes,
             method=payload.provenance.method.value, for_test_set=payload.for_test_set,
+        )
+        await economy_store.record_verified(
+            unit.conn, s, project, label_id=payload.label_id, image_id=payload.image.image_id, provenance=payload.provenance,
+            for_test_set=payload.for_test_set, at=event.occurred_at,
         )
         marked = await store.mark_outcome(unit.conn, s, payload.provenance.submission_ids, "verified", payload.provenance.method.value)
         task_ids = [r["task_id"] for r in marked if r["task_id"]]

@@ -8,6 +8,8 @@ or is killed takes nothing else down with it. The job file (JSON):
     out_dir              folder for this run; Ultralytics writes `<out_dir>/run/weights/{best,last}.pt`
     model                "yolo11n.yaml" (a fresh detector) or the .pt of the champion to fine-tune
     parent_class_names   the classes `model` (a .pt) was trained on, in head order; null for a yaml
+    base_checkpoint      optional: a user's Ultralytics .pt to start from instead of the yaml `model`,
+                         its classes mapped onto `class_names` by name (`pretrained.py`)
     class_names          the data's class names, in order (must match data.yaml)
     hyperparameters      Ultralytics train arguments: epochs, imgsz, batch, lr0, patience, ...
     device               "auto" (GPU 0 if torch sees one, else CPU), "cpu", "0", ...
@@ -15,10 +17,11 @@ or is killed takes nothing else down with it. The job file (JSON):
 Stdout carries only the protocol, one JSON object per line, flushed as written; everything
 Ultralytics prints goes to stderr:
 
+    {"event": "start", "base_checkpoint": {...}}   (first, only with a base checkpoint: its class mapping)
     {"event": "epoch", "epoch": n, "epochs": total, "losses": {...}, "metrics": {...}}
     {"event": "done", "weights": path, "epochs": n, "best_epoch": n|null, "val": {...},
      "final_losses": {...}, "train_images": n, "val_images": n, "device": str, "duration_s": s}
-    {"event": "error", "type": exception class, "message": str}
+    {"event": "error", "type": exception class, "message": str, "reason": code (only for a refused base checkpoint)}
 
 `metrics` and `val` hold `map50_95`, `map50`, `precision`, `recall` as Ultralytics computed them.
 Exit status 0 after `done`, 1 after `error`. Torch and Ultralytics are imported only inside `main`.
@@ -36,6 +39,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+from visionloop.services.trainer.pretrained import CheckpointRefused, start_from, summary
 
 METRICS = {
     "map50_95": "metrics/mAP50-95(B)",
@@ -66,6 +71,8 @@ class Job:
     """Ultralytics train arguments over `libs.yolo.TRAIN_DEFAULTS`."""
     device: str
     """"auto", "cpu", "0", ..."""
+    base_checkpoint: Path | None = None
+    """A user's .pt the first model starts from (with a yaml `model` only); None: the yaml itself."""
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Job:
@@ -74,6 +81,9 @@ class Job:
         if missing:
             raise ValueError(f"job file lacks {missing}")
         parent = raw.get("parent_class_names")
+        base = raw.get("base_checkpoint")
+        if base and str(raw["model"]).endswith(".pt"):
+            raise ValueError("a job starts from a base checkpoint or from a .pt model, not both")
         return cls(
             state_dir=Path(raw["state_dir"]),
             data=Path(raw["data"]),
@@ -83,6 +93,7 @@ class Job:
             class_names=tuple(raw["class_names"]),
             hyperparameters=dict(raw.get("hyperparameters") or {}),
             device=str(raw.get("device") or "auto"),
+            base_checkpoint=Path(base) if base else None,
         )
 
 
@@ -254,6 +265,10 @@ def run(job: Job, protocol: Protocol, started: float) -> dict[str, Any]:
             job.state_dir, Path(job.model), job.parent_class_names or (), job.class_names,
             out_dir / "parent-extended.pt",
         )
+    elif job.base_checkpoint is not None:
+        model, record = start_from(job.state_dir, job.base_checkpoint, job.class_names, out_dir / "base-mapped.pt")
+        print(f"base checkpoint: {summary(record, limit=100_000)}", file=sys.stderr)
+        protocol.emit({"event": "start", "base_checkpoint": record})
     detector = ul.YOLO(str(model))
     progress = Progress(protocol)
     detector.add_callback("on_train_epoch_end", progress.on_train_epoch_end)
@@ -293,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         protocol.emit(run(job, protocol, started))
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - every failure becomes one error event
         traceback.print_exc()
-        protocol.emit({"event": "error", "type": type(exc).__name__, "message": str(exc)})
+        error = {"event": "error", "type": type(exc).__name__, "message": str(exc)}
+        protocol.emit(error | ({"reason": exc.reason} if isinstance(exc, CheckpointRefused) else {}))
         return 1
     return 0
 

@@ -10,13 +10,17 @@ file's `trainer.projects` mapping, e.g.::
 
 The defaults train a `yolo11n` at 160 px, which two CPU cores do in about a minute per 30 epochs
 on a few hundred images; on a machine with a CUDA GPU `device: auto` uses it.
+
+A project may start from a detector the user already has: `base_checkpoint` names a local
+Ultralytics `.pt` (detect task), e.g. `VL_TRAINER_BASE_CHECKPOINT=/models/yolo11n-coco.pt` for every
+project, or `trainer.projects.<project>.base_checkpoint` for one (`null` there turns it off).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from visionloop.libs.settings import ServiceSettings, service_config
 
@@ -62,8 +66,18 @@ class Policy(BaseModel):
 
     # -- training ----------------------------------------------------------------------------------------
     model_yaml: str = Field(default="yolo11n.yaml", description="Architecture of a project's first model (Ultralytics model yaml; nothing is downloaded).")
+    base_checkpoint: str | None = Field(
+        default=None,
+        description=(
+            "A local Ultralytics detection checkpoint (.pt) a project's first model fine-tunes from instead of training "
+            "`model_yaml` from scratch; its classes map onto the project's by name (case-insensitive), the rest start "
+            "fresh. A relative path is taken from the trainer's working folder. Later models fine-tune the champion."
+        ),
+    )
     epochs: int = Field(default=40, ge=1, description="Epochs of a project's first model (trained from the yaml).")
-    finetune_epochs: int = Field(default=15, ge=1, description="Epochs of later models (fine-tuned from the champion).")
+    finetune_epochs: int = Field(
+        default=15, ge=1, description="Epochs of a fine-tune: later models (from the champion) and a first model started from `base_checkpoint`."
+    )
     imgsz: int = Field(default=160, ge=32, le=4096, description="Square training and inference size, pixels (a multiple of 32).")
     batch: int = Field(default=16, ge=1, description="Images per batch.")
     patience: int = Field(default=20, ge=0, description="Epochs without val improvement before training stops early.")
@@ -75,6 +89,16 @@ class Policy(BaseModel):
     max_attempts: int = Field(
         default=2, ge=1, description="Times a run is started again after its trainer died under it (a crash of the run itself is not retried)."
     )
+
+
+    @field_validator("base_checkpoint")
+    @classmethod
+    def _a_pt_file(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.strip().endswith(".pt"):
+            raise ValueError(f"base_checkpoint {value!r} must name an Ultralytics .pt checkpoint")
+        return value.strip()
 
 
 class TrainerSettings(ServiceSettings, Policy):

@@ -19,8 +19,9 @@ status topic.
   trains in a child process (`child.py`): a crash or out-of-memory kill of the child fails the
   run, not the service, and a run past `time_limit_s` is killed. The child dies with the
   trainer (even a SIGKILLed one), so a run re-queued by the lease never trains twice at once.
-  The first model of a project trains from the model yaml; later ones fine-tune the champion,
-  its head extended by name for new classes.
+  The first model of a project trains from the model yaml, or fine-tunes the operator's
+  `base_checkpoint` with its classes mapped by name (`pretrained.py`; the mapping is kept with the
+  run); later ones fine-tune the champion, its head extended by name for new classes.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from visionloop.libs.db import quote_ident
 from visionloop.libs.formats import LabelledImage, file_name_for, write_yolo
 from visionloop.libs.perceptual import hash_image
 from visionloop.libs.service import Adapters, ServiceSpec
+from visionloop.services.trainer import pretrained
 from visionloop.services.trainer.config import TUNABLE, Policy, TrainerSettings
 from visionloop.libs.manifest import Member, manifest
 from visionloop.services.trainer.dataset import (
@@ -141,7 +143,7 @@ async def runs_report(pool: asyncpg.Pool, schema: str, project: str | None = Non
     s = quote_ident(schema)
     rows = await pool.fetch(
         f"""SELECT run_id, project, status, reason, error, attempts, epoch, dataset_version, test_set_version,
-                   model_id, version, triggers, created_at, started_at, finished_at
+                   model_id, version, triggers, base_checkpoint, created_at, started_at, finished_at
             FROM {s}.runs WHERE $1::text IS NULL OR project = $1 ORDER BY created_at DESC LIMIT $2""",
         project, limit,
     )
@@ -149,6 +151,7 @@ async def runs_report(pool: asyncpg.Pool, schema: str, project: str | None = Non
     for r in rows:
         row = dict(r)
         row["triggers"] = json.loads(row["triggers"])
+        row["base_checkpoint"] = json.loads(row["base_checkpoint"]) if row["base_checkpoint"] else None
         for key in ("created_at", "started_at", "finished_at"):
             row[key] = row[key].isoformat() if row[key] else None
         out.append(row)
@@ -413,9 +416,10 @@ def wire(runtime: Runtime, adapters: Adapters, config: TrainerSettings) -> None:
         folder = work_dir / "runs" / run_id
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        data = await materialise(snap)
         parent = snap["champion"]
-        hyper = hyperparameters(policy, json.loads(run["hyperparameters"]), first=parent is None)
+        base = _base_checkpoint(policy) if parent is None else None
+        data = await materialise(snap)
+        hyper = hyperparameters(policy, json.loads(run["hyperparameters"]), first=parent is None and base is None)
         job = {
             "state_dir": str(work_dir),
             "data": str(data),
@@ -425,6 +429,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: TrainerSettings) -> None:
             "class_names": snap["class_names"],
             "hyperparameters": hyper,
             "device": policy.device,
+            "base_checkpoint": str(base) if base else None,
         }
         if parent is not None:
             weights = folder / "parent.pt"
@@ -555,6 +560,8 @@ def wire(runtime: Runtime, adapters: Adapters, config: TrainerSettings) -> None:
                     continue
                 if line.get("event") == "epoch":
                     await progress(run_id, project, line)
+                elif line.get("event") == "start" and isinstance(line.get("base_checkpoint"), dict):
+                    await started_from(run_id, project, line["base_checkpoint"])
                 elif line.get("event") == "done":
                     result.update(line)
                 elif line.get("event") == "error":
@@ -578,11 +585,23 @@ def wire(runtime: Runtime, adapters: Adapters, config: TrainerSettings) -> None:
         if code == 0 and result:
             return result
         if error:
-            raise RunFailed("training_error", f"{error.get('type', 'error')}: {error.get('message', '')}")
+            raise RunFailed(str(error.get("reason") or "training_error"), f"{error.get('type', 'error')}: {error.get('message', '')}")
         if code is not None and code < 0:
             name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
             raise RunFailed("crashed", f"the training process was killed by {name} (out of memory, or killed){_tail(folder / 'train.log')}")
         raise RunFailed("crashed", f"the training process exited with status {code}{_tail(folder / 'train.log')}")
+
+    async def started_from(run_id: str, project: str, record: dict[str, Any]) -> None:
+        """Keep a base checkpoint's class mapping with the run, and say it on the status topic."""
+        assert runtime.pool is not None
+        try:
+            await runtime.pool.execute(
+                f"UPDATE {quote_ident(runtime.schema)}.runs SET base_checkpoint = $2::jsonb WHERE run_id = $1", run_id, json.dumps(record)
+            )
+        except Exception as exc:  # the training goes on; the mapping is still in its train.log and the log line below
+            log.warning("run %s: could not record its base checkpoint mapping: %s", run_id, exc)
+        log.info("run %s (%s): %s", run_id, project, pretrained.summary(record, limit=4000))
+        await runtime.status(StatusKind.PROGRESS, progress=Progress(task="training", task_id=run_id, step=0, message=f"{project}: {pretrained.summary(record)}"))
 
     async def progress(run_id: str, project: str, line: dict[str, Any]) -> None:
         metrics = {f"loss.{k}": float(v) for k, v in (line.get("losses") or {}).items() if isinstance(v, int | float)}
@@ -676,6 +695,16 @@ def hyperparameters(policy: Policy, overrides: Mapping[str, Any], *, first: bool
     }
     extras = {k: v for k, v in policy.train_args.items() if k in TUNABLE}
     return base | extras | {k: v for k, v in overrides.items() if k in TUNABLE}
+
+
+def _base_checkpoint(policy: Policy) -> Path | None:
+    """The policy's base checkpoint as an absolute path (the child runs elsewhere); RunFailed when it is not there."""
+    if not policy.base_checkpoint:
+        return None
+    path = Path(policy.base_checkpoint).expanduser().resolve()
+    if not path.is_file():
+        raise RunFailed(pretrained.MISSING, f"base checkpoint {path} does not exist: fix or unset the trainer's base_checkpoint setting")
+    return path
 
 
 def _die_with_trainer() -> None:  # pragma: no cover - runs in the child before exec

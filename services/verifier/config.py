@@ -5,6 +5,7 @@ file's `verifier.projects` mapping, e.g.::
 
     verifier:
       target_precision: 0.95
+      confidence: 0.95
       projects:
         parking: {target_precision: 0.98, spot_check_rate: 0.1, min_box_px: 4}
 """
@@ -34,17 +35,24 @@ class Policy(BaseModel):
     # -- auto-accept of pre-labels -------------------------------------------------------------------
     auto_accept: bool = Field(default=True, description="Accept pre-labels without a person when calibration allows.")
     target_precision: float = Field(
-        default=0.95, gt=0, le=1, description="Box precision (at `match_iou`) a class's threshold must reach for auto-accept."
+        default=0.95, gt=0, le=1,
+        description="Box precision (at `match_iou`) that the lower confidence bound at a class's threshold must reach for auto-accept.",
+    )
+    confidence: float = Field(
+        default=0.95, ge=0.5, lt=1,
+        description="Confidence of that one-sided Clopper-Pearson lower bound of box precision (per class and model version).",
     )
     match_iou: float = Field(default=0.5, gt=0, le=1, description="IoU at which a pre-label counts as right against the verified boxes.")
     min_samples: int = Field(
-        default=50, ge=1, description="Human-verified pre-label boxes a class needs before anything of it is auto-accepted."
+        default=50, ge=1,
+        description="Human-verified pre-label boxes a class needs (per model version) before anything of it is auto-accepted, whatever the bound says.",
     )
     min_support: int = Field(
-        default=20, ge=1, description="Verified boxes that must score at or above a class's threshold (a threshold resting on fewer is not trusted)."
+        default=20, ge=1,
+        description="Verified boxes that must score at or above a class's threshold, whatever the bound says (a floor).",
     )
     calibration_window: int = Field(
-        default=5000, ge=10, description="Newest verified pre-label boxes per class and model line that calibration uses."
+        default=5000, ge=10, description="Newest verified pre-label boxes per class and model version that calibration uses."
     )
     spot_check_rate: float = Field(
         default=0.05, ge=0, le=1, description="Share of auto-acceptable pre-label sets still sent to people (fixed per image by its id)."

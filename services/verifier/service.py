@@ -6,10 +6,11 @@ sentence, the problem of each box).
 
 - A person's (or an import's) label set passes the checks in verify.py.
 - A pre-label set (source `prelabel`, offered by the gateway for every recognised image) is
-  auto-accepted when calibrate.py says so (its classes calibrated, its model knowing every class
-  of the taxonomy); otherwise it is rejected with `needs_review` or
-  `spot_check`, and the gateway hands it to a reviewer. Every human verdict on pre-labels adds
-  calibration samples.
+  auto-accepted when calibrate.py says so (its classes calibrated on the very model version that
+  drew it, with a lower confidence bound of their precision at the target; its model knowing
+  every class of the taxonomy); otherwise it is rejected with `needs_review` or `spot_check`,
+  and the gateway hands it to a reviewer. Every human verdict on pre-labels (reviews, spot
+  checks) adds calibration samples to the evidence of that model version.
 - Submissions of a consensus group wait until `consensus_size` distinct people have answered;
   then consensus.py votes once for the group.
 
@@ -45,15 +46,20 @@ from visionloop.contracts import (
 from visionloop.libs.bus import Runtime, Unit
 from visionloop.libs.db import quote_ident
 from visionloop.libs.service import Adapters, ServiceSpec
-from visionloop.services.verifier.calibrate import Calibration, Sample, calibrate, decide, score_samples
+from visionloop.services.verifier.calibrate import (
+    Calibration,
+    Sample,
+    calibrate,
+    decide,
+    model_key,
+    model_label,
+    score_samples,
+)
 from visionloop.services.verifier.config import Policy, VerifierSettings
 from visionloop.services.verifier.consensus import vote
 from visionloop.services.verifier.verify import Verdict, check_boxes, verify
 
 log = logging.getLogger(__name__)
-
-NO_MODEL = "-"
-"""Model line of pre-labels that name no model."""
 
 
 def label_id_for(submission_ids: Sequence[str]) -> str:
@@ -62,67 +68,103 @@ def label_id_for(submission_ids: Sequence[str]) -> str:
 
 
 # -- calibration store ---------------------------------------------------------------------------------
+#
+# Evidence and thresholds are keyed by (project, model line, model version, class): the model
+# version that drew the pre-labels (`model_key`), so a new version starts with none.
 
 
-async def add_samples(conn: asyncpg.Connection, s: str, project: str, model_id: str, submission_id: str, samples: list[tuple[str, Sample]], policy: Policy) -> list[Calibration]:
-    """Record verified pre-label boxes and recompute the calibration of their classes."""
+async def recalibrate(conn: asyncpg.Connection, s: str, project: str, model: tuple[str, int], class_name: str, policy: Policy) -> Calibration:
+    """Recompute and store one class's calibration on one model version from its newest samples."""
+    model_id, version = model
+    # One recomputation at a time per class, so concurrent verdicts cannot store a stale one last.
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"vl-calibration:{project}:{model_id}@{version}:{class_name}")
+    rows = await conn.fetch(
+        f"""SELECT score, correct FROM {s}.calibration_samples
+            WHERE project = $1 AND model_id = $2 AND model_version = $3 AND class_name = $4 ORDER BY id DESC LIMIT $5""",
+        project, model_id, version, class_name, policy.calibration_window,
+    )
+    cal = calibrate(
+        class_name, [Sample(r["score"], r["correct"]) for r in rows], target=policy.target_precision, confidence=policy.confidence,
+        min_samples=policy.min_samples, min_support=policy.min_support, model=model,
+    )
+    await conn.execute(
+        f"""INSERT INTO {s}.calibration (project, model_id, model_version, class_name, threshold, precision, samples, support,
+                status, target, correct, support_correct, lower_bound, confidence)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+            ON CONFLICT (project, model_id, model_version, class_name) DO UPDATE SET threshold = EXCLUDED.threshold,
+                precision = EXCLUDED.precision, samples = EXCLUDED.samples, support = EXCLUDED.support,
+                status = EXCLUDED.status, target = EXCLUDED.target, correct = EXCLUDED.correct,
+                support_correct = EXCLUDED.support_correct, lower_bound = EXCLUDED.lower_bound,
+                confidence = EXCLUDED.confidence, updated_at = now()""",
+        project, model_id, version, class_name, cal.threshold, cal.precision, cal.samples, cal.support, cal.status,
+        policy.target_precision, cal.correct, cal.support_correct, cal.lower_bound, policy.confidence,
+    )
+    return cal
+
+
+async def add_samples(conn: asyncpg.Connection, s: str, project: str, model: tuple[str, int], submission_id: str,
+                      samples: list[tuple[str, Sample]], policy: Policy) -> list[Calibration]:
+    """Record verified pre-label boxes of one model version and recompute the calibration of their classes."""
     if not samples:
         return []
+    model_id, version = model
     await conn.executemany(
-        f"INSERT INTO {s}.calibration_samples (project, model_id, class_name, score, correct, submission_id) VALUES ($1, $2, $3, $4, $5, $6)",
-        [(project, model_id, c, sample.score, sample.correct, submission_id) for c, sample in samples],
+        f"""INSERT INTO {s}.calibration_samples (project, model_id, model_version, class_name, score, correct, submission_id)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+        [(project, model_id, version, c, sample.score, sample.correct, submission_id) for c, sample in samples],
     )
-    updated = []
-    for class_name in sorted({c for c, _ in samples}):
-        # One recomputation at a time per class, so concurrent verdicts cannot store a stale one last.
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"vl-calibration:{project}:{model_id}:{class_name}")
-        rows = await conn.fetch(
-            f"""SELECT score, correct FROM {s}.calibration_samples
-                WHERE project = $1 AND model_id = $2 AND class_name = $3 ORDER BY id DESC LIMIT $4""",
-            project, model_id, class_name, policy.calibration_window,
-        )
-        cal = calibrate(
-            class_name, [Sample(r["score"], r["correct"]) for r in rows],
-            target=policy.target_precision, min_samples=policy.min_samples, min_support=policy.min_support,
-        )
-        await conn.execute(
-            f"""INSERT INTO {s}.calibration (project, model_id, class_name, threshold, precision, samples, support, status, target)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                ON CONFLICT (project, model_id, class_name) DO UPDATE SET threshold = EXCLUDED.threshold,
-                    precision = EXCLUDED.precision, samples = EXCLUDED.samples, support = EXCLUDED.support,
-                    status = EXCLUDED.status, target = EXCLUDED.target, updated_at = now()""",
-            project, model_id, class_name, cal.threshold, cal.precision, cal.samples, cal.support, cal.status, policy.target_precision,
-        )
-        updated.append(cal)
-    return updated
+    return [await recalibrate(conn, s, project, model, c, policy) for c in sorted({c for c, _ in samples})]
 
 
-async def calibration_of(conn: asyncpg.Connection, s: str, project: str, model_id: str) -> dict[str, Calibration]:
-    """The calibration in force for a project's model line, by class."""
-    rows = await conn.fetch(f"SELECT * FROM {s}.calibration WHERE project = $1 AND model_id = $2", project, model_id)
-    return {r["class_name"]: Calibration(r["class_name"], r["samples"], r["threshold"], r["precision"], r["support"], r["status"]) for r in rows}
+def _stored(row: asyncpg.Record) -> Calibration:
+    return Calibration(
+        row["class_name"], row["samples"], row["threshold"], row["precision"], row["support"], row["status"],
+        correct=row["correct"], support_correct=row["support_correct"], lower_bound=row["lower_bound"],
+        target=row["target"], confidence=row["confidence"], model=(row["model_id"], row["model_version"]),
+    )
+
+
+async def calibration_of(conn: asyncpg.Connection, s: str, project: str, model: tuple[str, int], policy: Policy) -> dict[str, Calibration]:
+    """The calibration in force for the pre-labels of one model version, by class.
+
+    A class stored under another target or confidence than the policy's (the settings changed,
+    or the row predates the bound) is recomputed first, so no threshold outlives its rule.
+    """
+    rows = await conn.fetch(
+        f"SELECT * FROM {s}.calibration WHERE project = $1 AND model_id = $2 AND model_version = $3", project, model[0], model[1]
+    )
+    found = {}
+    for row in rows:
+        current = row["target"] == policy.target_precision and row["confidence"] == policy.confidence
+        found[row["class_name"]] = _stored(row) if current else await recalibrate(conn, s, project, model, row["class_name"], policy)
+    return found
 
 
 async def calibration_report(pool: asyncpg.Pool, schema: str, project: str | None = None) -> list[dict[str, Any]]:
-    """Every class's calibration (threshold, estimated precision, samples), for the CLI and status."""
+    """Every class's calibration per model version (threshold, counts, precision and its bound), for the CLI and status."""
     s = quote_ident(schema)
     rows = await pool.fetch(
-        f"""SELECT project, model_id, class_name, threshold, precision, samples, support, status, target, updated_at
-            FROM {s}.calibration WHERE $1::text IS NULL OR project = $1 ORDER BY project, model_id, class_name""",
+        f"""SELECT project, model_id, model_version, class_name, threshold, correct, samples, support_correct, support,
+                   precision, lower_bound, target, confidence, status, updated_at
+            FROM {s}.calibration WHERE $1::text IS NULL OR project = $1 ORDER BY project, model_id, model_version, class_name""",
         project,
     )
     return [{**dict(r), "updated_at": r["updated_at"].isoformat()} for r in rows]
 
 
+def _gauges_of(project: str, model: tuple[str, int], cal: Calibration) -> dict[str, float]:
+    """Heartbeat gauges of one class's calibration: `calibration.<project>.<model>@v<n>.<class>.<figure>`."""
+    key = f"calibration.{project}.{model_label(model)}.{cal.class_name}"
+    figures = {"samples": cal.samples, "threshold": cal.threshold, "precision": cal.precision, "lower_bound": cal.lower_bound}
+    return {f"{key}.{name}": float(value) for name, value in figures.items() if value is not None}
+
+
 def _gauges(report: list[dict[str, Any]]) -> dict[str, float]:
     gauges: dict[str, float] = {}
     for row in report:
-        key = f"calibration.{row['project']}.{row['model_id']}.{row['class_name']}"
-        gauges[f"{key}.samples"] = float(row["samples"])
-        if row["threshold"] is not None:
-            gauges[f"{key}.threshold"] = float(row["threshold"])
-        if row["precision"] is not None:
-            gauges[f"{key}.precision"] = float(row["precision"])
+        cal = Calibration(row["class_name"], row["samples"], row["threshold"], row["precision"], row["support"], row["status"],
+                          lower_bound=row["lower_bound"])
+        gauges.update(_gauges_of(row["project"], (row["model_id"], row["model_version"]), cal))
     return gauges
 
 
@@ -159,7 +201,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: VerifierSettings) -> None
             await single(unit, sub, project, class_names, policy)
 
     async def prelabels(unit: Unit[Any], sub: LabelSubmitted, project: str, class_names: list[str] | None, policy: Policy) -> None:
-        model_id = sub.prelabel_model.model_id if sub.prelabel_model else NO_MODEL
+        model = model_key(sub.prelabel_model)
         checked = check_boxes(sub.boxes, sub.image.width, sub.image.height, class_names, policy)
         if not checked.accepted:
             outcome = "rejected"
@@ -168,9 +210,9 @@ def wire(runtime: Runtime, adapters: Adapters, config: VerifierSettings) -> None
             outcome = "needs_review"
             await rejected(unit, sub, project, Verdict(False, reason=LabelRejectReason.NEEDS_REVIEW, message="auto-accept is off for this project"))
         else:
-            cal = await calibration_of(unit.conn, unit.schema, project, model_id)
+            cal = await calibration_of(unit.conn, unit.schema, project, model, policy)
             decision = decide(sub.boxes, cal, image_id=sub.image.image_id, spot_check_rate=policy.spot_check_rate,
-                              taxonomy=class_names, model_classes=sub.prelabel_classes)
+                              taxonomy=class_names, model_classes=sub.prelabel_classes, model=model)
             if decision.accepted:
                 outcome = "auto_accepted"
                 boxes = [b.model_copy(update={"score": None}) for b in checked.boxes]
@@ -181,9 +223,11 @@ def wire(runtime: Runtime, adapters: Adapters, config: VerifierSettings) -> None
                 outcome = decision.reason.value
                 await rejected(unit, sub, project, Verdict(False, reason=decision.reason, message=decision.message))
         await unit.conn.execute(
-            f"""INSERT INTO {unit.schema}.prelabel_offers (task_id, project, image_id, model_id, outcome) VALUES ($1, $2, $3, $4, $5)
-                ON CONFLICT (task_id) DO UPDATE SET outcome = EXCLUDED.outcome, decided_at = now()""",
-            sub.task_id, project, sub.image.image_id, model_id, outcome,
+            f"""INSERT INTO {unit.schema}.prelabel_offers (task_id, project, image_id, model_id, model_version, outcome)
+                VALUES ($1, $2, $3, $4, $5, $6)
+                ON CONFLICT (task_id) DO UPDATE SET outcome = EXCLUDED.outcome, model_id = EXCLUDED.model_id,
+                    model_version = EXCLUDED.model_version, decided_at = now()""",
+            sub.task_id, project, sub.image.image_id, model[0], model[1], outcome,
         )
         runtime.counters[f"prelabels_{outcome}"] += 1
 
@@ -239,15 +283,13 @@ def wire(runtime: Runtime, adapters: Adapters, config: VerifierSettings) -> None
         if not sub.prelabels or sub.source is LabelSourceKind.PRELABEL:
             return
         samples = score_samples(sub.prelabels, final, match_iou=policy.match_iou)
-        model_id = sub.prelabel_model.model_id if sub.prelabel_model else NO_MODEL
-        updated = await add_samples(unit.conn, unit.schema, project, model_id, sub.submission_id, samples, policy)
+        model = model_key(sub.prelabel_model)
+        updated = await add_samples(unit.conn, unit.schema, project, model, sub.submission_id, samples, policy)
         for cal in updated:
-            key = f"calibration.{project}.{model_id}.{cal.class_name}"
-            runtime.gauges[f"{key}.samples"] = float(cal.samples)
-            if cal.threshold is not None:
-                runtime.gauges[f"{key}.threshold"] = cal.threshold
-            if cal.precision is not None:
-                runtime.gauges[f"{key}.precision"] = cal.precision
+            key = f"calibration.{project}.{model_label(model)}.{cal.class_name}"
+            for figure in ("threshold", "precision", "lower_bound"):
+                runtime.gauges.pop(f"{key}.{figure}", None)  # a threshold that no longer stands must not linger
+            runtime.gauges.update(_gauges_of(project, model, cal))
         runtime.counters["calibration_samples"] += len(samples)
 
     async def verified(

@@ -1,32 +1,36 @@
-"""The loop benchmark: how much human labelling effort the loop saves at equal model quality.
+"""The loop benchmark: how much human time the loop saves, and at what model quality.
 
-Two arms, the same scenario (`visionloop/demo/scenario.py`): the same seed, so the same images
-in the same order (with the same duplicates and bad images), the same frozen test set, the same
-simulated people and the same training settings; every service runs as in production.
+Three arms run the demo's scenario (`visionloop/demo/scenario.py`) on the same seeds: for a
+seed, every arm gets the same images in the same order (with the same duplicates and bad
+images), the same frozen test set, the same simulated people (who err: `demo/people.py`) and the
+same training budget; every service runs as in production.
 
-- **manual**: released models never serve the recognizer (no `production` server model), so
-  every accepted image becomes an annotate task and a person draws every box.
-- **loop**: the loop as it is: from round 2 the released model pre-labels; a person reviews
-  (accepts, corrects, rejects) and the calibrated verifier auto-accepts confident pre-labels,
-  with spot checks.
+- **manual**: released models never serve the recognizer, so a person draws every box.
+- **assisted**: released models pre-label from round 2; people review every pre-label set
+  (accept, correct, reject); nothing is auto-accepted.
+- **loop**: assisted, plus calibrated auto-accept (Clopper–Pearson bound per class and model
+  version, the verifier's product settings) with spot checks.
 
-Human effort is the simulated people's time: 35 s per box drawn by hand and a few seconds per
-verification (the published figures for drawing boxes versus verifying them: Papadopoulos et
-al., CVPR 2016, measured verification-based annotation 6-9x faster), plus the box counts. The
-figure of merit is `effort_reduction` = 1 - loop / manual, at the final models' test mAP50-95
-(the same test set; `equal_map` says whether they are within 0.02).
+Effort is priced from the people's counted actions (`demo/effort.py`): seconds per drawn box,
+per reviewed image, per box shown, per corrected box; every task that shows boxes is charged the
+review. The figures (`loopsummary.py`) are per seed, then a mean with a 95 % Student-t interval
+over seeds: the effort reduction of the loop and of the assisted arm against manual, and the
+paired mAP50-95 difference of the final models (loop minus manual; "equal quality" when the
+whole interval lies within ±0.02). The same runs are priced over a grid of costs. What
+auto-accept let through is audited against the truth: box precision (with its exact bound) and
+the recall of objects in auto-accepted images. A non-learning detector's mAP50-95 on the test set
+(`baseline.py`) shows how much of the figure needs learning at all.
 
-The stream's shape decides the whole-run figure. Round 1 (the bootstrap: an empty library) is
-drawn by hand in both arms, so it bounds the reduction; the loop earns its keep in the rounds
-after it. The bench's default stream (`BENCH_ROUNDS`) is the demo's scenario with a longer review
-round (150 bootstrap images, 800 reviewed, 200 with a new class), as a loop in service sees a
-stream much longer than its bootstrap; `--rounds` sets other shapes (the demo's own 200/150/150
-gives 55 %, docs/benchmarks.md), and `effort_reduction_after_round_1` is reported for every shape.
+The shape, costs, error rates and verifier settings are the documented defaults
+(docs/benchmarks.md), printed and written into the JSON; other shapes are new rows, never
+replacements.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,55 +41,147 @@ from visionloop.bench import machine
 
 STATE = Path(".visionloop") / "bench" / "loop"
 
-BENCH_ROUNDS = (150, 800, 200)
+BENCH_ROUNDS = (100, 400, 120)
 """The default stream: bootstrap, review round, new-class round (images submitted per round)."""
-BENCH_FINETUNE_EPOCHS = 10
-"""Fine-tuning epochs per model in both arms (the demo's 20 on this longer stream would double the wall time)."""
+BENCH_SEEDS = 3
+BENCH_EPOCHS = 30
+"""Epochs of the first model (from scratch) in every arm."""
+BENCH_FINETUNE_EPOCHS = 8
+"""Fine-tuning epochs per later model in every arm."""
+BENCH_TEST_IMAGES = 80
+BENCH_NEW_CLASS_TEST_IMAGES = 24
 
 
-def _effort(result: dict[str, Any]) -> dict[str, Any]:
-    rounds = result["rounds"]
-    return {
-        "effort_s": round(sum(r["labelling_seconds"] for r in rounds), 1),
-        "effort_by_round_s": [r["labelling_seconds"] for r in rounds],
-        "auto_accept_rate_by_round": [r["auto_accept_rate"] for r in rounds],
-        "boxes_drawn": sum(r["boxes_drawn"] for r in rounds),
-        "boxes_corrected": sum(r["boxes_corrected"] for r in rounds),
-        "accept_clicks": sum(r["accept_clicks"] for r in rounds),
-        "images": sum(r["accepted"] for r in rounds),
-        "map50_95": rounds[-1]["model"]["metrics"]["map50_95"] if rounds[-1]["model"] else 0.0,
-        "map50_95_by_round": [r["model"]["metrics"]["map50_95"] if r["model"] else None for r in rounds],
-        "wall_s": result["wall_s"],
+def base_config(*, quick: bool, rounds: tuple[int, int, int] | None, world: str, dataset: str | None,
+                errors: Any = None, costs: Any = None) -> Any:
+    """The scenario every arm and seed runs (before the arm and the seed are set)."""
+    from visionloop.demo.scenario import DemoConfig
+
+    if quick:
+        base = DemoConfig.quick()
+    else:
+        base = DemoConfig(rounds=BENCH_ROUNDS, epochs=BENCH_EPOCHS, finetune_epochs=BENCH_FINETUNE_EPOCHS,
+                          test_images=BENCH_TEST_IMAGES, new_class_test_images=BENCH_NEW_CLASS_TEST_IMAGES)
+    base = replace(base, world=world, dataset=dataset, errors=errors, costs=costs)
+    return replace(base, rounds=rounds) if rounds is not None else base
+
+
+def settings_of(base: Any, costs: Any, errors: Any) -> dict[str, Any]:
+    """The fixed settings of a run, as printed and written into the JSON."""
+    from visionloop.services.verifier.config import Policy
+
+    verifier = Policy().model_dump(include={"target_precision", "confidence", "min_samples", "min_support",
+                                                    "spot_check_rate", "match_iou"}) | dict(base.verifier)
+    return {"rounds": list(base.rounds), "epochs": base.epochs, "finetune_epochs": base.finetune_epochs, "imgsz": base.imgsz,
+            "test_images": base.test_images, "new_class_test_images": base.new_class_test_images,
+            "image_size": [base.width, base.height], "objects": list(base.objects), "object_size": list(base.object_size),
+            "bad_item_rates": {"exact_dup": base.exact_dup_rate, "near_dup": base.near_dup_rate, "low_res": base.low_res_rate,
+                               "corrupt": base.corrupt_rate},
+            "costs": asdict(costs), "errors": asdict(errors), "verifier": verifier}
+
+
+def baseline(base: Any) -> dict[str, Any]:
+    """The non-learning detector on the first seed's frozen test set (the starting classes)."""
+    from visionloop.bench.baseline import baseline_map
+    from visionloop.demo.dataset import world_for
+
+    world = world_for(Path(base.dataset) if base.dataset else None, style=base.world, seed=base.seed, width=base.width,
+                      height=base.height, objects=base.objects, size=base.object_size)
+    items = world.test_set(base.test_images, tuple(world.classes), offset=0)
+    return baseline_map(((_image(i.data), i.truth or ()) for i in items), list(world.classes))
+
+
+def _image(data: bytes) -> Any:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def run_loop_bench(*, quick: bool = False, rounds: tuple[int, int, int] | None = None, seeds: int | None = None,
+                   world: str = "photo", dataset: str | None = None, errors: Any = None, costs: Any = None,
+                   console: Console | None = None) -> dict[str, Any]:
+    """Run every arm on every seed, one after the other; print the figures; return them."""
+    from visionloop.bench.loopsummary import run_record, summarise
+    from visionloop.demo.effort import COST_GRID, Costs
+    from visionloop.demo.people import PersonErrors
+    from visionloop.demo.report import write_report
+    from visionloop.demo.scenario import ARMS, run_demo
+
+    console = console or Console(stderr=True)
+    costs, errors = costs or Costs(), errors or PersonErrors()
+    base = base_config(quick=quick, rounds=rounds, world=world, dataset=dataset, errors=errors, costs=costs)
+    n_seeds = seeds if seeds is not None else BENCH_SEEDS
+    started = time.monotonic()
+    fixed = settings_of(base, costs, errors)
+    console.print(f"[bold]settings[/] (fixed before the run): {fixed}")
+    no_learning = baseline(base)
+    console.print(f"non-learning baseline on the test set: mAP50-95 {no_learning['map50_95']:.3f}")
+    runs = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    ledger = STATE / f"bench-loop-{stamp}.jsonl"
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    ledger.write_text(json.dumps({"settings": fixed, "baseline": no_learning}) + "\n")
+    console.print(f"each run's record is appended to {ledger} as it ends")
+    for s in range(n_seeds):
+        for a, arm in enumerate(ARMS):
+            console.print(f"[bold]seed {s + 1}/{n_seeds}, arm {a + 1}/{len(ARMS)}: {arm}[/]")
+            result = run_demo(replace(base, seed=base.seed + s, arm=arm), state=STATE, console=console)
+            write_report(result, Path(result["folder"]) / "report")
+            runs.append(run_record(base.seed + s, arm, result))
+            with ledger.open("a") as f:
+                f.write(json.dumps(runs[-1]) + "\n")
+    figures = summarise(runs, arms=ARMS, costs=costs, grid=COST_GRID)
+    result = {
+        "machine": machine(), "size": "quick" if quick else "default", "world": dataset or world, "seeds": n_seeds, "arms": list(ARMS), "settings": fixed,
+        "baseline_no_learning_map50_95": no_learning["map50_95"], "baseline_no_learning_map50": no_learning.get("map50"),
+        **figures, "runs": runs, "wall_s": round(time.monotonic() - started, 1),
     }
+    result["plot"] = str(plot(result, STATE / f"bench-loop-{stamp}.png"))
+    (STATE / f"bench-loop-{stamp}.json").write_text(json.dumps(result, indent=1))
+    _table(result, console)
+    return result
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
-    """Cumulative human effort against each model's test mAP50-95, both arms, one marker per round."""
+    """The headline: test mAP50-95 against cumulative human hours, each arm's mean over seeds with
+    its 95 % band, one marker per round's model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for arm, style in (("manual", "o-"), ("loop", "s-")):
-        effort = result[arm]["effort_by_round_s"]
-        cumulative = [sum(effort[: i + 1]) / 3600 for i in range(len(effort))]
-        maps = result[arm]["map50_95_by_round"]
-        left.plot(cumulative, maps, style, label=f"{arm}: {cumulative[-1]:.1f} h, mAP {maps[-1]:.3f}")
-        for i, (x, y) in enumerate(zip(cumulative, maps, strict=True)):
-            left.annotate(f"v{i + 1}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
-    left.set_xlabel("cumulative human effort (simulated hours)")
-    left.set_ylabel("test mAP50-95 of the round's model")
-    left.set_title(f"effort at equal mAP: {result['effort_reduction']:.1%} less")
-    left.legend(loc="lower right")
-    rounds = range(1, len(result["manual"]["effort_by_round_s"]) + 1)
-    width = 0.38
-    right.bar([r - width / 2 for r in rounds], [s / 3600 for s in result["manual"]["effort_by_round_s"]], width, label="manual")
-    right.bar([r + width / 2 for r in rounds], [s / 3600 for s in result["loop"]["effort_by_round_s"]], width, label="loop")
-    right.set_xticks(list(rounds), [f"round {r}\n({n} images)" for r, n in zip(rounds, result["rounds"], strict=True)])
-    right.set_ylabel("human effort (simulated hours)")
-    right.set_title("effort per round")
-    right.legend()
+    from visionloop.bench.loopstats import mean_ci
+    from visionloop.bench.loopsummary import effort_by_round
+    from visionloop.demo.effort import Costs
+
+    costs = Costs(**result["settings"]["costs"])
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for arm, style in zip(result["arms"], ("o-", "^-", "s-"), strict=False):
+        mine = [r for r in result["runs"] if r["arm"] == arm]
+        if not mine:
+            continue
+        n = len(mine[0]["map50_95_by_round"])
+        hours = []
+        for r in mine:
+            effort = effort_by_round(r, costs)
+            hours.append([sum(effort[: i + 1]) / 3600 for i in range(n)])
+        x = [sum(h[i] for h in hours) / len(hours) for i in range(n)]
+        stats = [mean_ci([r["map50_95_by_round"][i] for r in mine]) for i in range(n)]
+        y = [s.mean if s.mean is not None else float("nan") for s in stats]
+        low = [s.low if s.low is not None else v for s, v in zip(stats, y, strict=True)]
+        high = [s.high if s.high is not None else v for s, v in zip(stats, y, strict=True)]
+        line, = ax.plot(x, y, style, label=f"{arm}: {x[-1]:.1f} h, mAP {y[-1]:.3f}")
+        ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("cumulative human time (simulated hours, mean over seeds)")
+    ax.set_ylabel("test mAP50-95 of the round's model")
+    reduction = result.get("effort_reduction_mean")
+    ax.set_title(f"{result['world']}: {result['seeds']} seeds, loop effort reduction "
+                 f"{'n/a' if reduction is None else f'{reduction:.1%}'}")
+    ax.axhline(result["baseline_no_learning_map50_95"], color="grey", linestyle=":", label="no learning (baseline)")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -93,64 +189,40 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def run_loop_bench(*, quick: bool = False, rounds: tuple[int, int, int] | None = None,
-                   console: Console | None = None) -> dict[str, Any]:
-    """Run both arms one after the other; print a table; return the results."""
-    from dataclasses import replace
+def _fmt(value: Any, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1%}" if pct else f"{value:.3f}"
 
-    from visionloop.demo.scenario import DemoConfig, run_demo
 
-    console = console or Console(stderr=True)
-    base = DemoConfig.quick() if quick else DemoConfig(rounds=BENCH_ROUNDS, finetune_epochs=BENCH_FINETUNE_EPOCHS)
-    if rounds is not None:
-        base = replace(base, rounds=rounds)
-    started = time.monotonic()
-    console.print("[bold]arm 1/2: manual[/] (every image labelled by hand)")
-    manual = run_demo(replace(base, assist=False), state=STATE, console=console)
-    console.print("[bold]arm 2/2: loop[/] (pre-labels, review, calibrated auto-accept)")
-    loop = run_demo(base, state=STATE, console=console)
-    from visionloop.demo.report import write_report
+def _ci(pair: list[Any], pct: bool = False) -> str:
+    return f"[{_fmt(pair[0], pct)}, {_fmt(pair[1], pct)}]"
 
-    for arm in (manual, loop):
-        write_report(arm, Path(arm["folder"]) / "report")
-    a, b = _effort(manual), _effort(loop)
-    result: dict[str, Any] = {
-        "machine": machine(),
-        "size": "quick" if quick else "default",
-        "rounds": list(base.rounds),
-        "epochs": base.epochs,
-        "finetune_epochs": base.finetune_epochs,
-        "manual_effort_s": a["effort_s"],
-        "loop_effort_s": b["effort_s"],
-        "effort_reduction": round(1 - b["effort_s"] / a["effort_s"], 4) if a["effort_s"] else None,
-        "map50_95_manual": a["map50_95"],
-        "map50_95_loop": b["map50_95"],
-        "equal_map": abs(a["map50_95"] - b["map50_95"]) <= 0.02,
-        "auto_accept_precision": loop["auto_accept_precision"],
-        "manual": a,
-        "loop": b,
-        "manual_report": manual["folder"],
-        "loop_report": loop["folder"],
-        "wall_s": round(time.monotonic() - started, 1),
-    }
-    after_a, after_b = sum(a["effort_by_round_s"][1:]), sum(b["effort_by_round_s"][1:])
-    result["effort_reduction_after_round_1"] = round(1 - after_b / after_a, 4) if after_a else None
-    result["plot"] = str(plot(result, Path(loop["folder"]).parent / f"bench-loop-{Path(loop['folder']).name}.png"))
-    table = Table(title="visionloop bench loop")
-    table.add_column("measure")
-    table.add_column("manual", justify="right")
-    table.add_column("loop", justify="right")
-    table.add_row("human effort (simulated)", f"{a['effort_s'] / 3600:.2f} h", f"{b['effort_s'] / 3600:.2f} h")
-    table.add_row("effort by round (s)", ", ".join(f"{x:,.0f}" for x in a["effort_by_round_s"]),
-                  ", ".join(f"{x:,.0f}" for x in b["effort_by_round_s"]))
-    table.add_row("boxes drawn by hand", str(a["boxes_drawn"]), str(b["boxes_drawn"]))
-    table.add_row("boxes corrected / accept clicks", f"{a['boxes_corrected']} / {a['accept_clicks']}", f"{b['boxes_corrected']} / {b['accept_clicks']}")
-    table.add_row("final model mAP50-95 (test set)", f"{a['map50_95']:.3f}", f"{b['map50_95']:.3f}")
-    table.add_row("mAP50-95 by round", ", ".join(f"{m:.3f}" for m in a["map50_95_by_round"] if m is not None),
-                  ", ".join(f"{m:.3f}" for m in b["map50_95_by_round"] if m is not None))
+
+def _table(result: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"visionloop bench loop — {result['world']}, {result['seeds']} seeds")
+    table.add_column("round")
+    for arm in result["arms"]:
+        table.add_column(f"{arm}: h / mAP", justify="right")
+    table.add_column("loop − manual: effort / mAP (95 %)", justify="right")
+    for row in result["per_round"]:
+        cells = [f"{row[arm]['effort_s_mean'] / 3600:.2f} / {_fmt(row[arm]['map50_95_mean'])}" for arm in result["arms"]]
+        loop = row.get("loop", {})
+        cells.append(f"{_fmt(loop.get('effort_reduction_mean'), True)} {_ci(loop.get('effort_reduction_ci95', [None, None]), True)} / "
+                     f"{_fmt(loop.get('map50_95_diff_mean'))} {_ci(loop.get('map50_95_diff_ci95', [None, None]))}")
+        table.add_row(str(row["round"]), *cells)
     console.print(table)
-    reduction = result["effort_reduction"]
-    console.print(f"effort reduction: [bold]{reduction:.1%}[/] (target >= 75 %) at "
-                  f"{'equal' if result['equal_map'] else 'UNEQUAL'} mAP (|diff| {abs(a['map50_95'] - b['map50_95']):.3f}, within 0.02 counts); "
-                  f"auto-accepted boxes' precision {result['auto_accept_precision']}")
-    return result
+    console.print(
+        f"effort reduction, loop vs manual: [bold]{_fmt(result['effort_reduction_mean'], True)}[/] "
+        f"95 % {_ci(result['effort_reduction_ci95'], True)}; assisted vs manual {_fmt(result['assisted_effort_reduction_mean'], True)}; "
+        f"final mAP50-95 difference (loop − manual) {_fmt(result['map50_95_diff_mean'])} {_ci(result['map50_95_diff_ci95'])}: "
+        f"{'equal' if result['equal_quality'] else 'NOT shown equal'} (within ±0.02 counts)")
+    console.print(
+        f"auto-accepted: {result['auto_accepted_boxes']} boxes, precision {_fmt(result['auto_accept_precision'])} "
+        f"(95 % lower bound {_fmt(result['auto_accept_precision_lower95'])}); recall of true objects in auto-accepted images "
+        f"{_fmt(result['auto_accepted_object_recall'])} {_ci(result['auto_accepted_object_recall_ci95'])} of "
+        f"{result['auto_accepted_true_objects']}; no-learning baseline mAP50-95 {_fmt(result['baseline_no_learning_map50_95'])}")
+    grid = sorted(g["effort_reduction_mean"] for g in result["cost_grid"] if g["effort_reduction_mean"] is not None)
+    if grid:
+        console.print(f"over the cost grid ({len(grid)} points): loop reduction {grid[0]:.1%} to {grid[-1]:.1%}, median "
+                      f"{grid[len(grid) // 2]:.1%}; wall {result['wall_s'] / 60:.1f} min")

@@ -2,17 +2,17 @@
 reviews pre-labels, over the gateway's HTTP API, keeping the counts and the time a person would
 have spent.
 
-Its judgement is the ground truth at IoU 0.5: a starting box (a pre-label, a model's guess, a
-rejected answer's box) over a true object of the same class is right and kept as it is (drawn
-again, "moved", when the task is being corrected anyway and the box is looser than `tight_iou`);
-one over a true object of another class is relabelled; one over no true object is deleted; a true object
-no starting box covers is drawn, with gaussian jitter `noise_px` on each corner, and missed with
-probability `miss_rate`. Review tasks end in one decision: `accept` when every pre-label is right
-and nothing is missing, `reject` when no pre-label is over any true object, `correct` otherwise.
+What the person does with a task is decided by `people.decide` (pure): the ground truth at IoU
+0.5, filtered through the person's error rates (`people.PersonErrors`: misses, box jitter
+relative to the box's size and class confusion when drawing; rubber-stamping a wrong pre-label
+set and not noticing an object the pre-labels missed when checking shown boxes). Review tasks end
+in `accept`, `correct` or `reject`.
 
-Time is simulated, never slept: `seconds_per_box` per drawn box (35 s, the figure published for
-drawing a box by hand), `seconds_per_review` per review decision (a few seconds: verifying a box
-is that much cheaper) and `seconds_per_correction` per box moved, relabelled or deleted.
+Time is simulated, never slept: every task's counted actions (`effort.Actions`: boxes drawn,
+images reviewed, boxes shown, boxes corrected) are priced by `effort.Costs` (35 s a drawn box, 4 s
+a reviewed image plus 1.6 s a box shown, 8 s a box moved, relabelled or deleted, by default);
+every task that shows boxes is charged the review, an annotate task with model boxes included.
+`tally.seconds` is always `effort.seconds(tally.actions, costs)`.
 """
 
 from __future__ import annotations
@@ -21,20 +21,19 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
 import numpy as np
 
 from visionloop.contracts import Box, ReviewDecision
+from visionloop.demo.effort import Actions, Costs, seconds
+from visionloop.demo.people import MIN_SIDE_PX, PERFECT, RIGHT_IOU, TIGHT_IOU, Edit, PersonErrors
+from visionloop.demo.people import decide as decide_task
 from visionloop.demo.world import World
-from visionloop.libs.boxes import match
 
-RIGHT_IOU = 0.5
-"""A box over a true object at this IoU or more is that object."""
-MIN_SIDE_PX = 4.0
-"""A drawn box is kept at least this wide and high (a jittered small box must stay a box)."""
+__all__ = ["MIN_SIDE_PX", "PERFECT", "RIGHT_IOU", "Annotator", "Costs", "GatewayError", "Outcome", "PersonErrors", "Tally"]
 
 
 @dataclass(frozen=True)
@@ -54,61 +53,70 @@ class Outcome:
     """True objects in the image."""
     drawn: int = 0
     missed: int = 0
+    """True objects left unlabelled by the person (not drawn, or unnoticed in a review)."""
     kept: int = 0
     moved: int = 0
     relabelled: int = 0
     deleted: int = 0
+    confused: int = 0
+    """Drawn boxes given a wrong class."""
+    stamped: bool = False
+    """A starting set with a wrong box was left (accepted) as it was."""
     seconds: float = 0.0
-    """Simulated time the task cost."""
+    """Simulated time the task cost (`effort.seconds(actions, costs)`)."""
     submission_id: str | None = None
-    actions: dict[str, int] = field(default_factory=dict)
+    actions: Actions = field(default_factory=Actions)
+    """What the task took the person (`effort.Actions`; empty unless submitted)."""
+    label_actions: dict[str, int] = field(default_factory=dict)
     """The gateway's own count of what was done to the starting boxes (`LabelActions`)."""
 
 
 @dataclass
 class Tally:
-    """The counters of the demo report."""
+    """The counters of the demo report; `seconds` is always the `actions` priced at `costs`."""
 
+    costs: Costs = field(default_factory=Costs)
+    actions: Actions = field(default_factory=Actions)
+    """Every submitted task's actions, summed."""
+    actions_by_kind: dict[str, Actions] = field(default_factory=dict)
     tasks: Counter[str] = field(default_factory=Counter)
     """Tasks answered, by kind."""
     boxes_drawn: int = 0
     """Boxes drawn in annotate and re-annotate tasks."""
     boxes_missed: int = 0
-    """True objects the annotator failed to draw (`miss_rate`)."""
+    """True objects left unlabelled: not drawn (`miss_rate`) or unnoticed in a review (`review_miss_rate`)."""
     boxes_added: int = 0
-    """Boxes drawn while correcting pre-labels (objects the model missed)."""
+    """Boxes drawn while correcting pre-labels in a review (objects the model missed)."""
     boxes_kept: int = 0
     """Starting boxes kept as they were."""
     boxes_moved: int = 0
     boxes_relabelled: int = 0
     boxes_deleted: int = 0
+    boxes_confused: int = 0
+    """Drawn boxes given a wrong class (`confusion_rate`)."""
+    stamped: int = 0
+    """Starting sets with a wrong box left (accepted) as they were (`rubber_stamp_rate`)."""
     accepts: int = 0
     corrections: int = 0
     rejects: int = 0
     skipped: int = 0
     """Tasks skipped because the world does not know the image."""
     lease_lost: int = 0
-    seconds: float = 0.0
-    seconds_by_kind: Counter[str] = field(default_factory=Counter)
 
     @property
     def boxes_corrected(self) -> int:
-        """Boxes changed while correcting: moved, relabelled, deleted or added."""
+        """Boxes changed while correcting: moved, relabelled, deleted or added (in a review)."""
         return self.boxes_moved + self.boxes_relabelled + self.boxes_deleted + self.boxes_added
 
+    @property
+    def seconds(self) -> float:
+        """Simulated seconds of every submitted task: `effort.seconds(actions, costs)`."""
+        return seconds(self.actions, self.costs)
 
-@dataclass(frozen=True)
-class _Edit:
-    boxes: list[Box]
-    right: int = 0
-    """Starting boxes over a true object of their class (IoU >= `RIGHT_IOU`)."""
-    drawn: int = 0
-    missed: int = 0
-    kept: int = 0
-    moved: int = 0
-    relabelled: int = 0
-    deleted: int = 0
-    all_wrong: bool = False
+    @property
+    def seconds_by_kind(self) -> Counter[str]:
+        """Simulated seconds by task kind."""
+        return Counter({kind: seconds(a, self.costs) for kind, a in self.actions_by_kind.items()})
 
 
 class Annotator:
@@ -117,9 +125,14 @@ class Annotator:
     `http` is an `httpx.AsyncClient` to share (its base URL is used; the token goes on each
     request); without one the annotator opens its own on `base_url` (close it with `aclose`).
     A reviewer (or admin) token gets review tasks too; an annotator token only draws.
+    `errors` are the person's error rates and `costs` the seconds per action (the published
+    defaults when None). The older keywords still work and override one field each: `noise_px`
+    (`errors.jitter_px`), `miss_rate` (`errors.miss_rate`), `seconds_per_box` (`costs.draw_box_s`),
+    `seconds_per_review` (`costs.review_image_s`), `seconds_per_correction` (`costs.correct_box_s`).
     `tight_iou`: when a task is being corrected anyway, a right box looser than this is drawn
     again (moved); it never stops an `accept`. `kinds` limits the tasks asked for (`annotate`,
     `review`, `reannotate`; every kind the token may take when None); it may be changed between calls.
+    Every chance is drawn from one generator seeded with `rng_seed`.
     """
 
     def __init__(
@@ -130,33 +143,33 @@ class Annotator:
         world: World,
         *,
         user_id: str,
-        noise_px: float = 2.0,
-        miss_rate: float = 0.0,
-        seconds_per_box: float = 35.0,
-        seconds_per_review: float = 4.0,
-        seconds_per_correction: float = 8.0,
-        tight_iou: float = 0.75,
+        errors: PersonErrors | None = None,
+        costs: Costs | None = None,
+        noise_px: float | None = None,
+        miss_rate: float | None = None,
+        seconds_per_box: float | None = None,
+        seconds_per_review: float | None = None,
+        seconds_per_correction: float | None = None,
+        tight_iou: float = TIGHT_IOU,
         kinds: Sequence[str] | None = None,
         rng_seed: int = 0,
         http: httpx.AsyncClient | None = None,
     ) -> None:
-        if not 0.0 <= miss_rate <= 1.0:
-            raise ValueError(f"miss_rate {miss_rate} is not a probability")
+        self.errors = _override(errors or PersonErrors(), jitter_px=noise_px, miss_rate=miss_rate)
+        self.costs = _override(costs or Costs(), draw_box_s=seconds_per_box, review_image_s=seconds_per_review,
+                               correct_box_s=seconds_per_correction)
+        if not 0.0 <= tight_iou <= 1.0:
+            raise ValueError(f"tight_iou must be in [0, 1], got {tight_iou!r}")
         self.project = project
         self.world = world
         self.user_id = user_id
-        self.noise_px = noise_px
-        self.miss_rate = miss_rate
-        self.seconds_per_box = seconds_per_box
-        self.seconds_per_review = seconds_per_review
-        self.seconds_per_correction = seconds_per_correction
         self.tight_iou = tight_iou
         self.kinds = kinds
         self.rng = np.random.default_rng(rng_seed)
         self._headers = {"Authorization": f"Bearer {token}"}
         self._own = http is None
         self.http = http or httpx.AsyncClient(base_url=base_url, timeout=30)
-        self.tally = Tally()
+        self.tally = Tally(costs=self.costs)
         self.records: list[Outcome] = []
         """Every task handled, in order."""
 
@@ -192,7 +205,8 @@ class Annotator:
         return done
 
     async def run_once(self) -> Outcome | None:
-        """Lease the next task, decide from the ground truth, answer it; None when no task is left."""
+        """Lease the next task, decide from the ground truth (through the person's errors), answer
+        it; None when no task is left."""
         params = [("kind", k) for k in self.kinds] if self.kinds else None
         got = await self.http.post(self._url("tasks/next"), headers=self._headers, params=params)
         if got.status_code == 204:
@@ -209,111 +223,58 @@ class Annotator:
             self.tally.skipped += 1
             return self._record(Outcome(task_id=task_id, kind=kind, image_id=image["image_id"], action="skipped"))
 
-        start = [_box(b) for b in task["start_boxes"]]
-        edit = self._edit(start, truth, width=image["width"], height=image["height"])
+        edit = self.decide(task, truth)
         body: dict[str, Any] = dict(lease)
-        decision: ReviewDecision | None = None
-        if task.get("decision_required") or kind == "review":
-            if start and edit.right == len(start) == len(truth):
-                decision = ReviewDecision.ACCEPT
-                edit = _Edit(boxes=start, right=len(start), kept=len(start))
-            elif start and edit.all_wrong:
-                decision = ReviewDecision.REJECT
-                edit = _Edit(boxes=[])
-            else:
-                decision = ReviewDecision.CORRECT
-                body["boxes"] = [_box_in(b) for b in edit.boxes]
-            body["decision"] = decision.value
-        else:
+        if edit.decision is not None:
+            body["decision"] = edit.decision.value
+        if edit.decision is None or edit.decision is ReviewDecision.CORRECT:
             body["boxes"] = [_box_in(b) for b in edit.boxes]
-
-        seconds = self._seconds(kind, decision, edit)
         answer = await self.http.post(self._url(f"tasks/{task_id}/submit"), headers=self._headers, json=body)
         if answer.status_code == 409:
             self.tally.lease_lost += 1
             return self._record(Outcome(task_id=task_id, kind=kind, image_id=image["image_id"], action="lease_lost"))
         _raise_for(answer, ok=(201,))
         out = answer.json()
-        self._count(kind, decision, edit, seconds)
+        self._count(kind, edit)
         return self._record(Outcome(
-            task_id=task_id, kind=kind, image_id=image["image_id"], action="submitted", decision=decision,
-            boxes=tuple(edit.boxes), truth=len(truth), drawn=edit.drawn, missed=edit.missed, kept=edit.kept,
-            moved=edit.moved, relabelled=edit.relabelled, deleted=edit.deleted, seconds=seconds,
-            submission_id=out["submission_id"], actions=out.get("actions", {}),
+            task_id=task_id, kind=kind, image_id=image["image_id"], action="submitted", decision=edit.decision,
+            boxes=edit.boxes, truth=len(truth), drawn=edit.drawn, missed=edit.missed, kept=edit.kept, moved=edit.moved,
+            relabelled=edit.relabelled, deleted=edit.deleted, confused=edit.confused, stamped=edit.stamped,
+            seconds=seconds(edit.actions, self.costs), submission_id=out["submission_id"], actions=edit.actions,
+            label_actions=out.get("actions", {}),
         ))
 
     # -- decisions ----------------------------------------------------------------------------------
 
-    def _edit(self, start: Sequence[Box], truth: Sequence[Box], *, width: int, height: int) -> _Edit:
-        """Turn the starting boxes into the truth as a person would: keep, tighten, relabel,
-        delete, draw."""
-        # Same-class pairs first: a right box must not be "relabelled" onto a neighbour.
-        same = match(start, truth, min_iou=RIGHT_IOU, same_class=True)
-        used_start = {p.left for p in same}
-        used_truth = {p.right for p in same}
-        final: list[Box] = []
-        kept = moved = relabelled = 0
-        for p in same:
-            if p.iou >= self.tight_iou:
-                final.append(start[p.left])
-                kept += 1
-            else:  # right object, sloppy box: drawn again over it
-                final.append(self._draw(truth[p.right], width, height))
-                moved += 1
-        for p in match(start, truth, min_iou=RIGHT_IOU, same_class=False):
-            if p.left in used_start or p.right in used_truth:
-                continue
-            used_start.add(p.left)
-            used_truth.add(p.right)
-            final.append(start[p.left].model_copy(update={"class_name": truth[p.right].class_name}))
-            relabelled += 1
-        drawn = missed = 0
-        for j, true in enumerate(truth):
-            if j in used_truth:
-                continue
-            if self.miss_rate > 0 and self.rng.random() < self.miss_rate:
-                missed += 1
-                continue
-            final.append(self._draw(true, width, height))
-            drawn += 1
-        all_wrong = bool(start) and not match(start, truth, min_iou=RIGHT_IOU, same_class=False)
-        return _Edit(
-            boxes=final, right=len(same), drawn=drawn, missed=missed, kept=kept, moved=moved, relabelled=relabelled,
-            deleted=len(start) - len(used_start), all_wrong=all_wrong,
+    def decide(self, task: dict[str, Any], truth: Sequence[Box]) -> Edit:
+        """What this person does with a leased task (the gateway's task JSON), by `people.decide`."""
+        image = task["image"]
+        classes = task.get("classes") or list(getattr(self.world, "classes", ()))
+        return decide_task(
+            [_box(b) for b in task["start_boxes"]], truth, kind=task["kind"], errors=self.errors, rng=self.rng,
+            width=image["width"], height=image["height"], classes=classes,
+            decision_required=bool(task.get("decision_required")) or task["kind"] == "review", tight_iou=self.tight_iou,
         )
 
-    def _draw(self, true: Box, width: int, height: int) -> Box:
-        """A person's box around a true object: each corner off by gaussian noise, inside the image."""
-        x1, y1, x2, y2 = (v + float(self.rng.normal(0.0, self.noise_px)) if self.noise_px > 0 else v
-                          for v in (true.x1, true.y1, true.x2, true.y2))
-        x1, x2 = sorted((min(max(x1, 0.0), width), min(max(x2, 0.0), width)))
-        y1, y2 = sorted((min(max(y1, 0.0), height), min(max(y2, 0.0), height)))
-        x1, x2 = _widen(x1, x2, width)
-        y1, y2 = _widen(y1, y2, height)
-        return Box(x1=x1, y1=y1, x2=x2, y2=y2, class_name=true.class_name)
-
-    def _seconds(self, kind: str, decision: ReviewDecision | None, edit: _Edit) -> float:
-        fixes = edit.moved + edit.relabelled + edit.deleted
-        review = self.seconds_per_review if decision is not None else 0.0
-        return review + edit.drawn * self.seconds_per_box + fixes * self.seconds_per_correction
-
-    def _count(self, kind: str, decision: ReviewDecision | None, edit: _Edit, seconds: float) -> None:
+    def _count(self, kind: str, edit: Edit) -> None:
         t = self.tally
         t.tasks[kind] += 1
-        if decision is None:
+        t.actions += edit.actions
+        t.actions_by_kind[kind] = t.actions_by_kind.get(kind, Actions()) + edit.actions
+        if edit.decision is None:
             t.boxes_drawn += edit.drawn
         else:
             t.boxes_added += edit.drawn
-            t.accepts += decision is ReviewDecision.ACCEPT
-            t.corrections += decision is ReviewDecision.CORRECT
-            t.rejects += decision is ReviewDecision.REJECT
+            t.accepts += edit.decision is ReviewDecision.ACCEPT
+            t.corrections += edit.decision is ReviewDecision.CORRECT
+            t.rejects += edit.decision is ReviewDecision.REJECT
         t.boxes_missed += edit.missed
         t.boxes_kept += edit.kept
         t.boxes_moved += edit.moved
         t.boxes_relabelled += edit.relabelled
         t.boxes_deleted += edit.deleted
-        t.seconds += seconds
-        t.seconds_by_kind[kind] += seconds
+        t.boxes_confused += edit.confused
+        t.stamped += edit.stamped
 
     def _record(self, outcome: Outcome) -> Outcome:
         self.records.append(outcome)
@@ -340,11 +301,7 @@ def _box_in(box: Box) -> dict[str, Any]:
     return {"class_name": box.class_name, "x1": box.x1, "y1": box.y1, "x2": box.x2, "y2": box.y2}
 
 
-def _widen(a: float, b: float, limit: float) -> tuple[float, float]:
-    """Grow [a, b] to `MIN_SIDE_PX` (or the whole image if smaller), staying inside [0, limit]."""
-    side = min(MIN_SIDE_PX, limit)
-    if b - a >= side:
-        return a, b
-    centre = (a + b) / 2
-    a = min(max(centre - side / 2, 0.0), limit - side)
-    return a, a + side
+def _override(value: Any, **changes: Any) -> Any:
+    """`value` with the fields given (not None) replaced: the older keyword arguments."""
+    given = {k: v for k, v in changes.items() if v is not None}
+    return replace(value, **given) if given else value

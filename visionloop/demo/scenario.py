@@ -38,7 +38,7 @@ import uuid
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +46,16 @@ import httpx
 import yaml
 
 from visionloop.demo.annotator import Annotator
-from visionloop.demo.world import Item, ItemKind, World, publish
+from visionloop.demo.dataset import world_for
+from visionloop.demo.effort import Actions
+from visionloop.demo.world import Item, ItemKind, publish
 
 log = logging.getLogger(__name__)
 
-PROJECT = "shapes"
-CLASSES = ("circle", "square", "triangle")
-NEW_CLASS = "diamond"
 FLEET = "demo-edge"
+ARMS = ("manual", "assisted", "loop")
+"""`visionloop bench loop`'s arms: every box drawn by hand; pre-labels reviewed by people (no
+auto-accept); pre-labels reviewed, and auto-accepted where calibration allows (the loop as it is)."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ class DemoConfig:
     width: int = 192
     height: int = 144
     objects: tuple[int, int] = (1, 3)
-    size: tuple[float, float] = (0.22, 0.45)
+    size: tuple[float, float] | None = None
+    """Object sides as fractions of the shorter image side; None: the world's own (`object_size`)."""
     imgsz: int = 160
     epochs: int = 40
     finetune_epochs: int = 20
@@ -80,11 +83,33 @@ class DemoConfig:
     near_dup_rate: float = 0.05
     low_res_rate: float = 0.03
     corrupt_rate: float = 0.03
-    noise_px: float = 2.0
     timeout_s: float = 900.0
-    assist: bool = True
-    """False: the manual arm of `visionloop bench loop`: released models never serve the recognizer
-    (no server promotion), so every image is labelled by hand; everything else is the same."""
+    arm: str = "loop"
+    """`loop`: the loop as it is. `manual` (an arm of `visionloop bench loop`): released models never
+    serve the recognizer (no server promotion), so every image is labelled by hand. `assisted`:
+    pre-labels are reviewed by people, never auto-accepted. Everything else is the same."""
+    world: str = "photo"
+    """The built-in world's style (`libs.scenes.STYLE_CLASSES`: `photo`, `shapes`); ignored with `dataset`."""
+    dataset: str | None = None
+    """A COCO or YOLO dataset folder to draw the images, the test set, the truth and the classes from."""
+    errors: Any = None
+    """The simulated people's error rates (`annotator.PersonErrors`); None: the published defaults."""
+    costs: Any = None
+    """Seconds per action (`effort.Costs`); None: the published defaults."""
+    verifier: tuple[tuple[str, Any], ...] = ()
+    """Verifier settings beyond the product defaults (none by default: the bench runs the product's)."""
+
+    @property
+    def object_size(self) -> tuple[float, float]:
+        """`size`, or the world style's default (photo: `libs.scenes.PHOTO_SIZE`; shapes: 0.22-0.45)."""
+        from visionloop.libs.scenes import PHOTO_SIZE
+
+        return self.size or (PHOTO_SIZE if self.world == "photo" else (0.22, 0.45))
+
+    @property
+    def assist(self) -> bool:
+        """Whether released models pre-label (every arm but `manual`)."""
+        return self.arm != "manual"
 
     @classmethod
     def quick(cls) -> "DemoConfig":
@@ -121,6 +146,8 @@ class RoundLog:
     accepts: int = 0
     rejects: int = 0
     seconds: float = 0.0
+    actions: Actions = field(default_factory=Actions)
+    """What people did in the round (`effort.Actions`): priced by any `effort.Costs` after the run."""
     verified: Counter[str] = field(default_factory=Counter)
     model: dict[str, Any] | None = None
     started: float = 0.0
@@ -155,10 +182,11 @@ def _config_file(folder: Path, cfg: DemoConfig) -> Path:
             "trigger": "both", "test_fraction": 0.0, "min_train_images": 8, "imgsz": cfg.imgsz, "epochs": cfg.epochs,
             "finetune_epochs": cfg.finetune_epochs, "batch": cfg.batch, "patience": 100, "device": "auto", "poll_interval_s": 0.5,
             "min_new_images": 10_000,
-            "train_args": {"hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0},
+            # The shapes world's class is its colour: colour augmentation would teach the model to ignore it.
+            "train_args": {"hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0} if cfg.world == "shapes" and not cfg.dataset else {},
         },
         "evaluator": {"map50_95_floor": 0.0, "agreement_floor": 0.0, "champion_tolerance": 0.05, "class_tolerance": 0.15},
-        "verifier": {"min_samples": 20, "min_support": 8, "target_precision": 0.9, "spot_check_rate": 0.1},
+        "verifier": {**dict(cfg.verifier), **({"auto_accept": False} if cfg.arm == "assisted" else {})},
     }
     path = folder / "demo-config.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -180,11 +208,15 @@ class Demo:
         self.progress = progress or (lambda message: log.info(message))
         self.on_steps = on_steps
         self.on_ready = on_ready
-        self.world = World(cfg.seed, CLASSES, width=cfg.width, height=cfg.height, objects=cfg.objects, size=cfg.size)
+        self.world = world_for(Path(cfg.dataset) if cfg.dataset else None, style=cfg.world, seed=cfg.seed, width=cfg.width,
+                               height=cfg.height, objects=cfg.objects, size=cfg.object_size)
+        self.project = self.world.name
         self.rounds: list[RoundLog] = []
         self.events: list[dict[str, Any]] = []
         self.event_times: list[float] = []
         self.agents: list[Any] = []
+        self.people: list[Annotator] = []
+        self.test_items: list[Item] = []
         self.started = time.monotonic()
         # What the steps are counted from, kept up to date as events arrive (see `_index`).
         self._decided_ids: set[str] = set()
@@ -224,18 +256,18 @@ class Demo:
         epochs, the devices that activated each model version."""
         with contextlib.suppress(KeyError, TypeError, AttributeError):
             kind, payload = event.get("event_type"), event["payload"]
-            if kind in ("image.accepted", "image.rejected") and event.get("project") == PROJECT and payload.get("submission_id"):
+            if kind in ("image.accepted", "image.rejected") and event.get("project") == self.project and payload.get("submission_id"):
                 self._decided_ids.add(payload["submission_id"])
                 if kind == "image.accepted":
                     self._accepted_ids[payload["submission_id"]] = payload["image"]["image_id"]
-            elif kind == "label.verified" and event.get("project") == PROJECT:
+            elif kind == "label.verified" and event.get("project") == self.project:
                 self._verified_ids.add(payload["image"]["image_id"])
-            elif kind == "device.status" and event.get("project") == PROJECT and payload.get("state") == "activated":
+            elif kind == "device.status" and event.get("project") == self.project and payload.get("state") == "activated":
                 self._activated.setdefault(int(payload["model"]["version"]), set()).add(payload["device_id"])
             elif kind == "pipeline.status" and (payload.get("progress") or {}).get("task") == "training":
                 # The trainer's progress: step = epochs done, total = the run's epochs; its message names the project.
                 progress = payload["progress"]
-                if str(progress.get("message") or "").split(":")[0] != PROJECT:
+                if str(progress.get("message") or "").split(":")[0] != self.project:
                     return
                 run = str(progress["task_id"])
                 if run not in self._run_epochs:
@@ -270,8 +302,9 @@ class Demo:
                 log.debug("demo: steps not shown", exc_info=True)
             await asyncio.sleep(0.5)
 
-    def of(self, event_type: str, project: str | None = PROJECT) -> list[dict[str, Any]]:
+    def of(self, event_type: str, project: str | None = "") -> list[dict[str, Any]]:
         """Events of one type seen so far (of the demo's project unless `project` is None)."""
+        project = self.project if project == "" else project
         return [e for e in self.events if e.get("event_type") == event_type and (project is None or e.get("project") == project)]
 
     async def until(self, what: str, predicate: Any, timeout: float | None = None) -> Any:
@@ -292,11 +325,12 @@ class Demo:
         self.progress("starting every service")
         await host.start()
         try:
-            await create_project(settings, PROJECT, list(CLASSES), created_by="demo")
-            _, annotator_token = await create_token(settings, project=PROJECT, role="annotator", user_id="alice", created_by="demo")
-            _, reviewer_token = await create_token(settings, project=PROJECT, role="reviewer", user_id="bob", created_by="demo")
-            _, admin_token = await create_token(settings, project=PROJECT, role="admin", user_id="carol", created_by="demo")
-            _, dashboard_token = await create_token(settings, project=PROJECT, role="annotator", user_id="dashboard", created_by="demo")
+            project, classes, new_class = self.project, tuple(self.world.classes), self.world.new_class
+            await create_project(settings, project, list(classes), created_by="demo")
+            _, annotator_token = await create_token(settings, project=project, role="annotator", user_id="alice", created_by="demo")
+            _, reviewer_token = await create_token(settings, project=project, role="reviewer", user_id="bob", created_by="demo")
+            _, admin_token = await create_token(settings, project=project, role="admin", user_id="carol", created_by="demo")
+            _, dashboard_token = await create_token(settings, project=project, role="annotator", user_id="dashboard", created_by="demo")
             base = host.endpoints["labeling-gateway"]
             ensure_key_pair(settings.state_dir / "keys")
             trust = TrustStore.load([settings.state_dir / "keys"])
@@ -310,17 +344,22 @@ class Demo:
                 self.on_ready(dict(host.endpoints), {"alice": annotator_token, "bob": reviewer_token, "carol": admin_token,
                                                      "dashboard": dashboard_token})
             async with httpx.AsyncClient(base_url=base, timeout=60) as http:
-                await self._import_test_set(http, admin_token, CLASSES, self.cfg.test_images, offset=0)
-                alice = Annotator(base, annotator_token, PROJECT, self.world, user_id="alice", noise_px=self.cfg.noise_px, rng_seed=1)
-                bob = Annotator(base, reviewer_token, PROJECT, self.world, user_id="bob", noise_px=self.cfg.noise_px, rng_seed=2)
+                await self._import_test_set(http, admin_token, classes, self.cfg.test_images, offset=0)
+                people = dict(errors=self.cfg.errors, costs=self.cfg.costs)
+                alice = Annotator(base, annotator_token, project, self.world, user_id="alice", rng_seed=self.cfg.seed * 10 + 1, **people)
+                bob = Annotator(base, reviewer_token, project, self.world, user_id="bob", rng_seed=self.cfg.seed * 10 + 2, **people)
+                self.people = [alice, bob]
                 async with alice, bob:
-                    await self._round("round 1: empty library, people label", self.cfg.rounds[0], CLASSES, [alice, bob], version=1)
-                    await self._round("round 2: pre-labels, review, auto-accept", self.cfg.rounds[1], CLASSES, [alice, bob], version=2)
-                    await http.post(f"/v1/projects/{PROJECT}/classes", json={"classes": [NEW_CLASS]},
-                                    headers={"Authorization": f"Bearer {admin_token}"})
-                    await self._import_test_set(http, admin_token, (*CLASSES, NEW_CLASS), self.cfg.new_class_test_images, offset=1)
-                    await self._round(f"round 3: a new class ({NEW_CLASS}) appears", self.cfg.rounds[2], (*CLASSES, NEW_CLASS),
-                                      [alice, bob], version=3)
+                    await self._round("round 1: empty library, people label", self.cfg.rounds[0], classes, [alice, bob], version=1)
+                    await self._round("round 2: pre-labels, review, auto-accept", self.cfg.rounds[1], classes, [alice, bob], version=2)
+                    if new_class is not None:
+                        await http.post(f"/v1/projects/{project}/classes", json={"classes": [new_class]},
+                                        headers={"Authorization": f"Bearer {admin_token}"})
+                        await self._import_test_set(http, admin_token, (*classes, new_class), self.cfg.new_class_test_images, offset=1)
+                        await self._round(f"round 3: a new class ({new_class}) appears", self.cfg.rounds[2], (*classes, new_class),
+                                          [alice, bob], version=3)
+                    else:
+                        await self._round("round 3: more images", self.cfg.rounds[2], classes, [alice, bob], version=3)
             await asyncio.sleep(1.0)
             self.final_devices = {a.device_id: (f"v{a.active.model.version}" if a.active else "none") for a in agents}
         finally:
@@ -342,9 +381,8 @@ class Demo:
         """Import `n` labelled scenes as the frozen test set, as an admin would (a COCO zip)."""
         from visionloop.libs.formats import LabelledImage, coco_document
 
-        test_world = World(self.cfg.seed + 1000 + offset, classes, width=self.cfg.width, height=self.cfg.height,
-                           objects=self.cfg.objects, size=self.cfg.size)
-        items = [i for i in test_world.stream(n) if i.kind is ItemKind.FRESH]
+        items = [i for i in self.world.test_set(n, classes, offset=offset) if i.kind is ItemKind.FRESH]
+        self.test_items.extend(items)
         images = [LabelledImage(file_name=f"{i.image_id}.jpg", width=i.width, height=i.height, boxes=tuple(i.truth or ()),
                                 split="test", image_id=i.image_id) for i in items]
         archive = io.BytesIO()
@@ -352,7 +390,7 @@ class Demo:
             z.writestr("annotations/test.json", json.dumps(coco_document(images, list(classes))))
             for item in items:
                 z.writestr(f"images/{item.image_id}.jpg", item.data)
-        response = await http.post(f"/v1/projects/{PROJECT}/import", params={"format": "coco", "test_set": "true"},
+        response = await http.post(f"/v1/projects/{self.project}/import", params={"format": "coco", "test_set": "true"},
                                    content=archive.getvalue(), headers={"Authorization": f"Bearer {token}", "Content-Type": "application/zip"})
         response.raise_for_status()
         self.progress(f"imported {len(items)} test images ({', '.join(classes)})")
@@ -379,9 +417,9 @@ class Demo:
             # Originals first: a duplicate must not overtake the image it duplicates (they travel on different partitions).
             first = [i for i in wave if i.kind not in (ItemKind.EXACT_DUPLICATE, ItemKind.NEAR_DUPLICATE)]
             later = [i for i in wave if i.kind in (ItemKind.EXACT_DUPLICATE, ItemKind.NEAR_DUPLICATE)]
-            await publish(settings, first, PROJECT)
+            await publish(settings, first, self.project)
             await self.until("ingest and dedup decided the wave's originals", lambda first=first: self._decided(first))
-            await publish(settings, later, PROJECT)
+            await publish(settings, later, self.project)
             await self.until("ingest and dedup decided the wave's duplicates", lambda wave=wave: self._decided(wave))
             wave_ids = {f"demo-upstream-{i.name}" for i in wave}
             accepted = {e["payload"]["image"]["image_id"] for e in self.of("image.accepted") if e["payload"].get("submission_id") in wave_ids}
@@ -399,7 +437,7 @@ class Demo:
                 log_.verified[e["payload"]["provenance"]["method"]] += 1
         # Training: the round's labels are in; ask for the run (the count trigger also works; a command is deterministic).
         log_.training_from = len(self._runs)
-        await publish_once(settings, TrainingRequested(requested_by="demo"), project=PROJECT, producer="demo", key=PROJECT)
+        await publish_once(settings, TrainingRequested(requested_by="demo"), project=self.project, producer="demo", key=self.project)
         self.progress(f"{name}: {len(fresh)} images labelled; training model v{version}")
         evaluated = await self.until(f"model v{version} evaluated", lambda: next(
             (e for e in self.of("model.evaluated") if e["payload"]["lineage"]["model"]["version"] == version), None))
@@ -443,31 +481,41 @@ class Demo:
                 "round": r.name, "submitted": r.submitted, "accepted": r.accepted, "rejected": dict(r.rejected),
                 "tasks": dict(r.tasks), "boxes_drawn": r.boxes_drawn, "boxes_corrected": r.boxes_corrected, "accept_clicks": r.accepts,
                 "rejects": r.rejects, "human_actions_per_image": round(per_image, 3), "labelling_seconds": round(r.seconds, 1),
+                "actions": asdict(r.actions),
                 "verified_by_method": dict(r.verified), "auto_accept_rate": round(auto / r.accepted, 3) if r.accepted else 0.0,
                 "model": r.model, "seconds": round(r.ended - r.started, 1),
             })
-        return {"rounds": rounds, "auto_accept_precision": self.auto_accept_precision(), "wall_s": round(time.monotonic() - self.started, 1),
+        return {"rounds": rounds, "auto_accept_precision": self.auto_accept_precision(), "auto_accepted": self.auto_accepted(),
+                "world": self.world.name, "classes": list(self.world.classes) + ([self.world.new_class] if self.world.new_class else []), "wall_s": round(time.monotonic() - self.started, 1),
                 "releases": self.release_timeline(), "devices": self.device_states()}
 
-    def auto_accept_precision(self) -> float | None:
-        """Box precision (IoU 0.5, right class) of the auto-accepted label sets against the world's truth."""
+    def auto_accepted(self) -> dict[str, int]:
+        """The auto-accepted label sets against the world's truth (IoU 0.5, right class, one to one):
+        `images`, `boxes` and the `right` ones among them, the true `objects` in those images."""
         from visionloop.contracts import Box
         from visionloop.libs.boxes import match
 
-        right = total = 0
+        counts = {"images": 0, "boxes": 0, "right": 0, "objects": 0}
         for e in self.of("label.verified"):
             if e["payload"]["provenance"]["method"] != "auto":
                 continue
             truth = self.world.truth(e["payload"]["image"]["image_id"]) or []
             boxes = [Box.model_validate(b) for b in e["payload"]["boxes"]]
-            total += len(boxes)
-            right += _matched(match, boxes, truth)
-        return round(right / total, 4) if total else None
+            counts["images"] += 1
+            counts["boxes"] += len(boxes)
+            counts["objects"] += len(truth)
+            counts["right"] += _matched(match, boxes, truth)
+        return counts
+
+    def auto_accept_precision(self) -> float | None:
+        """Box precision (IoU 0.5, right class) of the auto-accepted label sets against the world's truth."""
+        counts = self.auto_accepted()
+        return round(counts["right"] / counts["boxes"], 4) if counts["boxes"] else None
 
     def release_timeline(self) -> list[dict[str, Any]]:
         out = []
         for e, t in zip(self.events, self.event_times, strict=True):
-            if e.get("event_type") in ("release.edge", "release.server") and e.get("project") == PROJECT:
+            if e.get("event_type") in ("release.edge", "release.server") and e.get("project") == self.project:
                 p = e["payload"]
                 out.append({"at_s": round(t - self.started, 1), "type": e["event_type"], "fleet": p["fleet"], "action": p["action"],
                             "model": f"{p['model']['model_id']} v{p['model']['version']}", "stage": p["stage"]["index"]})
@@ -484,7 +532,7 @@ def _matched(match: Any, boxes: list[Any], truth: list[Any]) -> int:
 def _snapshot(person: Annotator) -> dict[str, Any]:
     t = person.tally
     return {"tasks": Counter(t.tasks), "drawn": t.boxes_drawn, "corrected": t.boxes_corrected, "accepts": t.accepts, "rejects": t.rejects,
-            "seconds": t.seconds}
+            "seconds": t.seconds, "actions": t.actions}
 
 
 def _add(log_: RoundLog, before: dict[str, Any], after: dict[str, Any]) -> None:
@@ -494,6 +542,7 @@ def _add(log_: RoundLog, before: dict[str, Any], after: dict[str, Any]) -> None:
     log_.accepts += after["accepts"] - before["accepts"]
     log_.rejects += after["rejects"] - before["rejects"]
     log_.seconds += after["seconds"] - before["seconds"]
+    log_.actions = log_.actions + (after["actions"] - before["actions"])
 
 
 def _all_services() -> list[str]:

@@ -1,11 +1,16 @@
 """The synthetic upstream world: scenes with known ground truth, streamed as a real feed would.
 
-A `World` renders scenes (libs/scenes.py) deterministically from its seed and remembers the
-ground truth of every image it hands out, by image id (the SHA-256 of the bytes). `stream` mixes
+A `World` renders scenes of a world style (libs/scenes.py: `shapes`, `photo`) deterministically
+from its seed and remembers the ground truth of every image it hands out, by image id (the
+SHA-256 of the bytes); `dataset.DatasetWorld` hands out a user's labelled images instead. `stream` mixes
 in what real feeds carry besides new pictures: the same file sent twice, the same picture
 re-encoded, resized or cropped, thumbnails too small to label, and broken files. Each `Item`
 says what it is and what the loop is expected to answer, with the reason codes ingest and
 dedup/quality give (`ImageRejectReason`), so the demo can check the loop against the world.
+
+What the demo asks of any world: `name` (a project-name-safe slug), `classes` (the starting
+classes), `new_class` (the class a later round adds, or None), `stream`, `test_set` (fresh items
+for the frozen test set, never streamed) and `truth`.
 
 `submission` and `publish` send items on the submit topic as any upstream Kafka producer would.
 """
@@ -25,7 +30,7 @@ from PIL import Image
 
 from visionloop.contracts import Box, Envelope, ImageRejectReason, ImageSource, ImageSubmitted, Stage
 from visionloop.libs.perceptual import Hashes, hamming, hash_image
-from visionloop.libs.scenes import SHAPES, render_scene
+from visionloop.libs.scenes import SHAPES, STYLE_CLASSES, render_scene, render_world_scene
 from visionloop.libs.settings import Settings
 from visionloop.libs.variants import variant
 
@@ -102,15 +107,23 @@ class Item:
     """Near duplicates: how they differ (`NEAR_KINDS`); corrupt items: `truncated` or `garbage`."""
     seed: int | None = None
     """The scene seed the picture was rendered from."""
+    source: str | None = None
+    """Dataset worlds: the dataset file the picture comes from (relative to the dataset's folder)."""
 
 
 @dataclass(frozen=True)
 class _Original:
+    """A fresh item later items may copy. Rendered worlds keep its bytes and picture; dataset
+    worlds keep `source` (the dataset image's index) and load them again when asked."""
+
     image_id: str
-    data: bytes
-    image: Image.Image
+    size: tuple[int, int]
     boxes: tuple[Box, ...]
+    """The truth in the item's pixels."""
     hashes: Hashes
+    data: bytes | None = None
+    image: Image.Image | None = None
+    source: int | None = None
 
 
 def _distance(a: Hashes, b: Hashes) -> int:
@@ -144,11 +157,15 @@ class World:
     Two worlds with the same seed and parameters hand out the same items for the same calls.
     """
 
+    new_class: str | None
+    """The class a later round adds (the style's fourth class), or None."""
+
     def __init__(
         self,
         seed: int,
-        classes: Sequence[str] = SHAPES[:3],
+        classes: Sequence[str] | None = None,
         *,
+        style: str = "shapes",
         width: int = 320,
         height: int = 240,
         objects: tuple[int, int] = (1, 4),
@@ -157,21 +174,45 @@ class World:
         near_radius: int = NEAR_DUPLICATE_RADIUS,
         resolution_floor: int = RESOLUTION_FLOOR,
     ) -> None:
-        """`classes` are the shapes scenes draw (names from `libs.scenes.SHAPES`) unless a stream
-        asks for others; `near_radius` and `resolution_floor` should match the project's dedup policy."""
-        unknown = [c for c in classes if c not in SHAPES]
-        if unknown:
-            raise ValueError(f"classes {unknown} cannot be drawn; known shapes: {', '.join(SHAPES)}")
-        self.seed = seed
-        self.classes = tuple(classes)
+        """`style` is a world style of `libs.scenes.STYLE_CLASSES`; `classes` are the classes its
+        scenes draw (default: the style's first three) unless a stream asks for others;
+        `background` (`field`, `gradient`) is the shapes style's; `near_radius` and
+        `resolution_floor` should match the project's dedup policy."""
+        if style not in STYLE_CLASSES:
+            raise ValueError(f"unknown world style {style!r} (known: {', '.join(STYLE_CLASSES)})")
+        self.style = style
+        self.name = style
+        """A project-name-safe slug naming the world."""
+        # The shapes style draws every shape of `libs.scenes.SHAPES` (a world may start with any).
+        extra = tuple(c for c in SHAPES if c not in STYLE_CLASSES[style]) if style == "shapes" else ()
+        self._drawable = STYLE_CLASSES[style] + extra
+        self._begin(seed, STYLE_CLASSES[style][:3] if classes is None else classes, near_radius, resolution_floor)
         self.width, self.height = width, height
         self.objects, self.size, self.background = objects, size, background
+        later = [c for c in STYLE_CLASSES[style][3:4] if c not in self.classes]
+        self.new_class = later[0] if later else None
+
+    def _begin(self, seed: int, classes: Sequence[str], near_radius: int, resolution_floor: int) -> None:
+        """The state every world keeps: what it handed out and the truth of it."""
+        self.seed = seed
+        self.classes = self._checked(classes)
         self.near_radius = near_radius
         self.resolution_floor = resolution_floor
+        self.max_item_bytes: int | None = None
+        """Largest item (bytes) a world makes from a picture; None: no limit."""
         self._truth: dict[str, tuple[Box, ...]] = {}
         self._originals: list[_Original] = []
+        self._held: list[Hashes] = []
+        """Hashes of test-set items this world handed out (fresh items stay away from them too)."""
         self._count = 0
         self._streams = 0
+
+    def _checked(self, classes: Sequence[str]) -> tuple[str, ...]:
+        """`classes` as a tuple, or ValueError naming those this world cannot draw."""
+        unknown = [c for c in classes if c not in self._drawable]
+        if unknown:
+            raise ValueError(f"the {self.style} world has no classes {unknown}; its classes: {', '.join(self._drawable)}")
+        return tuple(classes)
 
     # -- the truth ------------------------------------------------------------------------------
 
@@ -183,6 +224,21 @@ class World:
     def knows(self, image_id: str) -> bool:
         """Whether this world handed out the image (and so knows its truth)."""
         return image_id in self._truth
+
+    # -- the test set ---------------------------------------------------------------------------
+
+    def test_set(self, n: int, classes: Sequence[str] | None = None, *, offset: int = 0) -> list[Item]:
+        """`n` fresh scenes for the frozen test set: those of a separate world (seed + 1000 +
+        `offset`, same style and sizes), so never any of this world's stream. This world learns
+        their truth too."""
+        world = World(
+            self.seed + 1000 + offset, self.classes if classes is None else classes, style=self.style, width=self.width,
+            height=self.height, objects=self.objects, size=self.size, background=self.background,
+            near_radius=self.near_radius, resolution_floor=self.resolution_floor,
+        )
+        items = [i for i in world.stream(n) if i.kind is ItemKind.FRESH]
+        self._truth.update((i.image_id, i.truth) for i in items if i.truth is not None)
+        return items
 
     # -- the stream -----------------------------------------------------------------------------
 
@@ -200,10 +256,7 @@ class World:
         (reproducible) order. Duplicates copy a fresh scene handed out before them (this stream or
         an earlier one); fresh scenes are never within `near_radius` of each other. `classes`
         replaces the world's classes for this stream's new scenes (a later round adds a class)."""
-        classes = tuple(classes) if classes is not None else self.classes
-        unknown = [c for c in classes if c not in SHAPES]
-        if unknown:
-            raise ValueError(f"classes {unknown} cannot be drawn; known shapes: {', '.join(SHAPES)}")
+        classes = self._checked(classes) if classes is not None else self.classes
         rng = np.random.default_rng([self.seed, self._streams])
         self._streams += 1
         counts = {
@@ -234,10 +287,10 @@ class World:
             return self._fresh(index, name, rng, classes)
         if kind is ItemKind.EXACT_DUPLICATE:
             original = self._originals[int(rng.integers(len(self._originals)))]
-            data = original.data
+            data = self._data_of(original)
             return self._keep(Item(
                 index=index, name=name, kind=kind, data=data, image_id=original.image_id, expected=EXPECTED[kind],
-                truth=original.boxes, width=original.image.width, height=original.image.height, original=original.image_id,
+                truth=original.boxes, width=original.size[0], height=original.size[1], original=original.image_id,
             ))
         if kind is ItemKind.NEAR_DUPLICATE:
             return self._near(index, name, rng)
@@ -250,14 +303,38 @@ class World:
             self._truth[item.image_id] = item.truth
         return item
 
-    def _render(self, rng: np.random.Generator, classes: tuple[str, ...]) -> tuple[int, Image.Image, tuple[Box, ...]]:
-        seed = int(rng.integers(2**31))
-        scene = render_scene(
-            seed, width=self.width, height=self.height, classes=classes, objects=self.objects, size=self.size,
-            background=self.background,
+    def _unlike(self, hashes: Hashes) -> bool:
+        """Whether a picture is farther than `near_radius` from every fresh and test item so far."""
+        return all(_distance(hashes, o.hashes) > self.near_radius for o in self._originals) and all(
+            _distance(hashes, h) > self.near_radius for h in self._held
         )
+
+    # Where pictures come from; a dataset world overrides these four.
+
+    def _render(self, rng: np.random.Generator, classes: tuple[str, ...]) -> tuple[int | None, Image.Image, tuple[Box, ...]]:
+        """A new picture and its boxes (and the scene seed it was rendered from)."""
+        seed = int(rng.integers(2**31))
+        if self.style == "shapes" and self.background != "field":
+            scene = render_scene(
+                seed, width=self.width, height=self.height, classes=classes, objects=self.objects, size=self.size,
+                background=self.background,
+            )
+        else:
+            scene = render_world_scene(
+                self.style, seed, width=self.width, height=self.height, classes=classes, objects=self.objects, size=self.size,
+            )
         boxes = tuple(Box(x1=b.x1, y1=b.y1, x2=b.x2, y2=b.y2, class_name=b.class_name) for b in scene.boxes)
         return seed, scene.image, boxes
+
+    def _data_of(self, original: _Original) -> bytes:
+        """The bytes of a fresh item handed out before."""
+        assert original.data is not None
+        return original.data
+
+    def _picture_of(self, original: _Original) -> tuple[Image.Image, tuple[Box, ...]]:
+        """A picture of a fresh item handed out before, to derive variants from, and its boxes in its pixels."""
+        assert original.image is not None
+        return original.image, original.boxes
 
     def _fresh(self, index: int, name: str, rng: np.random.Generator, classes: tuple[str, ...]) -> Item:
         # A fresh scene must not be a near duplicate of an earlier one, or dedup would (rightly) drop it.
@@ -265,12 +342,12 @@ class World:
             seed, image, boxes = self._render(rng, classes)
             data = _jpeg(image)
             hashes, _ = hash_image(data)
-            if all(_distance(hashes, o.hashes) > self.near_radius for o in self._originals):
+            if self._unlike(hashes):
                 break
         else:
             raise RuntimeError("could not render a scene unlike the earlier ones; use another background or fewer scenes")
         image_id = hashlib.sha256(data).hexdigest()
-        self._originals.append(_Original(image_id, data, image, boxes, hashes))
+        self._originals.append(_Original(image_id, image.size, boxes, hashes, data=data, image=image))
         return self._keep(Item(
             index=index, name=name, kind=ItemKind.FRESH, data=data, image_id=image_id, expected=ACCEPTED, truth=boxes,
             width=image.width, height=image.height, seed=seed,
@@ -278,7 +355,8 @@ class World:
 
     def _near(self, index: int, name: str, rng: np.random.Generator) -> Item:
         original = self._originals[int(rng.integers(len(self._originals)))]
-        w, h = original.image.size
+        picture, boxes = self._picture_of(original)
+        w, h = picture.size
         for attempt in range(20):
             how = str(rng.choice(NEAR_KINDS)) if attempt < 19 else "recompress"
             if how == "crop":
@@ -286,16 +364,17 @@ class World:
                 dx, dy = int(w * frac), int(h * frac)
                 left, top = int(rng.integers(0, dx + 1)), int(rng.integers(0, dy + 1))
                 size = (w - dx, h - dy)
-                data = _jpeg(original.image.crop((left, top, left + size[0], top + size[1])))
-                truth = _moved(original.boxes, dx=-left, dy=-top, width=size[0], height=size[1])
+                data = _jpeg(picture.crop((left, top, left + size[0], top + size[1])))
+                truth = _moved(boxes, dx=-left, dy=-top, width=size[0], height=size[1])
             else:
-                data = variant(original.image, how, rng)
+                data = variant(picture, how, rng)
                 with Image.open(io.BytesIO(data)) as decoded:
                     size = decoded.size
-                truth = _moved(original.boxes, sx=size[0] / w, sy=size[1] / h, width=size[0], height=size[1])
+                truth = _moved(boxes, sx=size[0] / w, sy=size[1] / h, width=size[0], height=size[1])
             hashes, _ = hash_image(data)
             image_id = hashlib.sha256(data).hexdigest()
-            if _distance(hashes, original.hashes) <= self.near_radius and image_id not in self._truth:
+            fits = self.max_item_bytes is None or len(data) <= self.max_item_bytes
+            if fits and _distance(hashes, original.hashes) <= self.near_radius and image_id not in self._truth:
                 break
         else:
             raise RuntimeError("could not make a near duplicate within the radius")
@@ -339,6 +418,16 @@ class World:
 # -- sending items upstream -------------------------------------------------------------------------
 
 
+_MAGIC = ((b"\x89PNG", "png"), (b"GIF8", "gif"), (b"BM", "bmp"), (b"II*\x00", "tif"), (b"MM\x00*", "tif"))
+
+
+def _extension(data: bytes) -> str:
+    """The file extension of encoded image bytes (`jpg` for JPEG and anything unrecognised)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((ext for magic, ext in _MAGIC if data.startswith(magic)), "jpg")
+
+
 def submission(item: Item, project: str, *, source: str = "demo-upstream") -> ImageSubmitted:
     """The `image submitted` payload an upstream system sends for `item` (inline bytes).
 
@@ -348,7 +437,7 @@ def submission(item: Item, project: str, *, source: str = "demo-upstream") -> Im
     return ImageSubmitted(
         submission_id=f"{source}-{item.name}",
         inline_bytes=item.data,
-        filename=f"{item.name}.jpg",
+        filename=f"{item.name}.{_extension(item.data)}",
         source=ImageSource(source_system=source, upstream_id=f"{project}/{item.name}"),
     )
 

@@ -1,15 +1,20 @@
-// The visionloop dashboard: polls /v1/dashboard every 2 s and renders four tables.
-// Plain JS, no dependencies. The token lives in sessionStorage (this tab only); values from
-// the server are inserted as text, never as HTML.
+// The visionloop dashboard: polls /v1/dashboard every 2 s and renders four tables; the economy
+// panel reads one project's plots every 30 s. Plain JS, no dependencies. The token lives in
+// sessionStorage (this tab only); values from the server are inserted as text, never as HTML.
+// The economy's plots are SVG the gateway draws itself (svg.py escapes every value): they are
+// parsed as XML and imported as nodes, and the page's CSP runs no script they might hold.
 "use strict";
 
 (function () {
   const POLL_MS = 2000;
   const KEY = "visionloop.dashboard.token";
   const API = "v1/dashboard";
+  const ECONOMY_MS = 30000;
   const $ = (selector) => document.querySelector(selector);
   let timer = null;
   let previous = {};
+  let economyProject = null;
+  let economyAt = 0;
 
   function takeTokenFromUrl() {
     const url = new URL(window.location.href);
@@ -139,7 +144,50 @@
         cell(when(r.updated_at)),
       ];
     });
+    setProjects(data.projects || []);
     $("#updated").textContent = "updated " + when(data.generated_at) + " · refreshes every " + POLL_MS / 1000 + " s";
+  }
+
+  // The project chooser of the economy panel; the plots are read again every ECONOMY_MS.
+  function setProjects(projects) {
+    const select = $("#economy-project");
+    if ([...select.options].map((o) => o.value).join("\n") !== projects.join("\n")) {
+      select.replaceChildren(...projects.map((p) => {
+        const option = document.createElement("option");
+        option.value = p;
+        option.textContent = p;
+        return option;
+      }));
+      if (projects.includes(economyProject)) select.value = economyProject;
+    }
+    $("#economy").classList.toggle("has-rows", projects.length > 0);
+    if (projects.length && (select.value !== economyProject || Date.now() - economyAt > ECONOMY_MS)) loadEconomy(select.value);
+  }
+
+  async function loadEconomy(project) {
+    economyProject = project;
+    economyAt = Date.now();
+    const note = $("#economy-note");
+    try {
+      const url = "v1/projects/" + encodeURIComponent(project) + "/economy/plots";
+      const answer = await fetch(url, { headers: { Authorization: "Bearer " + sessionStorage.getItem(KEY) }, cache: "no-store" });
+      if (!answer.ok) throw new Error("HTTP " + answer.status);
+      const data = await answer.json();
+      if (data.project !== economyProject) return;  // another project was chosen meanwhile
+      const figures = [];
+      for (const [name, text] of Object.entries(data.plots)) {
+        const doc = new DOMParser().parseFromString(text, "image/svg+xml");
+        if (doc.documentElement.nodeName !== "svg" || doc.querySelector("parsererror")) continue;
+        const figure = document.createElement("figure");
+        figure.dataset.plot = name;
+        figure.appendChild(document.importNode(doc.documentElement, true));
+        figures.push(figure);
+      }
+      $("#economy-plots").replaceChildren(...figures);
+      note.textContent = "read " + when(data.generated_at) + " · hover a point for its numbers · refreshes every " + ECONOMY_MS / 1000 + " s";
+    } catch (error) {
+      note.textContent = "not read: " + error.message;
+    }
   }
 
   function showLogin(message) {
@@ -191,6 +239,7 @@
       $("#token").value = "";
       poll();
     });
+    $("#economy-project").addEventListener("change", (event) => loadEconomy(event.target.value));
     $("#forget").addEventListener("click", () => {
       sessionStorage.removeItem(KEY);
       clearTimeout(timer);
