@@ -76,7 +76,8 @@ class DatasetWorld(World):
         self._begin(seed, self.dataset.classes, near_radius, resolution_floor)
         self.max_item_bytes = max_item_bytes
         total = len(self.dataset.images)
-        held = test_images if test_images is not None else round(test_fraction * total)
+        # `test_images` is at most half the dataset: the other half at least is streamed.
+        held = min(test_images, total // 2) if test_images is not None else round(test_fraction * total)
         if not 0 <= held < total or not 0 <= test_fraction < 1:
             raise ValueError(f"the test set takes {held} of the dataset's {total} images; leave at least one to stream")
         order = [int(i) for i in np.random.default_rng([seed, 0x7E57]).permutation(total)]

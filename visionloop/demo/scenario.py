@@ -132,6 +132,19 @@ async def wait_until(predicate: Callable[[], Any], timeout_s: float, interval_s:
         await asyncio.sleep(interval_s)
 
 
+def fit_rounds(cfg: DemoConfig, fresh_left: int | None) -> tuple[int, int, int]:
+    """`cfg.rounds`, scaled down when a dataset holds fewer fresh images than they need (with a
+    tenth kept spare for images skipped as near duplicates of others)."""
+    fresh_share = 1.0 - cfg.exact_dup_rate - cfg.near_dup_rate - cfg.low_res_rate - cfg.corrupt_rate
+    need = sum(cfg.rounds) * fresh_share
+    if fresh_left is None or need <= 0.9 * fresh_left:
+        return cfg.rounds
+    factor = 0.9 * fresh_left / need
+    scaled = tuple(max(4, int(n * factor)) for n in cfg.rounds)
+    log.warning("the dataset holds %d fresh images; the rounds shrink from %s to %s", fresh_left, cfg.rounds, scaled)
+    return scaled  # type: ignore[return-value]
+
+
 @dataclass
 class RoundLog:
     """What one round did and measured."""
@@ -209,8 +222,10 @@ class Demo:
         self.on_steps = on_steps
         self.on_ready = on_ready
         self.world = world_for(Path(cfg.dataset) if cfg.dataset else None, style=cfg.world, seed=cfg.seed, width=cfg.width,
-                               height=cfg.height, objects=cfg.objects, size=cfg.object_size)
+                               height=cfg.height, objects=cfg.objects, size=cfg.object_size, test_images=cfg.test_images)
         self.project = self.world.name
+        self.plan = fit_rounds(cfg, getattr(self.world, "fresh_left", lambda: None)())
+        """Images submitted per round: `cfg.rounds`, scaled down to what a dataset holds."""
         self.rounds: list[RoundLog] = []
         self.events: list[dict[str, Any]] = []
         self.event_times: list[float] = []
@@ -350,16 +365,16 @@ class Demo:
                 bob = Annotator(base, reviewer_token, project, self.world, user_id="bob", rng_seed=self.cfg.seed * 10 + 2, **people)
                 self.people = [alice, bob]
                 async with alice, bob:
-                    await self._round("round 1: empty library, people label", self.cfg.rounds[0], classes, [alice, bob], version=1)
-                    await self._round("round 2: pre-labels, review, auto-accept", self.cfg.rounds[1], classes, [alice, bob], version=2)
+                    await self._round("round 1: empty library, people label", self.plan[0], classes, [alice, bob], version=1)
+                    await self._round("round 2: pre-labels, review, auto-accept", self.plan[1], classes, [alice, bob], version=2)
                     if new_class is not None:
                         await http.post(f"/v1/projects/{project}/classes", json={"classes": [new_class]},
                                         headers={"Authorization": f"Bearer {admin_token}"})
                         await self._import_test_set(http, admin_token, (*classes, new_class), self.cfg.new_class_test_images, offset=1)
-                        await self._round(f"round 3: a new class ({new_class}) appears", self.cfg.rounds[2], (*classes, new_class),
+                        await self._round(f"round 3: a new class ({new_class}) appears", self.plan[2], (*classes, new_class),
                                           [alice, bob], version=3)
                     else:
-                        await self._round("round 3: more images", self.cfg.rounds[2], classes, [alice, bob], version=3)
+                        await self._round("round 3: more images", self.plan[2], classes, [alice, bob], version=3)
             await asyncio.sleep(1.0)
             self.final_devices = {a.device_id: (f"v{a.active.model.version}" if a.active else "none") for a in agents}
         finally:
