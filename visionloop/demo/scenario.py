@@ -360,7 +360,7 @@ class Demo:
                                                      "dashboard": dashboard_token})
             async with httpx.AsyncClient(base_url=base, timeout=60) as http:
                 await self._import_test_set(http, admin_token, classes, self.cfg.test_images, offset=0)
-                people = dict(errors=self.cfg.errors, costs=self.cfg.costs)
+                people = {"errors": self.cfg.errors, "costs": self.cfg.costs}
                 alice = Annotator(base, annotator_token, project, self.world, user_id="alice", rng_seed=self.cfg.seed * 10 + 1, **people)
                 bob = Annotator(base, reviewer_token, project, self.world, user_id="bob", rng_seed=self.cfg.seed * 10 + 2, **people)
                 self.people = [alice, bob]
