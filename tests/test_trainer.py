@@ -224,9 +224,12 @@ async def test_crashed_and_hung_runs_fail_and_the_next_trigger_trains(settings, 
         await eventually(lambda: _status_is(pool, settings, "crashy", "failed"), timeout=60)
         crashed = (await _runs(pool, settings, "crashy"))[0]
         assert crashed["reason"] == "crashed" and "SIGKILL" in crashed["error"]
-        failures = [m for m in out.messages if m.get("event_type") == "pipeline.status" and m["payload"]["kind"] == StatusKind.FAILED.value
+        def failures() -> list[dict[str, Any]]:
+            return [m for m in out.messages if m.get("event_type") == "pipeline.status" and m["payload"]["kind"] == StatusKind.FAILED.value
                     and m["payload"]["service"] == "trainer"]
-        assert len(failures) >= 2
+
+        # The run's row is written before its status reaches the topic's reader: wait for both failures to arrive.
+        await eventually(lambda: len(failures()) >= 2, timeout=30)
 
         # The next trigger trains again, on the same running service.
         await publish(settings, TrainingRequested(requested_by="test"), project="crashy", key="crashy")
