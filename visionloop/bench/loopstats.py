@@ -66,12 +66,11 @@ def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> Interval:
 
 
 def lower_bound(k: int, n: int, confidence: float = 0.95) -> float | None:
-    """The one-sided lower confidence bound of a proportion k/n (None when n is 0)."""
-    from scipy.stats import beta
+    """The one-sided lower confidence bound of a proportion k/n (None when n is 0): the verifier's
+    own Clopper–Pearson bound, so the bench audits auto-accept with the rule that granted it."""
+    from visionloop.services.verifier.calibrate import lower_bound as verifier_bound
 
-    if n <= 0:
-        return None
-    return 0.0 if k == 0 else float(beta.ppf(1 - confidence, k, n - k + 1))
+    return None if n <= 0 else verifier_bound(k, n, confidence)
 
 
 def equal_quality(diff: Interval, band: float = EQUAL_BAND) -> bool:

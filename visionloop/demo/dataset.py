@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,8 @@ from visionloop.demo.world import (
     _Original,
 )
 from visionloop.libs.perceptual import hash_image
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Dataset", "DatasetError", "DatasetImage", "DatasetWorld", "load_dataset", "slug", "world_for"]
 
@@ -224,6 +227,18 @@ def _picture(data: bytes, width: int, height: int, boxes: tuple[Box, ...]) -> tu
     moved = _moved(boxes, sx=picture.width / width, sy=picture.height / height, width=picture.width, height=picture.height,
                    min_visible=0.0)
     return picture, moved
+
+
+def fit_rounds(rounds: tuple[int, int, int], fresh_share: float, fresh_left: int | None) -> tuple[int, int, int]:
+    """`rounds` (items per round, `fresh_share` of them fresh), scaled down when a dataset holds
+    fewer fresh images than they need (a tenth kept spare for images skipped as near duplicates)."""
+    need = sum(rounds) * fresh_share
+    if fresh_left is None or need <= 0.9 * fresh_left:
+        return rounds
+    factor = 0.9 * fresh_left / need
+    scaled = (max(4, int(rounds[0] * factor)), max(4, int(rounds[1] * factor)), max(4, int(rounds[2] * factor)))
+    log.warning("the dataset holds %d fresh images; the rounds shrink from %s to %s", fresh_left, rounds, scaled)
+    return scaled
 
 
 def world_for(dataset: Path | str | None, *, style: str = "shapes", seed: int = 0, test_fraction: float = 0.2,

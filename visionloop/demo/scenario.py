@@ -46,7 +46,7 @@ import httpx
 import yaml
 
 from visionloop.demo.annotator import Annotator
-from visionloop.demo.dataset import world_for
+from visionloop.demo.dataset import fit_rounds, world_for
 from visionloop.demo.effort import Actions
 from visionloop.demo.world import Item, ItemKind, publish
 
@@ -132,19 +132,6 @@ async def wait_until(predicate: Callable[[], Any], timeout_s: float, interval_s:
         await asyncio.sleep(interval_s)
 
 
-def fit_rounds(cfg: DemoConfig, fresh_left: int | None) -> tuple[int, int, int]:
-    """`cfg.rounds`, scaled down when a dataset holds fewer fresh images than they need (with a
-    tenth kept spare for images skipped as near duplicates of others)."""
-    fresh_share = 1.0 - cfg.exact_dup_rate - cfg.near_dup_rate - cfg.low_res_rate - cfg.corrupt_rate
-    need = sum(cfg.rounds) * fresh_share
-    if fresh_left is None or need <= 0.9 * fresh_left:
-        return cfg.rounds
-    factor = 0.9 * fresh_left / need
-    scaled = tuple(max(4, int(n * factor)) for n in cfg.rounds)
-    log.warning("the dataset holds %d fresh images; the rounds shrink from %s to %s", fresh_left, cfg.rounds, scaled)
-    return scaled  # type: ignore[return-value]
-
-
 @dataclass
 class RoundLog:
     """What one round did and measured."""
@@ -224,7 +211,8 @@ class Demo:
         self.world = world_for(Path(cfg.dataset) if cfg.dataset else None, style=cfg.world, seed=cfg.seed, width=cfg.width,
                                height=cfg.height, objects=cfg.objects, size=cfg.object_size, test_images=cfg.test_images)
         self.project = self.world.name
-        self.plan = fit_rounds(cfg, getattr(self.world, "fresh_left", lambda: None)())
+        fresh_share = 1.0 - cfg.exact_dup_rate - cfg.near_dup_rate - cfg.low_res_rate - cfg.corrupt_rate
+        self.plan = fit_rounds(cfg.rounds, fresh_share, getattr(self.world, "fresh_left", lambda: None)())
         """Images submitted per round: `cfg.rounds`, scaled down to what a dataset holds."""
         self.rounds: list[RoundLog] = []
         self.events: list[dict[str, Any]] = []
@@ -340,7 +328,7 @@ class Demo:
         self.progress("starting every service")
         await host.start()
         try:
-            project, classes, new_class = self.project, tuple(self.world.classes), self.world.new_class
+            project, classes = self.project, tuple(self.world.classes)
             await create_project(settings, project, list(classes), created_by="demo")
             _, annotator_token = await create_token(settings, project=project, role="annotator", user_id="alice", created_by="demo")
             _, reviewer_token = await create_token(settings, project=project, role="reviewer", user_id="bob", created_by="demo")
@@ -360,21 +348,7 @@ class Demo:
                                                      "dashboard": dashboard_token})
             async with httpx.AsyncClient(base_url=base, timeout=60) as http:
                 await self._import_test_set(http, admin_token, classes, self.cfg.test_images, offset=0)
-                people = {"errors": self.cfg.errors, "costs": self.cfg.costs}
-                alice = Annotator(base, annotator_token, project, self.world, user_id="alice", rng_seed=self.cfg.seed * 10 + 1, **people)
-                bob = Annotator(base, reviewer_token, project, self.world, user_id="bob", rng_seed=self.cfg.seed * 10 + 2, **people)
-                self.people = [alice, bob]
-                async with alice, bob:
-                    await self._round("round 1: empty library, people label", self.plan[0], classes, [alice, bob], version=1)
-                    await self._round("round 2: pre-labels, review, auto-accept", self.plan[1], classes, [alice, bob], version=2)
-                    if new_class is not None:
-                        await http.post(f"/v1/projects/{project}/classes", json={"classes": [new_class]},
-                                        headers={"Authorization": f"Bearer {admin_token}"})
-                        await self._import_test_set(http, admin_token, (*classes, new_class), self.cfg.new_class_test_images, offset=1)
-                        await self._round(f"round 3: a new class ({new_class}) appears", self.plan[2], (*classes, new_class),
-                                          [alice, bob], version=3)
-                    else:
-                        await self._round("round 3: more images", self.plan[2], classes, [alice, bob], version=3)
+                await self._people_work(http, base, admin_token, {"alice": annotator_token, "bob": reviewer_token})
             await asyncio.sleep(1.0)
             self.final_devices = {a.device_id: (f"v{a.active.model.version}" if a.active else "none") for a in agents}
         finally:
@@ -391,6 +365,24 @@ class Demo:
                 with contextlib.suppress(Exception):
                     self.on_steps(self.steps())
         return self.summary()
+
+    async def _people_work(self, http: httpx.AsyncClient, base: str, admin_token: str, tokens: Mapping[str, str]) -> None:
+        """The three rounds, worked by alice (annotator) and bob (reviewer); round 3 adds the world's new class, if it has one."""
+        classes, new_class = tuple(self.world.classes), self.world.new_class
+        people = {"errors": self.cfg.errors, "costs": self.cfg.costs}
+        alice = Annotator(base, tokens["alice"], self.project, self.world, user_id="alice", rng_seed=self.cfg.seed * 10 + 1, **people)
+        bob = Annotator(base, tokens["bob"], self.project, self.world, user_id="bob", rng_seed=self.cfg.seed * 10 + 2, **people)
+        self.people = [alice, bob]
+        async with alice, bob:
+            await self._round("round 1: empty library, people label", self.plan[0], classes, [alice, bob], version=1)
+            await self._round("round 2: pre-labels, review, auto-accept", self.plan[1], classes, [alice, bob], version=2)
+            if new_class is None:
+                await self._round("round 3: more images", self.plan[2], classes, [alice, bob], version=3)
+                return
+            await http.post(f"/v1/projects/{self.project}/classes", json={"classes": [new_class]},
+                            headers={"Authorization": f"Bearer {admin_token}"})
+            await self._import_test_set(http, admin_token, (*classes, new_class), self.cfg.new_class_test_images, offset=1)
+            await self._round(f"round 3: a new class ({new_class}) appears", self.plan[2], (*classes, new_class), [alice, bob], version=3)
 
     async def _import_test_set(self, http: httpx.AsyncClient, token: str, classes: tuple[str, ...], n: int, *, offset: int) -> None:
         """Import `n` labelled scenes as the frozen test set, as an admin would (a COCO zip)."""
