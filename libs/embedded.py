@@ -8,18 +8,23 @@ is `pgserver` (a real PostgreSQL 16, Unix socket only) with its data under the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
+import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
 
+from visionloop.libs.infrawatch import Watch, Watched
 from visionloop.libs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -96,6 +101,13 @@ class EmbeddedBroker:
             self.process.kill()
             self.process.wait(5)
 
+    def dead(self) -> str | None:
+        """None while the broker runs; else how it ended ("exit status 1", "killed by SIGKILL")."""
+        code = None if self.process is None else self.process.poll()
+        if code is None:
+            return None
+        return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+
 
 @dataclass
 class EmbeddedPostgres:
@@ -116,6 +128,38 @@ class EmbeddedPostgres:
         admin_url = self.server.get_uri()  # type: ignore[attr-defined]
         asyncio.run(_create_database(admin_url, DATABASE))
         return self.server.get_uri(DATABASE)  # type: ignore[attr-defined]
+
+    def dead(self) -> str | None:
+        """None while the postmaster runs; else how it ended (it is not this process's child, so
+        its exit status cannot be known)."""
+        import psutil
+
+        pid = None if self.server is None else self.server.get_pid()  # type: ignore[attr-defined]
+        try:
+            if pid is not None and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return None
+        except psutil.Error:
+            pass
+        return f"postmaster pid {pid} gone, exit status unknown"
+
+    def restart(self) -> None:
+        """Start the postmaster again on the same data folder and socket (after it died)."""
+        server = self.server
+        if server is None:
+            raise RuntimeError("PostgreSQL was not started here")
+        with server._lock:  # type: ignore[attr-defined]  # pgserver's own inter-process lock
+            if self.dead() is not None:
+                # pgserver takes a zombie postmaster for a live one: reap it when it is ours, and
+                # drop its lock file (PostgreSQL itself would drop a stale one) so a new one starts.
+                with contextlib.suppress(ChildProcessError, OSError, TypeError):
+                    os.waitpid(server.get_pid(), os.WNOHANG)  # type: ignore[attr-defined]
+                (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
+            server.ensure_postgres_running()  # type: ignore[attr-defined]
+
+    @property
+    def log_path(self) -> Path:
+        """PostgreSQL's server log."""
+        return self.data_dir / "log"
 
     def stop(self) -> None:
         """Stop the server (data stays in the data folder)."""
@@ -141,9 +185,15 @@ class EmbeddedStack:
     settings: Settings
     broker: EmbeddedBroker | None = None
     postgres: EmbeddedPostgres | None = None
+    watch: Watch | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _after_broker_start: Callable[[], object] | None = field(default=None, repr=False)
 
-    def start(self) -> Settings:
-        """Start what is missing; return settings pointing at everything in use."""
+    def start(self, *, watch: bool = True) -> Settings:
+        """Start what is missing; return settings pointing at everything in use.
+
+        With `watch` (the default) a thread restarts the broker or PostgreSQL started here when
+        either dies, saying so in one line (`libs/infrawatch.py`)."""
         state = self.settings.state_dir.resolve()
         update: dict[str, object] = {"state_dir": state}
         try:
@@ -157,7 +207,70 @@ class EmbeddedStack:
         except BaseException:
             self.stop()
             raise
+        if watch:
+            self._watch()
         return self.settings.model_copy(update=update)
+
+    def _watch(self) -> None:
+        watched = []
+        if self.broker is not None:
+            watched.append(Watched("broker", self.broker.dead, self._start_broker_again, self.broker.log_path))
+        if self.postgres is not None:
+            watched.append(Watched("PostgreSQL", self.postgres.dead, self.postgres.restart, self.postgres.log_path))
+        if watched:
+            self.watch = Watch(watched, self._lock)
+            self.watch.start()
+
+    def _start_broker_again(self) -> None:
+        """Start the broker on its port (after a death or for a rotation), then the caller's hook."""
+        assert self.broker is not None
+        self.broker.start()
+        if self._after_broker_start is not None:
+            try:
+                self._after_broker_start()
+            except Exception as exc:  # noqa: BLE001 - the services re-create topics themselves on the new epoch
+                log.warning("after the embedded broker started again: %s", exc)
+
+    def rotate_broker(self, limit_mb: float, *, behind: Callable[[], str], after_start: Callable[[], object] | None = None) -> None:
+        """Restart the embedded broker when its memory passes `limit_mb` (0: never), at a moment
+        `behind()` returns "" (every consumer group caught up); run `after_start` after every
+        restart the watch makes, a death's too (`libs/rotation.py`)."""
+        from visionloop.libs.rotation import Rotation
+
+        self._after_broker_start = after_start
+        if self.watch is None or self.broker is None:
+            return
+        if self.watch.rotation is not None:
+            self.watch.rotation.limit_mb = limit_mb
+            return
+        broker = self.broker
+
+        def rss_mb() -> float | None:
+            import psutil
+
+            if broker.process is None or broker.process.poll() is not None:
+                return None
+            with contextlib.suppress(psutil.Error):
+                return psutil.Process(broker.process.pid).memory_info().rss / 2**20
+            return None
+
+        def restart() -> None:
+            broker.stop()
+            self._start_broker_again()
+
+        self.watch.rotation = Rotation(limit_mb, rss_mb, behind, restart)
+
+    def watched(self) -> dict[str, dict[str, object]]:
+        """Deaths and restarts the watch has seen, per process (for benches' JSON)."""
+        if self.watch is None:
+            return {}
+        found: dict[str, dict[str, object]] = {
+            w.name: {"deaths": w.deaths, "restarts": w.restarts, "failed_restarts": w.failed_restarts, "history": list(w.history)}
+            for w in self.watch.watched}
+        if self.watch.rotation is not None:
+            found["broker"]["rotations"] = self.watch.rotation.rotations
+            found["broker"]["rotation_history"] = list(self.watch.rotation.history)
+        return found
 
     def restart_broker(self) -> str:
         """Stop the embedded broker and start a fresh one on the same port; the bootstrap.
@@ -167,11 +280,15 @@ class EmbeddedStack:
         """
         if self.broker is None:
             raise RuntimeError("no embedded broker to restart: the broker is configured externally")
-        self.broker.stop()
-        return self.broker.start()
+        with self._lock:  # not a death: the watch must not see it down
+            self.broker.stop()
+            return self.broker.start()
 
     def stop(self) -> None:
-        """Stop what this stack started, broker first."""
+        """Stop what this stack started, broker first (the watch first of all)."""
+        if self.watch is not None:
+            self.watch.stop()
+            self.watch = None
         if self.broker is not None:
             self.broker.stop()
         if self.postgres is not None:

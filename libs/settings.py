@@ -168,6 +168,14 @@ class Settings(_FileBacked):
     outbox_relay_interval_s: float = Field(
         default=1.0, gt=0, description="How often unpublished outbox rows are swept."
     )
+    embedded_broker_max_mb: float = Field(
+        default=512.0,
+        ge=0,
+        description=(
+            "`visionloop up` restarts the embedded broker when its memory passes this many MB, at a moment every "
+            "consumer group has caught up (Tansu keeps every record in memory); 0: never. Not used with an external Kafka."
+        ),
+    )
     outbox_retention_s: float = Field(
         default=3600.0,
         ge=0,
@@ -188,6 +196,10 @@ class Settings(_FileBacked):
 
     # -- HTTP ------------------------------------------------------------------------------
     http_host: str = Field(default="127.0.0.1", description="Bind address of the HTTP services.")
+    http_reuse_port: bool = Field(
+        default=False,
+        description="Bind HTTP ports with SO_REUSEPORT, so replicas of a service share one port (set by `up --replicas`).",
+    )
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535,
         description="Port of this process's Prometheus endpoint (`/metrics`, every service it runs); unset: none; 0: any free port.",

@@ -97,3 +97,15 @@ def test_secret_files_stay_out_of_git_and_images(compose: dict[str, Any]) -> Non
         if subprocess.run([git, "check-ignore", "-q", file], cwd=ROOT).returncode != 0
     ]
     assert unignored == [], "secret files that git would commit"
+
+
+def test_services_without_a_published_port_can_run_replicas(compose: dict[str, Any]) -> None:
+    """`REPLICAS_DEDUP=2 docker compose up`: more processes in the service's consumer groups; the
+    HTTP services (one published port each) stay single."""
+    for service in SERVICES:
+        definition = compose["services"][service]
+        if service in HTTP_PORTS or service == "trainer":
+            assert "deploy" not in definition
+        else:
+            env = service.upper().replace("-", "_")
+            assert definition["deploy"]["replicas"] == f"${{REPLICAS_{env}:-1}}"

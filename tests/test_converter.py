@@ -152,6 +152,23 @@ def test_int8_quantises_conv_only_keeps_dfl_float_and_metadata(tmp_path: Path) -
     assert qdq_summary(onnx.load(str(whole))).float_convs == []
 
 
+def test_int8_of_a_model_whose_layers_share_a_weight_stays_conv_only(tmp_path: Path) -> None:
+    """A barely trained model has bitwise-equal weights; the exporter keeps one copy and feeds the
+    other layer through an Identity, which the quantiser used to quantise as an activation (seen:
+    a 1-epoch model refused as `calibration_failed`, {'Conv': 87, 'Identity': 1})."""
+    model = onnx.load_from_string(onnx_bytes(128, dynamic=False))
+    weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in weights]
+    first, second = next((a, b) for a in convs for b in convs if a is not b and weights[a.input[1]] == weights[b.input[1]])
+    model.graph.node.insert(0, onnx.helper.make_node("Identity", [first.input[1]], ["weight_alias"], name="alias"))
+    second.input[1] = "weight_alias"
+    src = tmp_path / "aliased.onnx"
+    onnx.save(model, str(src))
+    batch = np.random.default_rng(0).random((4, 3, 128, 128), dtype=np.float32)
+    summary = qdq_summary(onnx.load(str(quantize_int8(src, tmp_path / "int8.onnx", batch))))
+    assert set(summary.quantized) == {"Conv"} and summary.stray == []
+
+
 def test_fp16_keeps_float32_input_and_class_names(tmp_path: Path) -> None:
     src = tmp_path / "edge.onnx"
     src.write_bytes(onnx_bytes(128, dynamic=False))

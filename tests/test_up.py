@@ -113,3 +113,44 @@ def test_up_processes_restarts_killed_services_one_by_one(state_dir: Path, tmp_p
     assert proc.returncode == 0, err[-3000:]
     assert "ingest (pid" in err and "restarting" in err  # the supervisor said what it did
     assert not any((ready / f"{name}.json").exists() for name in ("ingest", "dedup"))
+
+
+def test_up_replicas_share_port_and_group_and_a_killed_broker_is_restarted(state_dir: Path, tmp_path: Path) -> None:
+    """`up --processes --replicas ingest=2,dedup=2`: two processes each, one HTTP port, one consumer
+    group; then the embedded broker is SIGKILLed: `up` says so in one line, starts it again, and
+    images submitted afterwards are decided."""
+    from visionloop.libs.scenes import render_scene
+
+    proc = subprocess.Popen(_cli("up", "--processes", "--services", "ingest,dedup", "--replicas", "ingest=2,dedup=2"),
+                            env=_env(state_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready = state_dir / "processes"
+    names = ("ingest", "ingest-2", "dedup", "dedup-2")
+    try:
+        run_file = state_dir / "run.json"
+        deadline = time.monotonic() + 240
+        while not run_file.exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "visionloop up --processes --replicas did not come up within 240 s"
+            time.sleep(0.2)
+        assert json.loads(run_file.read_text())["replicas"] == {"ingest": 2, "dedup": 2}
+        readies = {name: json.loads((ready / f"{name}.json").read_text()) for name in names}
+        children = {c.pid for c in psutil.Process(proc.pid).children()}
+        assert {r["pid"] for r in readies.values()} <= children and len({r["pid"] for r in readies.values()}) == 4
+        assert readies["ingest"]["endpoints"]["ingest"] == readies["ingest-2"]["endpoints"]["ingest"]  # one port
+
+        broker = next(c for c in psutil.Process(proc.pid).children() if "python" not in c.name())
+        broker.kill()
+        for n in range(4):
+            image = tmp_path / f"scene{n}.jpg"
+            image.write_bytes(render_scene(seed=40 + n).encode())
+        submitted = subprocess.run(_cli("submit", *(str(tmp_path / f"scene{n}.jpg") for n in range(4)), "--project", "replicas"),
+                                   env=_env(state_dir), capture_output=True, text=True, timeout=240)
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        assert submitted.stdout.count("image.accepted") == 4, submitted.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err[-3000:]
+    assert err.count("embedded broker died (killed by SIGKILL)") == 1, err[-3000:]
+    assert "embedded broker restarted" in err
+    assert not any((ready / f"{name}.json").exists() for name in names)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,48 @@ def consumer_groups(settings: Settings, names: list[str] | None = None) -> list[
     return groups
 
 
+def _reused_port(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on `host:port` that other processes may bind too (SO_REUSEPORT):
+    replicas of a service share its port and the kernel spreads the connections."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def rotate_embedded_broker(stack: Any, settings: Settings, names: list[str]) -> None:
+    """Let `stack` rotate its embedded broker at `settings.embedded_broker_max_mb` when every
+    consumer group of the named services has caught up (the heartbeats' topic aside), and create
+    the registry's topics right after any restart of it (`libs/rotation.py`)."""
+    from visionloop.contracts import PipelineStatus, topic_of
+    from visionloop.contracts.topics import TOPICS
+    from visionloop.libs import kafka
+    from visionloop.libs.lag import read_partitions
+
+    if getattr(stack, "broker", None) is None:
+        return
+    heartbeats = topic_of(PipelineStatus, settings.topic_prefix)
+    groups = sorted({(topic, group) for topic, group in consumer_groups(settings, names) if topic != heartbeats})
+
+    def behind() -> str:
+        report = asyncio.run(read_partitions(settings, groups))
+        lagging: dict[str, int] = {}
+        for p in report.partitions:
+            if p.lag:
+                lagging[f"{p.group} on {p.topic}"] = lagging.get(f"{p.group} on {p.topic}", 0) + p.lag
+        return ", ".join(f"{key} ({lag})" for key, lag in sorted(lagging.items(), key=lambda kv: -kv[1])[:4])
+
+    def topics() -> None:
+        asyncio.run(kafka.ensure_topics(settings, TOPICS.values()))
+
+    stack.rotate_broker(settings.embedded_broker_max_mb, behind=behind, after_start=topics)
+
+
 @dataclass
 class ServiceHost:
     """Runs some of the loop's services in this process against configured infrastructure."""
@@ -67,19 +110,24 @@ class ServiceHost:
     _servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = field(default_factory=list)
 
     async def start(self) -> None:
-        """Connect, migrate, create topics and start every service (all or nothing)."""
+        """Connect, migrate, create topics and start every service (all or nothing).
+
+        The services start side by side, as their processes do under `up --processes` (each
+        joins its consumer groups, which takes a second or more per group on the embedded
+        broker); `runtimes` keeps the loop's order."""
         self._pool = await create_pool(self.settings)
         adapters = Adapters(blobs=open_blob_store(self.settings.blob_location))
         try:
+            built = []
             for name in self.names:
                 spec = services.get(name)
                 config = spec.settings() if spec.settings else None
-                runtime, app = build_runtime(spec, self.settings, self._pool, adapters, config)
-                await runtime.start()
-                self.runtimes.append(runtime)
-                if app is not None:
-                    await self._serve(spec.name, app, config.port)
-                    runtime.http_url = self.endpoints[spec.name]
+                built.append((spec, config, *build_runtime(spec, self.settings, self._pool, adapters, config)))
+            outcomes = await asyncio.gather(*(self._start_one(*b) for b in built), return_exceptions=True)
+            self.runtimes = [b[2] for b, outcome in zip(built, outcomes, strict=True) if outcome is None]
+            failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+            if failed is not None:
+                raise failed
             if self.settings.metrics_port is not None:
                 from visionloop.libs.metrics import app as metrics_app
 
@@ -89,10 +137,21 @@ class ServiceHost:
             await self.stop()
             raise
 
+    async def _start_one(self, spec: ServiceSpec, config: Any, runtime: Runtime, app: Any) -> None:
+        await runtime.start()
+        if app is not None:
+            try:
+                await self._serve(spec.name, app, config.port)
+            except BaseException:
+                await runtime.stop()
+                raise
+            runtime.http_url = self.endpoints[spec.name]
+
     async def _serve(self, name: str, app: Any, port: int) -> None:
         config = uvicorn.Config(app, host=self.settings.http_host, port=port, log_level="warning", lifespan="off")
         server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve(), name=f"{name}-http")
+        sockets = [_reused_port(self.settings.http_host, port)] if self.settings.http_reuse_port and port else None
+        task = asyncio.create_task(server.serve(sockets=sockets), name=f"{name}-http")
         while not server.started:
             if task.done():
                 task.result()  # raises the bind error

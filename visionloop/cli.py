@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from visionloop import __version__
+from visionloop.libs import logthrottle
 
 app = typer.Typer(
     name="visionloop",
@@ -117,6 +118,7 @@ def _logging(level: str) -> None:
     )
     for noisy in ("aiokafka", "faststream", "visionloop.kafka", "pgserver"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    logthrottle.install()  # a repeated failure (a broker down) is said once per 10 s, with a count
 
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML or TOML settings file (VL_CONFIG).")]
@@ -152,6 +154,7 @@ def up(
     services: Annotated[str | None, typer.Option(help="Comma-separated services to run (default: all).")] = None,
     smoke: Annotated[bool, typer.Option("--smoke", help="Push a sample image through, print the outcome, stop.")] = False,
     processes: Annotated[bool, typer.Option("--processes", help="Each service in its own OS process, supervised and restarted.")] = False,
+    replicas: Annotated[str | None, typer.Option(help="With --processes: more processes of a service, e.g. dedup=2,recognizer=2 (one consumer group, one port).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Start the embedded broker and PostgreSQL (unless configured externally) and every service.
@@ -162,18 +165,27 @@ def up(
     """
     from visionloop import services as registry
     from visionloop.libs.embedded import EmbeddedStack
+    from visionloop.supervisor import parse_replicas
 
     settings = _settings(config)
     _logging(settings.log_level)
     names = [n.strip() for n in services.split(",")] if services else list(registry.available())
     for name in names:
         registry.get(name)  # unknown names fail before anything starts
+    try:
+        counts = parse_replicas(replicas, names)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    if counts and not processes:
+        console.print("[red]--replicas needs --processes (replicas are processes of their own)[/]")
+        raise typer.Exit(2)
     stack = EmbeddedStack(settings)
     with console.status("starting the embedded broker and PostgreSQL"):
         settings = stack.start()
     run_file = settings.state_dir / RUN_FILE
     try:
-        code = asyncio.run(_up(settings, names, run_file, smoke, processes))
+        code = asyncio.run(_up(settings, names, run_file, smoke, processes, counts, stack))
     finally:
         run_file.unlink(missing_ok=True)
         with console.status("stopping the embedded broker and PostgreSQL"):
@@ -182,11 +194,12 @@ def up(
     raise typer.Exit(code)
 
 
-async def _up(settings, names: list[str], run_file: Path, smoke: bool, processes: bool = False) -> int:  # noqa: ANN001
-    from visionloop.app import ServiceHost
+async def _up(settings, names: list[str], run_file: Path, smoke: bool, processes: bool = False,  # noqa: ANN001
+              replicas: dict[str, int] | None = None, stack: Any = None) -> int:
+    from visionloop.app import ServiceHost, rotate_embedded_broker
     from visionloop.supervisor import Supervisor
 
-    host: ServiceHost | Supervisor = Supervisor(settings, names) if processes else ServiceHost(settings, names)
+    host: ServiceHost | Supervisor = Supervisor(settings, names, replicas=replicas) if processes else ServiceHost(settings, names)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -194,6 +207,8 @@ async def _up(settings, names: list[str], run_file: Path, smoke: bool, processes
     with console.status(f"starting {len(names)} service(s)" + (" as processes" if processes else "")):
         await host.start()
     endpoints = host.endpoints() if isinstance(host, Supervisor) else host.endpoints
+    if stack is not None:
+        rotate_embedded_broker(stack, settings, names)  # the embedded broker's memory gets a ceiling
     try:
         run_file.write_text(
             json.dumps(
@@ -205,6 +220,7 @@ async def _up(settings, names: list[str], run_file: Path, smoke: bool, processes
                     "database_url": settings.database_url,
                     "blob_url": settings.blob_location,
                     "services": names,
+                    "replicas": replicas or {},
                     "endpoints": endpoints,
                     "started_at": time.time(),
                 },
@@ -432,6 +448,7 @@ def _demo_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", handlers=[_CurrentStderr()])
     for noisy in ("aiokafka", "faststream", "visionloop.kafka", "pgserver"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logthrottle.install()
 
 
 def _demo_summary(result: dict[str, Any], report: Path) -> dict[str, Any]:
@@ -671,6 +688,8 @@ def bench_loop(
     quick: Annotated[bool, typer.Option("--quick", help="The CI-sized scenario, every arm, one seed unless --seeds.")] = False,
     rounds: Annotated[str | None, typer.Option(help="Images per round: bootstrap,review,new-class (default 100,400,120).")] = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds per arm (default 3; --quick: 1).", min=1)] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs of the first model (default 30); another budget is another row.", min=1)] = None,
+    finetune_epochs: Annotated[int | None, typer.Option(help="Epochs of each later model (default 8).", min=1)] = None,
     dataset: DatasetOpt = None,
     world: WorldOpt = "photo",
     miss_rate: Annotated[float, typer.Option(help="Annotator: share of objects not drawn.")] = 0.05,
@@ -705,8 +724,9 @@ def bench_loop(
         raise typer.Exit(2) from None
     _check_dataset(dataset)
     _logging("WARNING")
+    budget = None if epochs is None and finetune_epochs is None else (epochs, finetune_epochs)
     result = run_loop_bench(quick=quick, rounds=shape, seeds=seeds if seeds is not None else (1 if quick else None), world=world,
-                            dataset=str(dataset) if dataset else None, errors=errors, costs=costs, console=console)
+                            dataset=str(dataset) if dataset else None, errors=errors, costs=costs, epochs=budget, console=console)
     if json_output:
         out.print(json.dumps(result), highlight=False, soft_wrap=True, markup=False)
 
@@ -715,17 +735,26 @@ def bench_loop(
 def bench_chaos(
     seed: Annotated[int, typer.Option(help="Seed of the scenario and of the kill schedule.")] = 11,
     ci: Annotated[bool, typer.Option("--ci", help="The test suite's reduced run: 150 images, intake and labelling, 5 kills, the broker restart.")] = False,
+    replicas: Annotated[str | None, typer.Option(help="More processes of a service, e.g. dedup=2,recognizer=2 (each replica is killed too).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
 ) -> None:
     """The quick-demo scenario (1,020 images) while services are SIGKILLed and the broker restarts; reconciles; exit 1 on any discrepancy."""
     from dataclasses import replace
 
+    from visionloop import services as registry
     from visionloop.bench.chaos import ChaosConfig, run_chaos_bench, summary
+    from visionloop.supervisor import parse_replicas
+
+    try:
+        counts = parse_replicas(replicas, list(registry.available()))
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
 
     _demo_logging()
     for expected in ("aiokafka", "asyncio"):  # connection errors while the broker restarts are the point
         logging.getLogger(expected).setLevel(logging.CRITICAL)
-    cfg = replace(ChaosConfig.ci() if ci else ChaosConfig(), seed=seed)
+    cfg = replace(ChaosConfig.ci() if ci else ChaosConfig(), seed=seed, replicas=tuple(sorted(counts.items())))
     result = run_chaos_bench(cfg, console=console)
     if json_output:
         out.print(json.dumps(summary(result)), highlight=False, soft_wrap=True, markup=False)
@@ -1173,6 +1202,30 @@ def bench_recognizer(
 
     result = run_recognizer_bench(images=images, imgsz=imgsz, batch=batch, infer_batch=infer_batch, wait_ms=wait_ms,
                                   threads=threads, parallelism=parallelism, console=console)
+    if json_output:
+        out.print(json.dumps(result), highlight=False, soft_wrap=True, markup=False)
+
+
+@bench_app.command("scale")
+def bench_scale(
+    intake_images: Annotated[int, typer.Option(help="Images in each intake arm's backlog (ingest + dedup).", min=1)] = 1000,
+    recognizer_images: Annotated[int, typer.Option(help="Images in each recognizer arm's backlog.", min=1)] = 400,
+    imgsz: Annotated[int, typer.Option(help="The recognizer model's input size (a multiple of 32).")] = 640,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads per arm, split between the replicas (0 = one per core).", min=0)] = 0,
+    model: Annotated[Path | None, typer.Option(help="An ONNX detector for the recognizer arms (default: the bench's synthetic-scene detector).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
+) -> None:
+    """Scale-out: intake and recognizer throughput with 1 and 2 processes per service, arms 1,2,2,1 in one run."""
+    from visionloop.bench.scale import check_options, run_scale_bench
+
+    try:
+        check_options(intake_images=intake_images, recognizer_images=recognizer_images, imgsz=imgsz, model=model)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    _logging("WARNING")
+    result = run_scale_bench(intake_images=intake_images, recognizer_images=recognizer_images, imgsz=imgsz,
+                             threads=threads, model=model, console=console)
     if json_output:
         out.print(json.dumps(result), highlight=False, soft_wrap=True, markup=False)
 

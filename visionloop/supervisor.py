@@ -9,6 +9,11 @@ file once its service is started, so "restarted" means "serving again", not "spa
 HTTP services keep one port across restarts (a free port is chosen once when the configured
 port is 0), so the clients of the gateway, ingest and the package server are not stranded. With
 `metrics_port` set, each process serves `/metrics` on that port plus its index in loop order.
+
+`replicas` runs more processes of a service (`dedup=2`): the replicas share the service's consumer
+groups (Kafka spreads the partitions over them) and its HTTP port (each binds it with
+SO_REUSEPORT, so the kernel spreads connections); the first is named after the service, the
+others `NAME-2`, `NAME-3`, … in the supervisor's tables, logs and ready files.
 """
 
 from __future__ import annotations
@@ -92,14 +97,36 @@ class Exit:
         return signal.Signals(-self.returncode).name if self.returncode < 0 else None
 
 
+def parse_replicas(text: str | None, known: list[str]) -> dict[str, int]:
+    """`dedup=2,recognizer=3` as {service: processes}; ValueError naming what is wrong."""
+    replicas: dict[str, int] = {}
+    for part in (p.strip() for p in (text or "").split(",")):
+        if not part:
+            continue
+        name, _, count = part.partition("=")
+        name = name.strip()
+        if name not in known:
+            raise ValueError(f"--replicas: {name!r} is not a service of this stack ({', '.join(known)})")
+        if not count.strip().isdigit() or not 1 <= int(count) <= 16:
+            raise ValueError(f"--replicas: {part!r} needs a count from 1 to 16, e.g. {name}=2")
+        replicas[name] = int(count)
+    return replicas
+
+
+def replica_names(service: str, count: int) -> list[str]:
+    """The supervisor's names of a service's processes: the service's own, then NAME-2, NAME-3, …"""
+    return [service] + [f"{service}-{i}" for i in range(2, count + 1)]
+
+
 @dataclass
 class Child:
-    """One supervised service."""
+    """One supervised process of a service (`name` is the service's, or NAME-2, … for replicas)."""
 
     name: str
     env: dict[str, str]
     log_path: Path
     ready_path: Path
+    service: str = ""
     process: asyncio.subprocess.Process | None = None
     started_at: float = 0.0
     starts: int = 0
@@ -117,11 +144,13 @@ class Supervisor:
     """Runs services as child processes and keeps them running (see the module docstring)."""
 
     def __init__(self, settings: Settings, names: list[str], *, min_uptime_s: float = 30.0,
-                 backoff_s: tuple[float, float] = (0.5, 10.0), extra_env: dict[str, str] | None = None) -> None:
-        from visionloop import services as registry
-
+                 backoff_s: tuple[float, float] = (0.5, 10.0), extra_env: dict[str, str] | None = None,
+                 replicas: dict[str, int] | None = None) -> None:
         self.settings = settings
-        self.names = list(names)
+        self.services = list(names)
+        self.replicas = {service: (replicas or {}).get(service, 1) for service in names}
+        self.names = [n for service in names for n in replica_names(service, self.replicas[service])]
+        """Every process's name, in loop order, replicas after their first."""
         self.min_uptime_s = min_uptime_s
         self.backoff_s = backoff_s
         self.exits: list[Exit] = []
@@ -134,18 +163,34 @@ class Supervisor:
         base = {**os.environ, **child_environment(settings), **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
         base.pop("VL_METRICS_PORT", None)
         self.children: dict[str, Child] = {}
-        for index, name in enumerate(self.names):
-            spec = registry.get(name)
-            env = dict(base)
+        ports: dict[str, str] = {}
+        processes = [(name, service) for service in self.services for name in replica_names(service, self.replicas[service])]
+        for index, (name, service) in enumerate(processes):
+            env = self._environment(base, service, extra_env, ports)
             if settings.metrics_port is not None:
-                # Each process serves its own /metrics: the configured port plus the service's index (0: any free port).
+                # Each process serves its own /metrics: the configured port plus the process's index (0: any free port).
                 env["VL_METRICS_PORT"] = str(settings.metrics_port + index if settings.metrics_port else 0)
-            with _environment(extra_env or {}):  # read as the child reads them: `extra_env` may name its config file
-                config = spec.settings() if spec.settings is not None else None
-            if config is not None and "port" in type(config).model_fields and config.port == 0:
+            self.children[name] = Child(name, env, logs / f"{name}.log", folder / f"{name}.json", service=service)
+
+    def _environment(self, base: dict[str, str], service: str, extra_env: dict[str, str] | None,
+                     ports: dict[str, str]) -> dict[str, str]:
+        """A process's environment: its HTTP port chosen once per service (shared by its replicas)."""
+        from visionloop import services as registry
+
+        spec = registry.get(service)
+        env = dict(base)
+        with _environment(extra_env or {}):  # read as the child reads them: `extra_env` may name its config file
+            config = spec.settings() if spec.settings is not None else None
+        if config is not None and "port" in type(config).model_fields:
+            variable = f"VL_{spec.settings.section.upper()}_PORT"
+            if config.port == 0 and service not in ports:
                 # One port for the life of the stack: a restart must not strand the service's clients.
-                env[f"VL_{spec.settings.section.upper()}_PORT"] = str(free_port(settings.http_host))
-            self.children[name] = Child(name, env, logs / f"{name}.log", folder / f"{name}.json")
+                ports[service] = str(free_port(self.settings.http_host))
+            if service in ports:
+                env[variable] = ports[service]
+            if self.replicas[service] > 1:
+                env["VL_HTTP_REUSE_PORT"] = "true"  # the replicas bind one port; the kernel spreads connections
+        return env
 
     # -- life cycle ------------------------------------------------------------------------------
     async def start(self, timeout_s: float = 120.0) -> None:
@@ -241,7 +286,7 @@ class Supervisor:
     async def _spawn(self, child: Child) -> None:
         with open(child.log_path, "ab") as out:
             child.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "visionloop.cli", "run", child.name, "--ready-file", str(child.ready_path),
+                sys.executable, "-m", "visionloop.cli", "run", child.service or child.name, "--ready-file", str(child.ready_path),
                 env=child.env, stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
             )

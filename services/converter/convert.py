@@ -358,6 +358,29 @@ class _NoPreprocessHint(logging.Filter):
 logging.getLogger().addFilter(_NoPreprocessHint())
 
 
+def fold_weight_aliases(model: Any) -> int:
+    """Point the consumers of an `Identity` of an initializer at the initializer itself and drop
+    the `Identity`; the number dropped.
+
+    The exporter writes such aliases when two layers hold bitwise-equal weights (it keeps one
+    copy), as a barely trained model does. The quantiser takes an alias for an activation and
+    quantises it a second time, so the result is no longer Conv-only."""
+    initializers = {init.name for init in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    aliases = {n.output[0]: n.input[0] for n in model.graph.node
+               if n.op_type == "Identity" and n.input[0] in initializers and n.output[0] not in outputs}
+    if not aliases:
+        return 0
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in aliases:
+                node.input[i] = aliases[name]
+    kept = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in aliases)]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return len(aliases)
+
+
 def quantize_int8(
     src: Path,
     dst: Path,
@@ -377,6 +400,9 @@ def quantize_int8(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(src))
+    if fold_weight_aliases(model):
+        src = dst.with_name(f"{dst.stem}-folded.onnx")
+        onnx.save(model, str(src))
     exclude = dfl_convs(model) if keep_dfl_float else []
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
     try:

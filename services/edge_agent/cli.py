@@ -102,6 +102,9 @@ def main(
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("aiokafka", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from visionloop.libs import logthrottle
+
+    logthrottle.install()  # a broker down is said once per 10 s, not on every retry
     asyncio.run(_serve(settings, options, _home(options, settings), port))
 
 

@@ -68,7 +68,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from visionloop.bench import machine
-from visionloop.demo.scenario import wait_until
+from visionloop.demo.wait import wait_until
 from visionloop.libs.lag import Progress as LagProgress
 from visionloop.libs.lag import progress, read_partitions
 
@@ -150,6 +150,16 @@ class ChaosConfig:
     """The services' outbox relay tick (`VL_OUTBOX_RELAY_INTERVAL_S`): they check the broker's epoch every 30 ticks."""
     trainer_lease_s: float = 12.0
     """The trainer's run lease: how soon a killed trainer's run is queued again."""
+    replicas: tuple[tuple[str, int], ...] = ()
+    """Processes per service where more than one (`up --processes --replicas`); the monkey kills each
+    replica `kills_per_service` times."""
+
+    def processes(self, services: Iterable[str]) -> list[str]:
+        """The supervisor's process names of `services` (replicas after their first)."""
+        from visionloop.supervisor import replica_names
+
+        counts = dict(self.replicas)
+        return [n for s in services for n in replica_names(s, counts.get(s, 1))]
 
     @classmethod
     def ci(cls) -> ChaosConfig:
@@ -291,7 +301,7 @@ class Monkey:
         self.run = run
         cfg = run.cfg
         self.rng = random.Random(cfg.seed)
-        names = list(cfg.services or run.services)
+        names = cfg.processes(cfg.services or run.services)
         plan = names * cfg.kills_per_service
         self.rng.shuffle(plan)
         # Each round takes its share of the plan, by its number of images; leftovers carry over.
@@ -660,7 +670,8 @@ class ChaosRun:
 
         self.stack, self.settings = stack, settings
         config = _config_file(self.folder, self.cfg)
-        self.sup = Supervisor(settings, self.services, extra_env={"VL_CONFIG": str(config)}, backoff_s=(0.5, 5.0))
+        self.sup = Supervisor(settings, self.services, extra_env={"VL_CONFIG": str(config)}, backoff_s=(0.5, 5.0),
+                              replicas=dict(self.cfg.replicas))
         self.events = EventLog(settings)
         self.monkey = Monkey(self)
         self.pool = await create_pool(settings, min_size=1, max_size=4)
@@ -669,7 +680,8 @@ class ChaosRun:
         monkey: asyncio.Task[None] | None = None
         problems: list[str] = []
         try:
-            self.say(f"starting {len(self.services)} services, each its own process")
+            self.say(f"starting {len(self.services)} services, each its own process"
+                     + (f" (replicas: {', '.join(f'{s}={n}' for s, n in self.cfg.replicas)})" if self.cfg.replicas else ""))
             await self.sup.start(timeout_s=300)
             await create_project(settings, PROJECT, list(CLASSES), created_by="chaos")
             _, alice_token = await create_token(settings, project=PROJECT, role="annotator", user_id="alice", created_by="chaos")
@@ -863,7 +875,7 @@ class ChaosRun:
         recovered = [k.recovered_s for k in kills if k.recovered_s is not None]
         problems = problems + self.stalls + self.monkey.failures + outcome.discrepancies
         wanted = self.cfg.kills_per_service
-        for name in self.cfg.services or self.services:
+        for name in self.cfg.processes(self.cfg.services or self.services):
             if by_service[name] < wanted:
                 problems.append(f"kill plan not carried out: {name} was killed {by_service[name]} time(s), {wanted} planned")
         if self.cfg.training_kills and not any(k.why == "mid-training" for k in kills):
@@ -1247,6 +1259,7 @@ def run_chaos_bench(cfg: ChaosConfig | None = None, *, state: Path = STATE, cons
     try:
         with live or contextlib.nullcontext():
             result = asyncio.run(main())
+        result["unplanned_restarts"] = {name: w["restarts"] for name, w in stack.watched().items()}  # deaths the watch repaired
     finally:
         stack.stop()
     (folder / "result.json").write_text(json.dumps(result, indent=1, default=str))

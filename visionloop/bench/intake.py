@@ -189,12 +189,29 @@ async def _end_to_end(settings: Any, latency_images: list[bytes], backlog: list[
         await reader.stop()
 
 
+def _backlog(count: int) -> list[bytes]:
+    """The end-to-end backlog (640x480 JPEGs): a realistic mix of mostly new images, some exact
+    copies and near copies (recompressed) of earlier ones; the same `count` gives the same files."""
+    from visionloop.libs.scenes import render_scene
+    from visionloop.libs.variants import variant
+
+    rng = np.random.default_rng(9)
+    scenes = [render_scene(seed=400_000 + i, width=640, height=480) for i in range(count)]
+    backlog: list[bytes] = []
+    for i, scene in enumerate(scenes):
+        if i % 10 == 7:
+            backlog.append(backlog[-3])
+        elif i % 10 == 9:
+            backlog.append(variant(scenes[i - 1].image, "recompress", rng))
+        else:
+            backlog.append(scene.encode(quality=85))
+    return backlog
+
+
 def bench_end_to_end(latency_count: int, backlog_count: int, progress: Progress) -> dict[str, Any]:
     """ingest + dedup as separate processes on the embedded broker and PostgreSQL."""
     from visionloop.libs.embedded import EmbeddedStack
-    from visionloop.libs.scenes import render_scene
     from visionloop.libs.settings import Settings
-    from visionloop.libs.variants import variant
 
     state = Path(".visionloop") / "bench"
     tag = uuid.uuid4().hex[:6]
@@ -215,19 +232,8 @@ def bench_end_to_end(latency_count: int, backlog_count: int, progress: Progress)
         for name in ("ingest", "dedup")
     ]
     try:
-        rng = np.random.default_rng(9)
         latency_images = _files(latency_count, seed=300_000)
-        scenes = [render_scene(seed=400_000 + i, width=640, height=480) for i in range(backlog_count)]
-        # A realistic mix: mostly new images, some exact copies and near copies of earlier ones.
-        backlog = []
-        for i, scene in enumerate(scenes):
-            if i % 10 == 7:
-                backlog.append(backlog[-3])
-            elif i % 10 == 9:
-                backlog.append(variant(scenes[i - 1].image, "recompress", rng))
-            else:
-                backlog.append(scene.encode(quality=85))
-        return asyncio.run(_end_to_end(settings, latency_images, backlog, progress))
+        return asyncio.run(_end_to_end(settings, latency_images, _backlog(backlog_count), progress))
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)

@@ -53,8 +53,9 @@ BENCH_NEW_CLASS_TEST_IMAGES = 24
 
 
 def base_config(*, quick: bool, rounds: tuple[int, int, int] | None, world: str, dataset: str | None,
-                errors: Any = None, costs: Any = None) -> Any:
-    """The scenario every arm and seed runs (before the arm and the seed are set)."""
+                errors: Any = None, costs: Any = None, epochs: tuple[int | None, int | None] | None = None) -> Any:
+    """The scenario every arm and seed runs (before the arm and the seed are set); `epochs`
+    (first model, each later model; None keeps one) replaces the size's training budget."""
     from visionloop.demo.scenario import DemoConfig
 
     if quick:
@@ -63,6 +64,8 @@ def base_config(*, quick: bool, rounds: tuple[int, int, int] | None, world: str,
         base = DemoConfig(rounds=BENCH_ROUNDS, epochs=BENCH_EPOCHS, finetune_epochs=BENCH_FINETUNE_EPOCHS,
                           test_images=BENCH_TEST_IMAGES, new_class_test_images=BENCH_NEW_CLASS_TEST_IMAGES)
     base = replace(base, world=world, dataset=dataset, errors=errors, costs=costs)
+    if epochs is not None:
+        base = replace(base, epochs=epochs[0] or base.epochs, finetune_epochs=epochs[1] or base.finetune_epochs)
     return replace(base, rounds=rounds) if rounds is not None else base
 
 
@@ -102,7 +105,7 @@ def _image(data: bytes) -> Any:
 
 def run_loop_bench(*, quick: bool = False, rounds: tuple[int, int, int] | None = None, seeds: int | None = None,
                    world: str = "photo", dataset: str | None = None, errors: Any = None, costs: Any = None,
-                   console: Console | None = None) -> dict[str, Any]:
+                   epochs: tuple[int | None, int | None] | None = None, console: Console | None = None) -> dict[str, Any]:
     """Run every arm on every seed, one after the other; print the figures; return them."""
     from visionloop.bench.loopsummary import run_record, summarise
     from visionloop.demo.effort import COST_GRID, Costs
@@ -112,7 +115,7 @@ def run_loop_bench(*, quick: bool = False, rounds: tuple[int, int, int] | None =
 
     console = console or Console(stderr=True)
     costs, errors = costs or Costs(), errors or PersonErrors()
-    base = base_config(quick=quick, rounds=rounds, world=world, dataset=dataset, errors=errors, costs=costs)
+    base = base_config(quick=quick, rounds=rounds, world=world, dataset=dataset, errors=errors, costs=costs, epochs=epochs)
     n_seeds = seeds if seeds is not None else BENCH_SEEDS
     started = time.monotonic()
     fixed = settings_of(base, costs, errors)

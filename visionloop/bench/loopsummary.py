@@ -31,6 +31,7 @@ def run_record(seed: int, arm: str, result: Mapping[str, Any]) -> dict[str, Any]
         "auto_accepted": dict(result.get("auto_accepted") or {}),
         "wall_s": result["wall_s"],
         "folder": result.get("folder"),
+        "embedded_restarts": dict(result.get("embedded_restarts") or {}),
     }
 
 

@@ -340,6 +340,9 @@ async def _soak(settings: Any, stack: Any, names: list[str], *, rate: float, sec
         with console.status(f"starting {len(names)} services as processes"):
             await supervisor.start(timeout_s=300)
         console.print(f"{len(names)} services serving after {time.monotonic() - began:.1f} s")
+        from visionloop.app import rotate_embedded_broker
+
+        rotate_embedded_broker(stack, settings, names)  # as `visionloop up` does: the broker's memory has a ceiling
         probe = LagProbe(settings, _groups(settings, names))
         await probe.start()
         cleanup.push_async_callback(probe.stop)
@@ -369,7 +372,10 @@ async def _watch(settings: Any, stack: Any, supervisor: Any, probe: LagProbe, db
     """Submit at `rate` for `seconds` while sampling every `sample_s`; then drain; the samples and tallies."""
     samples: list[Sample] = []
     cpu = _CpuMeter()
-    broker_pid = stack.broker.process.pid if stack.broker is not None and stack.broker.process is not None else None
+
+    def broker_pid() -> int | None:  # it changes when the broker is rotated
+        return stack.broker.process.pid if stack.broker is not None and stack.broker.process is not None else None
+
     postmaster = _postmaster(stack.postgres.data_dir if stack.postgres is not None else None)
     me = psutil.Process()
     started, t0 = asyncio.Event(), []  # type: ignore[var-annotated]
@@ -380,7 +386,7 @@ async def _watch(settings: Any, stack: Any, supervisor: Any, probe: LagProbe, db
             procs = tree(supervisor.pid(name))
             rss[name] = rss_of(procs)
             cpu.observe("services", procs)
-        broker, postgres = tree(broker_pid), tree(postmaster)
+        broker, postgres = tree(broker_pid()), tree(postmaster)
         cpu.observe("broker", broker)
         cpu.observe("postgres", postgres)
         cpu.observe("bench", [me])
@@ -575,9 +581,15 @@ def run_soak_bench(*, minutes: float = MINUTES, rate: float = RATE_PER_S, servic
         with _free_http_ports():
             run = asyncio.run(_soak(settings, stack, names, rate=rate, seconds=seconds, sample_s=sample_s, drain_s=drain_s, console=console))
     finally:
+        watched = stack.watched()
         with console.status("stopping the embedded broker and PostgreSQL"):
             stack.stop()
     result = {"machine": machine(), "services": names} | summarise(run, minutes=minutes, rate=rate, warmup_s=warmup_s, sample_s=sample_s)
+    broker = watched.get("broker", {})
+    result["broker_limit_mb"] = settings.embedded_broker_max_mb
+    result["broker_rotations"] = broker.get("rotation_history", [])
+    result["broker_max_rss_mb"] = round(max((s.infra["broker"] for s in run["samples"]), default=0) / MB, 1)
+    result["unplanned_restarts"] = {name: w["restarts"] for name, w in watched.items()}
     result["load_average_before"] = [round(x, 2) for x in load_before]
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     plot = folder / "soak.png"

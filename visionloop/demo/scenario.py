@@ -48,6 +48,7 @@ import yaml
 from visionloop.demo.annotator import Annotator
 from visionloop.demo.dataset import fit_rounds, world_for
 from visionloop.demo.effort import Actions
+from visionloop.demo.wait import wait_until
 from visionloop.demo.world import Item, ItemKind, publish
 
 log = logging.getLogger(__name__)
@@ -116,20 +117,6 @@ class DemoConfig:
         """A run small enough for CI (about 3 minutes on two cores); its models learn little."""
         return cls(rounds=(150, 60, 60), test_images=20, new_class_test_images=8, width=160, height=120, imgsz=128, epochs=30,
                    finetune_epochs=8, batch=8, agents=3, timeout_s=300.0)
-
-
-async def wait_until(predicate: Callable[[], Any], timeout_s: float, interval_s: float, error: Callable[[], Exception]) -> Any:
-    """Poll `predicate` (sync or async) every `interval_s` until it is truthy; its value, or `error()` raised after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise error()
-        await asyncio.sleep(interval_s)
 
 
 @dataclass
@@ -454,8 +441,14 @@ class Demo:
         if evaluated["payload"]["passed"]:
             self.progress(f"{name}: v{version} passed the gate (mAP50-95 {evaluated['payload']['candidate']['map50_95']:.3f}); releasing")
             log_.releasing = True
-            await self.until(f"v{version} on every edge agent", lambda: all(
-                a.active is not None and a.active.model.version == version for a in self.agents))
+            converted = await self.until(f"model v{version} converted", lambda: next(
+                (e for e in self.of("model.converted") if e["payload"]["lineage"]["model"]["version"] == version), None))
+            refused = [r for r in converted["payload"]["refused"] if r["target"] == "edge"]
+            if refused:  # nothing for the edge agents this round; the server release goes on
+                self.progress(f"{name}: v{version}'s edge artifact was refused ({refused[0]['reason']}: {refused[0]['message']})")
+            else:
+                await self.until(f"v{version} on every edge agent", lambda: all(
+                    a.active is not None and a.active.model.version == version for a in self.agents))
             if self.cfg.assist:
                 await self.until(f"v{version} released to the server fleet", lambda: any(
                     e["payload"]["model"]["version"] == version for e in self.of("release.server")))
@@ -592,6 +585,8 @@ def run_demo(cfg: DemoConfig, *, state: Path, console: Any = None,
         with live or contextlib.nullcontext():
             result = asyncio.run(demo.run(settings))
     finally:
+        watched = stack.watched()
         stack.stop()
     result["folder"] = str(folder)
+    result["embedded_restarts"] = {name: w["restarts"] for name, w in watched.items()}  # the watch's repairs
     return result
