@@ -75,6 +75,9 @@ class EmbeddedBroker:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
+                # Its own session: a Ctrl-C at the terminal is for this process, which stops the
+                # broker itself (the watch would take a broker ended by the terminal for a death).
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

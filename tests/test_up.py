@@ -43,7 +43,10 @@ def test_up_smoke_pushes_a_sample_image_through(state_dir: Path) -> None:
 
 
 def test_up_runs_until_interrupted_and_stops_everything(state_dir: Path) -> None:
-    proc = subprocess.Popen(_cli("up"), env=_env(state_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """Ctrl-C at a terminal (SIGINT to the whole process group): `up` stops everything it started,
+    and its watch does not take the stopping broker or PostgreSQL for a death."""
+    proc = subprocess.Popen(_cli("up"), env=_env(state_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         run_file = state_dir / "run.json"
         deadline = time.monotonic() + 120
@@ -63,10 +66,11 @@ def test_up_runs_until_interrupted_and_stops_everything(state_dir: Path) -> None
         assert any(lag["topic"] == "vl.image.submitted.v1" for lag in snap["lags"])
         assert any(e["topic"] == "vl.pipeline.status.v1" and e["messages"] > 0 for e in snap["last_events"])
     finally:
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # as the terminal sends it
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
     assert "stopped cleanly" in err
+    assert "died" not in err, err[-3000:]
     assert not run_file.exists()
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
     assert not (state_dir / "postgres" / "postmaster.pid").exists()
