@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 log = logging.getLogger("visionloop.embedded")
 
 CHECK_EVERY_S = 5.0
-"""How often the broker's memory is read (and, once over the limit, whether the groups are quiet)."""
+"""How often the broker's memory is read."""
+WAITING_CHECK_EVERY_S = 30.0
+"""Once over the limit, how often the groups' lag is read (each reading asks every group)."""
 WAITING_LINE_EVERY_S = 300.0
 """While a due rotation waits for the groups, a line saying what is behind at most this often."""
 
@@ -42,6 +44,7 @@ class Rotation:
     behind: Callable[[], str]
     restart: Callable[[], object]
     check_every_s: float = CHECK_EVERY_S
+    waiting_check_every_s: float = WAITING_CHECK_EVERY_S
     rotations: int = 0
     history: list[dict[str, object]] = field(default_factory=list)
     _due_since: float | None = None
@@ -52,7 +55,8 @@ class Rotation:
         """The broker's MB when a rotation is due now (over the limit, time to check), else None."""
         if self.limit_mb <= 0 or now < self._next_check:
             return None
-        self._next_check = now + self.check_every_s
+        waiting = self._due_since is not None
+        self._next_check = now + (max(self.check_every_s, self.waiting_check_every_s) if waiting else self.check_every_s)
         rss = self.rss_mb()
         if rss is None or rss < self.limit_mb:
             self._due_since = None

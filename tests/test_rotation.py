@@ -17,7 +17,7 @@ from visionloop.libs.rotation import Rotation
 
 def _rotation(rss: list[float | None], behind: list[str], restarts: list[float]) -> Rotation:
     return Rotation(100.0, rss_mb=lambda: rss[0], behind=lambda: behind[0], restart=lambda: restarts.append(time.monotonic()),
-                    check_every_s=1.0)
+                    check_every_s=1.0, waiting_check_every_s=30.0)
 
 
 def test_due_only_over_the_limit_and_only_every_check(caplog) -> None:  # noqa: ANN001
@@ -28,10 +28,10 @@ def test_due_only_over_the_limit_and_only_every_check(caplog) -> None:  # noqa: 
     rss[0] = 150.0
     assert rotation.due(0.5) is None  # not time to look yet
     assert rotation.due(1.0) == 150.0
-    assert rotation.due(1.5) is None and rotation.due(2.0) == 150.0
+    assert rotation.due(2.0) == 150.0 and rotation.due(3.0) is None and rotation.due(32.0) == 150.0  # then every 30 s while it waits
     assert len([r for r in caplog.records if "restarting it as soon as" in r.getMessage()]) == 1  # said once
     rss[0] = None  # not running: nothing to rotate
-    assert rotation.due(3.0) is None
+    assert rotation.due(62.0) is None
     assert Rotation(0, lambda: 10_000.0, lambda: "", lambda: None).due(0.0) is None  # 0: never
 
 

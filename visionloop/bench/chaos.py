@@ -1290,7 +1290,8 @@ def _plot(result: dict[str, Any], path: Path) -> Path:
         ax.axvspan(start, end if end is not None else result["wall_s"], color=colour, alpha=0.12,
                    label=("training" if what.startswith("training") else "release") if n < 2 else None)
         ax.text(start, top * (1.06 if n % 2 else 1.015), what, fontsize=7, color=colour)
-    colours = dict(zip(sorted({k["service"] for k in result["kill_log"]}), plt.get_cmap("tab10").colors, strict=False))
+    palette = plt.get_cmap("tab20").colors  # replicas too: up to 20 processes before colours repeat
+    colours = {name: palette[i % len(palette)] for i, name in enumerate(sorted({k["service"] for k in result["kill_log"]}))}
     for kill in result["kill_log"]:
         style = "-" if kill["why"] == "random" else "--"
         ax.axvline(kill["at_s"], color=colours[kill["service"]], linestyle=style, linewidth=1.2, alpha=0.75)
@@ -1353,7 +1354,8 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
             "rejected_by_reason", "duplicated_by_kind", "dead_letters", "kills_by_service", "kills_mid_training", "kills_mid_release", "recovery_s",
             "supervisor_restarts", "resent_submissions", "event_copies_read", "models", "releases", "devices", "discrepancies",
             "stuck_groups", "ahead_groups", "slow_groups", "partitions", "wall_s", "machine", "folder", "plot")
-    return {k: result[k] for k in keys}
+    return {k: result[k] for k in keys} | {"replicas": dict(result["size"]["replicas"]),
+                                          "unplanned_restarts": result.get("unplanned_restarts")}
 
 
 __all__ = ["ChaosConfig", "ChaosRun", "Reconciliation", "Truth", "reconcile", "run_chaos_bench", "summary"]

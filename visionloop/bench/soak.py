@@ -321,6 +321,11 @@ FROM pg_class c WHERE c.relkind = 'r' AND c.relname IN ('inbox', 'outbox')
 """
 
 
+def _broker_pid(stack: Any) -> int | None:
+    """The embedded broker's pid now (it changes when the broker is rotated)."""
+    return stack.broker.process.pid if stack.broker is not None and stack.broker.process is not None else None
+
+
 def _postmaster(data_dir: Path | None) -> int | None:
     with contextlib.suppress(OSError, ValueError, IndexError):
         return int((data_dir / "postmaster.pid").read_text().split()[0]) if data_dir else None  # type: ignore[operator]
@@ -373,9 +378,6 @@ async def _watch(settings: Any, stack: Any, supervisor: Any, probe: LagProbe, db
     samples: list[Sample] = []
     cpu = _CpuMeter()
 
-    def broker_pid() -> int | None:  # it changes when the broker is rotated
-        return stack.broker.process.pid if stack.broker is not None and stack.broker.process is not None else None
-
     postmaster = _postmaster(stack.postgres.data_dir if stack.postgres is not None else None)
     me = psutil.Process()
     started, t0 = asyncio.Event(), []  # type: ignore[var-annotated]
@@ -386,7 +388,7 @@ async def _watch(settings: Any, stack: Any, supervisor: Any, probe: LagProbe, db
             procs = tree(supervisor.pid(name))
             rss[name] = rss_of(procs)
             cpu.observe("services", procs)
-        broker, postgres = tree(broker_pid()), tree(postmaster)
+        broker, postgres = tree(_broker_pid(stack)), tree(postmaster)
         cpu.observe("broker", broker)
         cpu.observe("postgres", postgres)
         cpu.observe("bench", [me])

@@ -441,21 +441,26 @@ class Demo:
         if evaluated["payload"]["passed"]:
             self.progress(f"{name}: v{version} passed the gate (mAP50-95 {evaluated['payload']['candidate']['map50_95']:.3f}); releasing")
             log_.releasing = True
-            converted = await self.until(f"model v{version} converted", lambda: next(
-                (e for e in self.of("model.converted") if e["payload"]["lineage"]["model"]["version"] == version), None))
-            refused = [r for r in converted["payload"]["refused"] if r["target"] == "edge"]
-            if refused:  # nothing for the edge agents this round; the server release goes on
-                self.progress(f"{name}: v{version}'s edge artifact was refused ({refused[0]['reason']}: {refused[0]['message']})")
-            else:
-                await self.until(f"v{version} on every edge agent", lambda: all(
-                    a.active is not None and a.active.model.version == version for a in self.agents))
-            if self.cfg.assist:
-                await self.until(f"v{version} released to the server fleet", lambda: any(
-                    e["payload"]["model"]["version"] == version for e in self.of("release.server")))
+            await self._released(name, version)
         else:
             reasons = ", ".join(f["reason"] for f in evaluated["payload"]["failures"])
             self.progress(f"{name}: v{version} failed the gate ({reasons})")
         log_.ended = time.monotonic()
+
+    async def _released(self, name: str, version: int) -> None:
+        """Until v`version` runs on every edge agent (unless its edge artifact was refused) and, when
+        the scenario pre-labels, is released to the server fleet."""
+        converted = await self.until(f"model v{version} converted", lambda: next(
+            (e for e in self.of("model.converted") if e["payload"]["lineage"]["model"]["version"] == version), None))
+        refused = [r for r in converted["payload"]["refused"] if r["target"] == "edge"]
+        if refused:  # nothing for the edge agents this round; the server release goes on
+            self.progress(f"{name}: v{version}'s edge artifact was refused ({refused[0]['reason']}: {refused[0]['message']})")
+        else:
+            await self.until(f"v{version} on every edge agent", lambda: all(
+                a.active is not None and a.active.model.version == version for a in self.agents))
+        if self.cfg.assist:
+            await self.until(f"v{version} released to the server fleet", lambda: any(
+                e["payload"]["model"]["version"] == version for e in self.of("release.server")))
 
     async def _work(self, people: list[Annotator], images: set[str], name: str, log_: RoundLog) -> None:
         """People work the queue until every one of `images` has a verified label."""
