@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import shutil
-import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from visionloop.contracts import (
 from visionloop.libs.bus import PermanentError, Runtime, Unit
 from visionloop.libs.manifest import read_manifest
 from visionloop.libs.service import Adapters, ServiceSpec
+from visionloop.libs.warmup import WarmUp
 from visionloop.services.converter.config import ConverterSettings
 from visionloop.services.converter.convert import Built, Job, LabelledImage, calibration_members, convert
 
@@ -125,7 +125,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: ConverterSettings) -> Non
             metric_classes=measured[1] if measured else (), calibration=images, model_tag=f"{ref.model_id} v{ref.version}",
         )
         try:
-            built = await asyncio.to_thread(_after_imports, convert, job)
+            built = await asyncio.to_thread(_WARM_UP.after, convert, job)
             converted = loop.time()
             artifacts: list[Artifact] = []
             for b in built:
@@ -237,21 +237,11 @@ def wire(runtime: Runtime, adapters: Adapters, config: ConverterSettings) -> Non
     runtime.produces(ModelConverted)
 
 
-_IMPORTS = threading.Lock()
-"""Held while the warm-up imports: two threads importing ONNX Runtime's quantiser at once can see a
-half-initialised package (seen: `No module named 'fusion_utils'` when a model arrived at a
-restarted converter during its warm-up)."""
-
-
-def _after_imports(work: Any, *args: Any) -> Any:
-    with _IMPORTS:  # free unless the warm-up is still importing
-        pass
-    return work(*args)
+_WARM_UP = WarmUp()
 
 
 def _preload(state_dir: Path) -> None:
-    with _IMPORTS:
-        _import_tools(state_dir)
+    _WARM_UP.run(_import_tools, state_dir)
 
 
 def _import_tools(state_dir: Path) -> None:

@@ -24,7 +24,6 @@ import asyncio
 import io
 import json
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from visionloop.libs.db import quote_ident
 from visionloop.libs.detmetrics import Evaluation, evaluate
 from visionloop.libs.manifest import read_manifest
 from visionloop.libs.service import Adapters, ServiceSpec
+from visionloop.libs.warmup import WarmUp
 from visionloop.services.evaluator.config import EvaluatorSettings, Policy
 from visionloop.services.evaluator.gate import gate
 from visionloop.services.evaluator.predict import predict
@@ -104,7 +104,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: EvaluatorSettings) -> Non
                       truth: dict[str, list[Box]], class_names: list[str], policy: Policy) -> Evaluation:
         weights = await weights_file(uri, sha256)
         found = await asyncio.to_thread(
-            _after_imports, lambda: predict(work_dir, weights, images, imgsz=imgsz, device=policy.device, batch=policy.batch)
+            _WARM_UP.after, predict, work_dir, weights, images, imgsz=imgsz, device=policy.device, batch=policy.batch
         )
         preds = dict(zip(ids, found, strict=True))
         return await asyncio.to_thread(evaluate, truth, preds, class_names, conf=policy.conf, match_iou=policy.match_iou)
@@ -271,20 +271,11 @@ def wire(runtime: Runtime, adapters: Adapters, config: EvaluatorSettings) -> Non
     runtime.produces(ModelEvaluated)
 
 
-_IMPORTS = threading.Lock()
-"""Held while the warm-up imports (Ultralytics, torch): a candidate that arrives during it waits,
-rather than importing the same packages from a second thread at the same moment."""
-
-
-def _after_imports(work: Any) -> Any:
-    with _IMPORTS:  # free unless the warm-up is still importing
-        pass
-    return work()
+_WARM_UP = WarmUp()
 
 
 def _preload(state_dir: Path) -> None:
-    with _IMPORTS:
-        _import_tools(state_dir)
+    _WARM_UP.run(_import_tools, state_dir)
 
 
 def _import_tools(state_dir: Path) -> None:
