@@ -54,7 +54,7 @@ class RepeatFilter(logging.Filter):
         self.suppressed = 0
         """Lines left out so far (all kinds)."""
 
-    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003 - logging's name
+    def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
         decided = getattr(record, "_vl_pass", None)
