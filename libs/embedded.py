@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
+
 from visionloop.libs.infrawatch import Watch, Watched
 from visionloop.libs.settings import Settings
 
@@ -230,7 +231,7 @@ class EmbeddedStack:
         if self._after_broker_start is not None:
             try:
                 self._after_broker_start()
-            except Exception as exc:
+            except Exception as exc:  # the services re-create their topics themselves on the new epoch
                 log.warning("after the embedded broker started again: %s", exc)
 
     def rotate_broker(self, limit_mb: float, *, behind: Callable[[], str], after_start: Callable[[], object] | None = None) -> None:
