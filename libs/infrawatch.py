@@ -112,14 +112,15 @@ class Watch:
         if rotation is None:
             return
         rss = rotation.due(now)
-        if rss is None or not rotation.quiet(now):  # the groups are read outside the lock: it takes a moment
+        if rss is None:
             return
         with self.lock:
             if not self._stop.is_set():
                 try:
                     rotation.rotate(rss)
                 except Exception as exc:  # noqa: BLE001 - the death watch starts it again if it stays down
-                    log.error("embedded broker rotation failed (%s); the watch restarts it if it is down", exc)
+                    log.error("embedded broker rotation failed (%s); trying again in a minute; the watch restarts "
+                              "the broker if it is down", exc)
 
     def _repair(self, w: Watched, how: str, attempt: int) -> float:
         """Say that `w` died (first attempt only) and restart it; when to try again if it failed."""

@@ -5,13 +5,21 @@ retention (accepted, read back, never applied) nor DeleteRecords (the memory eng
 yet implemented") gives any memory back; only a restart does (`scripts/tansu_memory.py`). At
 8 images/s with images inline on the submit topic the broker grows about 1.3 GB an hour.
 
-So when the broker's resident memory passes `limit_mb`, the watch restarts it, but only at a
-moment when every consumer group has read and committed everything on every topic that carries
-work (the heartbeats' topic aside): then nothing is in flight on the broker, and what the bus
-replays from its outboxes after the new epoch is already handled (the inboxes skip it). The
-records of an upstream system's producer that arrive between that check and the restart (a
-fraction of a second) are the only ones at risk; the broker's topics are created from the
-registry right after it starts, so a producer's retry lands on a topic with the right partitions.
+So when the broker's resident memory passes `limit_mb`, the watch restarts it, losing nothing:
+
+1. the front door (`libs/frontdoor.py`) holds every client's produce requests and waits until each
+   one already forwarded is answered: from then on the broker acknowledges nothing more;
+2. every record past the lowest committed offset of the groups that read its topic is read back
+   (`libs/rescue.py`): the records acknowledged to a producer that no consumer has handled;
+3. the broker is stopped and started again, the registry's topics created, and those records
+   written back to the same partitions, in their order;
+4. the door opens: held requests, whose connections the restart closed, are sent again by their
+   clients to the fresh broker.
+
+Events the services emitted come back anyway: on the new epoch each service re-publishes its
+retained outbox and every consumer reads its topics from the start (`libs/bus/epoch.py`); the
+inboxes skip what was handled. A first version waited instead for a moment when every group had
+caught up; under a steady stream (8 images/s) that moment never came (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -25,69 +33,46 @@ log = logging.getLogger("visionloop.embedded")
 
 CHECK_EVERY_S = 5.0
 """How often the broker's memory is read."""
-WAITING_CHECK_EVERY_S = 30.0
-"""Once over the limit, how often the groups' lag is read (each reading asks every group)."""
-WAITING_LINE_EVERY_S = 300.0
-"""While a due rotation waits for the groups, a line saying what is behind at most this often."""
+RETRY_AFTER_S = 60.0
+"""After a failed rotation, how long until the next try."""
 
 
 @dataclass
 class Rotation:
     """When and how to rotate (see the module's note).
 
-    `rss_mb` reads the broker's resident memory (None: not running); `behind` returns what has
-    not caught up ("" when every group has); `restart` stops and starts the broker.
-    """
+    `rss_mb` reads the broker's resident memory (None: not running); `restart` holds the door,
+    keeps the unread records, restarts the broker, puts them back and returns how many."""
 
     limit_mb: float
     rss_mb: Callable[[], float | None]
-    behind: Callable[[], str]
-    restart: Callable[[], object]
+    restart: Callable[[], int]
     check_every_s: float = CHECK_EVERY_S
-    waiting_check_every_s: float = WAITING_CHECK_EVERY_S
     rotations: int = 0
     history: list[dict[str, object]] = field(default_factory=list)
-    _due_since: float | None = None
-    _said_at: float = float("-inf")
     _next_check: float = 0.0
 
     def due(self, now: float) -> float | None:
         """The broker's MB when a rotation is due now (over the limit, time to check), else None."""
         if self.limit_mb <= 0 or now < self._next_check:
             return None
-        waiting = self._due_since is not None
-        self._next_check = now + (max(self.check_every_s, self.waiting_check_every_s) if waiting else self.check_every_s)
+        self._next_check = now + self.check_every_s
         rss = self.rss_mb()
         if rss is None or rss < self.limit_mb:
-            self._due_since = None
             return None
-        if self._due_since is None:
-            self._due_since = now
-            log.warning("embedded broker holds %.0f MB (limit %.0f MB, VL_EMBEDDED_BROKER_MAX_MB): restarting it "
-                        "as soon as every consumer group has caught up", rss, self.limit_mb)
         return rss
 
-    def quiet(self, now: float) -> bool:
-        """Whether every group has caught up; says what is behind now and then while it waits."""
-        try:
-            behind = self.behind()
-        except Exception as exc:  # noqa: BLE001 - a broker too busy to answer is not quiet
-            behind = f"lag unreadable ({type(exc).__name__}: {exc})"
-        if not behind:
-            return True
-        since = now if self._due_since is None else self._due_since
-        if now - self._said_at >= WAITING_LINE_EVERY_S and now - since >= WAITING_LINE_EVERY_S:
-            self._said_at = now
-            log.warning("embedded broker restart still waiting for consumer groups to catch up: %s", behind)
-        return False
-
     def rotate(self, rss: float) -> None:
-        """Restart the broker now (the caller holds the stack's lock)."""
+        """Restart the broker now (the caller holds the stack's lock); a failure is retried later."""
         started = time.monotonic()
-        self.restart()
+        try:
+            kept = self.restart()
+        except BaseException:
+            self._next_check = time.monotonic() + RETRY_AFTER_S
+            raise
         self.rotations += 1
-        waited = time.monotonic() - (started if self._due_since is None else self._due_since)
-        self._due_since = None
-        self.history.append({"at": time.time(), "rss_mb": round(rss, 1), "waited_s": round(waited, 1)})
-        log.warning("embedded broker restarted to give back %.0f MB (rotation %d, after waiting %.0f s for the groups); "
-                    "in-flight work is re-derived from PostgreSQL", rss, self.rotations, waited)
+        took = time.monotonic() - started
+        self.history.append({"at": time.time(), "rss_mb": round(rss, 1), "kept": kept, "took_s": round(took, 2)})
+        log.warning("embedded broker restarted to give back %.0f MB (limit %.0f MB, VL_EMBEDDED_BROKER_MAX_MB; rotation %d "
+                    "in %.1f s): %d unread record(s) written back, events in flight re-derived from PostgreSQL",
+                    rss, self.limit_mb, self.rotations, took, kept)

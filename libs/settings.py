@@ -172,8 +172,9 @@ class Settings(_FileBacked):
         default=512.0,
         ge=0,
         description=(
-            "`visionloop up` restarts the embedded broker when its memory passes this many MB, at a moment every "
-            "consumer group has caught up (Tansu keeps every record in memory); 0: never. Not used with an external Kafka."
+            "`visionloop up` restarts the embedded broker when its memory passes this many MB (Tansu keeps every record "
+            "in memory), holding produce requests and writing the unread records back; 0: never. Not used with an "
+            "external Kafka."
         ),
     )
     outbox_retention_s: float = Field(

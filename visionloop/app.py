@@ -70,32 +70,30 @@ def _reused_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def rotate_embedded_broker(stack: Any, settings: Settings, names: list[str]) -> None:
-    """Let `stack` rotate its embedded broker at `settings.embedded_broker_max_mb` when every
-    consumer group of the named services has caught up (the heartbeats' topic aside), and create
-    the registry's topics right after any restart of it (`libs/rotation.py`)."""
+def rotate_embedded_broker(stack: Any, settings: Settings, names: list[str], groups: list[tuple[str, str]] | None = None) -> None:
+    """Let `stack` rotate its embedded broker at `settings.embedded_broker_max_mb`, keeping what the
+    named services' consumer groups (or the given (topic, group) pairs) have not read, the
+    heartbeats' topic aside, and create the registry's topics right after any restart of it
+    (`libs/rotation.py`)."""
     from visionloop.contracts import PipelineStatus, topic_of
     from visionloop.contracts.topics import TOPICS
-    from visionloop.libs import kafka
-    from visionloop.libs.lag import read_partitions
+    from visionloop.libs import kafka, rescue
 
     if getattr(stack, "broker", None) is None:
         return
     heartbeats = topic_of(PipelineStatus, settings.topic_prefix)
-    groups = sorted({(topic, group) for topic, group in consumer_groups(settings, names) if topic != heartbeats})
+    groups = sorted({(topic, group) for topic, group in groups or consumer_groups(settings, names) if topic != heartbeats})
 
-    def behind() -> str:
-        report = asyncio.run(read_partitions(settings, groups))
-        lagging: dict[str, int] = {}
-        for p in report.partitions:
-            if p.lag:
-                lagging[f"{p.group} on {p.topic}"] = lagging.get(f"{p.group} on {p.topic}", 0) + p.lag
-        return ", ".join(f"{key} ({lag})" for key, lag in sorted(lagging.items(), key=lambda kv: -kv[1])[:4])
+    def unread() -> list[rescue.Kept]:
+        return asyncio.run(rescue.unread(settings, groups))
+
+    def put_back(kept: list[rescue.Kept]) -> None:
+        asyncio.run(rescue.put_back(settings, kept))
 
     def topics() -> None:
         asyncio.run(kafka.ensure_topics(settings, TOPICS.values()))
 
-    stack.rotate_broker(settings.embedded_broker_max_mb, behind=behind, after_start=topics)
+    stack.rotate_broker(settings.embedded_broker_max_mb, unread=unread, put_back=put_back, after_start=topics)
 
 
 @dataclass

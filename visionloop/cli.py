@@ -182,7 +182,7 @@ def up(
         raise typer.Exit(2)
     stack = EmbeddedStack(settings)
     with console.status("starting the embedded broker and PostgreSQL"):
-        settings = stack.start()
+        settings = stack.start(door=settings.embedded_broker_max_mb > 0)  # the door lets it rotate the broker
     run_file = settings.state_dir / RUN_FILE
     try:
         code = asyncio.run(_up(settings, names, run_file, smoke, processes, counts, stack))
@@ -613,12 +613,13 @@ def contracts_check() -> None:
 @bench_app.command("bus")
 def bench_bus(
     events: Annotated[int, typer.Option(help="Events per arm.")] = 2000,
+    batch: Annotated[int, typer.Option(help="Records each hop takes at a time (1: one by one, the default shape).")] = 1,
     json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
 ) -> None:
     """Bus round trip on the embedded stack: the framework hop vs raw aiokafka, same broker, same run."""
     from visionloop.bench.bus import run_bus_bench
 
-    result = run_bus_bench(events=events, console=console)
+    result = run_bus_bench(events=events, console=console, batch=batch)
     if json_output:
         out.print(json.dumps(result), highlight=False, soft_wrap=True, markup=False)
 

@@ -33,6 +33,12 @@ falls on both rather than on one.
    PostgreSQL, the driver and the rest of the machine is metered per round (`cpu_ms_per_event`;
    a large `other` means something else was using the machine).
 
+With `batch` above 1 (`--batch N`) both hops take up to N records at a time: the framework hop
+through `Runtime.consume_batch` (one transaction for the batch's inbox and outbox rows, one
+offset commit), the raw hop with `getmany` (every output sent, all acknowledgements awaited, then
+one offset commit). A batch is what is waiting, never waited for (no linger), so one event in
+flight is handled alone in both.
+
 `ratio_vs_raw` is raw events/s divided by framework events/s: how many times longer the
 framework hop takes per event than the bare client (target: at most TARGET_RATIO). Setting
 `VL_BENCH_PROFILE=<folder>` runs each hop under cProfile and writes `<arm>.prof` there.
@@ -120,6 +126,10 @@ def _accepted(event: Any) -> Any:
     )
 
 
+def _batch() -> int:
+    return int(os.environ.get("VL_BENCH_BATCH", "1"))
+
+
 async def _framework_hop(settings: Any, stop: asyncio.Event) -> dict[str, int]:
     from visionloop.contracts import Envelope, ImageAccepted, ImageIngested
     from visionloop.libs.bus import Runtime, Unit
@@ -132,7 +142,17 @@ async def _framework_hop(settings: Any, stop: asyncio.Event) -> dict[str, int]:
         """Accept every ingested image (the bench measures the bus, not a decision)."""
         unit.emit(_accepted(event))
 
-    runtime.consume(ImageIngested, accept)
+    async def accept_prepared(event: Envelope[ImageIngested], unit: Unit[ImageIngested], result: Any) -> None:
+        """Accept every ingested image of a batch."""
+        unit.emit(_accepted(event))
+
+    async def prepare(events: list[Any]) -> list[None]:
+        return [None] * len(events)
+
+    if _batch() > 1:
+        runtime.consume_batch(ImageIngested, accept_prepared, prepare=prepare, max_records=_batch())
+    else:
+        runtime.consume(ImageIngested, accept)
     runtime.produces(ImageAccepted)
     await runtime.start()
     print(READY, flush=True)
@@ -185,7 +205,17 @@ async def _raw_hop(settings: Any, stop: asyncio.Event) -> dict[str, int]:
             await consumer.commit()  # per message, after the output is acknowledged: the bus's policy
             counters["handled"] += 1
 
-    task = asyncio.create_task(loop())
+    async def batches() -> None:
+        while True:
+            got = await consumer.getmany(timeout_ms=1000, max_records=_batch())
+            records = [r for rs in got.values() for r in rs]
+            sent = [await producer.send(sink, value, key=r.key, headers=headers) for r in records]
+            await asyncio.gather(*sent)
+            if records:
+                await consumer.commit()  # once per batch, after every output is acknowledged
+            counters["handled"] += len(records)
+
+    task = asyncio.create_task(batches() if _batch() > 1 else loop())
     print(READY, flush=True)
     try:
         await stop.wait()
@@ -371,7 +401,7 @@ class _Arm:
     reader: _Reader | None = None
 
 
-async def _spawn_hop(arm: str, settings: Any) -> asyncio.subprocess.Process:
+async def _spawn_hop(arm: str, settings: Any, batch: int = 1) -> asyncio.subprocess.Process:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VL_")} | {
         "VL_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
         "VL_KAFKA_EMBEDDED": "true",
@@ -380,6 +410,7 @@ async def _spawn_hop(arm: str, settings: Any) -> asyncio.subprocess.Process:
         "VL_SCHEMA_PREFIX": settings.schema_prefix,
         "VL_INSTANCE": settings.instance,
         "VL_STATE_DIR": str(settings.state_dir),
+        "VL_BENCH_BATCH": str(batch),
     }
     if os.environ.get("VL_BENCH_PROFILE"):
         env["VL_BENCH_PROFILE"] = os.environ["VL_BENCH_PROFILE"]
@@ -456,7 +487,7 @@ async def _backlog(
 
 
 async def _bench(
-    settings: Any, events: int, rounds: int, progress: Progress, meter: _CpuMeter
+    settings: Any, events: int, rounds: int, progress: Progress, meter: _CpuMeter, batch: int = 1
 ) -> dict[str, ArmResult]:
     from aiokafka import AIOKafkaProducer
 
@@ -485,7 +516,7 @@ async def _bench(
     producer = AIOKafkaProducer(**client_kwargs(settings), acks="all", enable_idempotence=False)  # type: ignore[arg-type]
     await producer.start()
     try:
-        started = await asyncio.gather(*(_spawn_hop(a.name, settings) for a in arms), return_exceptions=True)
+        started = await asyncio.gather(*(_spawn_hop(a.name, settings, batch) for a in arms), return_exceptions=True)
         for arm, process in zip(arms, started, strict=True):
             if not isinstance(process, BaseException):
                 arm.process = process
@@ -625,7 +656,7 @@ def _table(result: dict[str, Any], arms: dict[str, ArmResult]) -> Table:
 
 
 def run_bus_bench(
-    events: int = 2000, console: Console | None = None, *, rounds: int = ROUNDS
+    events: int = 2000, console: Console | None = None, *, rounds: int = ROUNDS, batch: int = 1
 ) -> dict[str, Any]:
     """Measure the framework hop against raw aiokafka on a fresh embedded stack; return the numbers.
 
@@ -637,8 +668,8 @@ def run_bus_bench(
     from visionloop.libs.embedded import EmbeddedBroker, EmbeddedPostgres
     from visionloop.libs.settings import Settings
 
-    if events < 1 or rounds < 1:
-        raise ValueError("events and rounds must be at least 1")
+    if events < 1 or rounds < 1 or batch < 1:
+        raise ValueError("events, rounds and batch must be at least 1")
     console = console or Console(stderr=True)
     state = (Path.cwd() / STATE).resolve()
     broker = EmbeddedBroker(state / "logs" / "broker.log")
@@ -660,7 +691,7 @@ def run_bus_bench(
         columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console) as progress:
             meter = _CpuMeter(broker.process.pid, postgres.data_dir)  # type: ignore[union-attr]
-            arms = asyncio.run(_bench(settings, events, rounds, progress, meter))
+            arms = asyncio.run(_bench(settings, events, rounds, progress, meter, batch))
     finally:
         with console.status("stopping the embedded broker and PostgreSQL"):
             broker.stop()
@@ -671,6 +702,7 @@ def run_bus_bench(
         "benchmark": "bus",
         "events": events,
         "rounds": rounds,
+        "batch": batch,
         "events_per_s": round(framework.events_per_s, 1),
         "raw_events_per_s": round(raw.events_per_s, 1),
         "ratio_vs_raw": round(raw.events_per_s / framework.events_per_s, 3),
@@ -689,7 +721,8 @@ def run_bus_bench(
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-    result["plot"] = str(_plot(arms, (Path.cwd() / PLOT).resolve()))
+    plot = PLOT if batch == 1 else PLOT.with_name(f"{PLOT.stem}-batch{batch}{PLOT.suffix}")
+    result["plot"] = str(_plot(arms, (Path.cwd() / plot).resolve()))
     console.print(_table(result, arms))
     console.print(f"latency plot: {result['plot']}")
     return result

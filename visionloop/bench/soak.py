@@ -578,7 +578,7 @@ def run_soak_bench(*, minutes: float = MINUTES, rate: float = RATE_PER_S, servic
     load_before = os.getloadavg()
     stack = EmbeddedStack(Settings(state_dir=folder))
     with console.status("starting the embedded broker and PostgreSQL"):
-        settings = stack.start()
+        settings = stack.start(door=stack.settings.embedded_broker_max_mb > 0)
     try:
         with _free_http_ports():
             run = asyncio.run(_soak(settings, stack, names, rate=rate, seconds=seconds, sample_s=sample_s, drain_s=drain_s, console=console))
