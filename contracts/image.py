@@ -6,7 +6,7 @@ import base64
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, Field, PlainSerializer, PlainValidator, model_validator
+from pydantic import AwareDatetime, ConfigDict, Field, PlainSerializer, PlainValidator, model_validator
 
 from visionloop.contracts.common import (
     Detection,
@@ -66,6 +66,10 @@ class ImageSubmitted(Payload):
     """
 
     event_type = "image.submitted"
+    # The rule `_one_source` enforces, in the JSON Schema too: a consumer refuses any other event.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": [name], "properties": {name: {"type": "string"}}} for name in ("inline_bytes", "source_uri")
+    ]})
 
     submission_id: str = Field(
         min_length=1,

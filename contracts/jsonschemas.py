@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from visionloop.contracts.envelope import Envelope
+from visionloop.contracts.envelope import Envelope, EnvelopeHeader
 from visionloop.contracts.topics import TOPICS, TopicSpec
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
@@ -24,6 +24,12 @@ JsonSchema = dict[str, Any]
 def schema_of(spec: TopicSpec) -> JsonSchema:
     """The JSON Schema of the envelope carrying `spec`'s payload, with topic metadata."""
     schema = Envelope[spec.payload].model_json_schema(mode="validation")  # type: ignore[name-defined]
+    # Consumers read the header first (`EnvelopeHeader`), which needs fields the producing model
+    # fills in by default (`event_id`, `schema_version`): an event without them is dead-lettered,
+    # so the schema calls them required.
+    needed = set(schema.get("required", [])) | {n for n, f in EnvelopeHeader.model_fields.items() if f.is_required()}
+    schema["required"] = [name for name in schema["properties"] if name in needed]
+    schema["properties"]["event_type"]["const"] = spec.payload.event_type  # one event type per topic
     schema["title"] = spec.payload.__name__
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["x-topic"] = spec.name

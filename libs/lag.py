@@ -87,7 +87,7 @@ async def read_partitions(settings: Settings, groups: Iterable[tuple[str, str]],
         committed = await committed_offsets(settings, pairs, report.topic_partitions)
         tps = [TopicPartition(t, p) for t in report.topic_partitions for p in range(report.topic_partitions[t])]
         reported = dict(await reader.end_offsets(tps)) if tps else {}
-        ends = await _true_ends(reader, reported, quiet_ms) if tps else {}
+        ends = await true_ends(reader, reported, quiet_ms) if tps else {}
     finally:
         await reader.stop()
     for topic, group in pairs:
@@ -97,7 +97,7 @@ async def read_partitions(settings: Settings, groups: Iterable[tuple[str, str]],
     return report
 
 
-async def _true_ends(reader: AIOKafkaConsumer, reported: dict[TopicPartition, int], quiet_ms: int) -> dict[TopicPartition, int]:
+async def true_ends(reader: AIOKafkaConsumer, reported: dict[TopicPartition, int], quiet_ms: int) -> dict[TopicPartition, int]:
     """One past the last record of every partition, reading on from the reported end until nothing
     more comes for `quiet_ms`."""
     tps = list(reported)

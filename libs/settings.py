@@ -110,6 +110,10 @@ class Settings(_FileBacked):
         ),
     )
     kafka_port: int = Field(default=0, ge=0, le=65535, description="Embedded broker port; 0 = free.")
+    kafka_max_message_bytes: int = Field(
+        default=1024 * 1024, ge=1024,
+        description="Largest record clients send (Kafka's default `message.max.bytes` is about 1 MB; raise both together).",
+    )
     kafka_client_id: str = Field(default="visionloop", description="Prefix of every Kafka client id.")
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         default="PLAINTEXT", description="Kafka transport: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."

@@ -126,3 +126,23 @@ async def test_two_replicas_accept_each_distinct_image_exactly_once(settings, po
             assert image_group[message["payload"]["duplicate_of"]] == group_of[submission]
     rows = await pool.fetchval(f'SELECT count(*) FROM "{settings.schema_for("dedup")}".hashes')
     assert rows == 24
+
+
+async def test_duplicates_are_decided_within_a_project(settings, pool) -> None:  # noqa: ANN001
+    """Issue 16, item 2: the same bytes in another project are that project's own image; a project
+    that asks for a corpus-wide check drops the copy without learning whose it was or its fate."""
+    data = render_scene(seed=404, width=640, height=480).encode(quality=85)
+    config = DedupSettings(projects={"corpus": {"across_projects": True}})
+    async with Services(settings, pool, dedup=config) as loop, _outcomes(settings) as decided:
+        await loop.start("ingest")
+        await loop.start("dedup")
+        for n, (sid, project) in enumerate([("a-first", "alpha"), ("b-same", "beta"), ("a-again", "alpha"), ("c-corpus", "corpus")], 1):
+            await publish(settings, ImageSubmitted(submission_id=sid, inline_bytes=data), project=project)
+            await decided.wait(n)
+        outcome = _by_submission(decided.messages)
+    assert outcome["a-first"]["event_type"] == "image.accepted"
+    assert outcome["b-same"]["event_type"] == "image.accepted"  # another project: its own image
+    assert outcome["a-again"]["payload"]["reason"] == "duplicate"
+    corpus = outcome["c-corpus"]["payload"]
+    assert corpus["reason"] == "duplicate" and corpus["details"] == {"across_projects": True}
+    assert not any(word in corpus["message"] for word in ("alpha", "beta", "first decision", "accepted"))

@@ -34,7 +34,7 @@ from visionloop.contracts import (
 from visionloop.libs import package, signing
 from visionloop.libs.scenes import render_scene
 from visionloop.services.edge_agent.agent import EdgeAgent, Refused, Slots, check_fit
-from visionloop.services.edge_agent.http import create_app
+from visionloop.services.edge_agent.http import create_app, local_token
 
 CLASSES = ["circle", "square", "triangle"]
 FLEET = "lab"
@@ -162,7 +162,9 @@ async def test_activate_predict_rollback_and_restart(settings, server: PackageSe
             for truth in scene.boxes:
                 assert any(b.class_name == truth.class_name and iou(b, truth) > 0.5 for b in boxes), (truth, boxes)
 
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(agent)), base_url="http://edge") as http:
+            token = local_token(agent.home)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(agent, token=token)), base_url="http://edge",
+                                         headers={"Authorization": f"Bearer {token}"}) as http:
                 health = (await http.get("/healthz")).json()
                 assert health["active_model"] == {"model_id": "demo-detector", "version": 1}
                 model = (await http.get("/v1/model")).json()
@@ -301,7 +303,9 @@ async def test_failed_self_test_after_the_switch_goes_back(settings, tmp_path: P
 
 async def test_http_without_a_model(settings, tmp_path: Path) -> None:  # noqa: ANN001
     agent = EdgeAgent(settings, FLEET, "cam-4", tmp_path / "home", TRUST)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(agent)), base_url="http://edge") as http:
+    token = local_token(tmp_path / "home")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(agent, token=token)), base_url="http://edge",
+                                 headers={"Authorization": f"Bearer {token}"}) as http:
         assert (await http.get("/healthz")).json()["active_model"] is None
         model = await http.get("/v1/model")
         assert model.status_code == 503 and model.json()["reason"] == "no_model"
@@ -363,3 +367,22 @@ async def test_a_package_server_that_is_briefly_away_is_tried_again(settings, se
         finally:
             await agent.stop()
 
+
+
+async def test_the_local_api_needs_the_agents_own_token(settings, tmp_path: Path) -> None:  # noqa: ANN001
+    """Issue 16, item 1: the token is made at first start in a file only its owner reads, kept
+    across starts; without it the model and predictions answer 401, health stays open."""
+    import stat
+
+    home = tmp_path / "home"
+    token = local_token(home)
+    assert local_token(home) == token and len(token) >= 40
+    assert stat.S_IMODE((home / "api-token").stat().st_mode) == 0o600
+    agent = EdgeAgent(settings, FLEET, "cam-5", home, TRUST)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(agent, token=token)), base_url="http://edge") as http:
+        assert (await http.get("/healthz")).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {token}"}):
+            for call in (http.get("/v1/model", headers=headers), http.post("/v1/predict", content=scene_png()[0], headers=headers)):
+                answer = await call
+                assert (answer.status_code, answer.json()["reason"]) == (401, "unauthenticated"), headers
+        assert (await http.get("/v1/model", headers={"Authorization": f"Bearer {token}"})).json()["reason"] == "no_model"

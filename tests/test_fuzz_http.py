@@ -120,7 +120,7 @@ async def _edge_agent(settings: Any, home: Path) -> Any:
 
 @pytest.fixture(scope="module")
 async def stack(kafka_bootstrap: str, database_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    from visionloop.services.edge_agent.http import create_app
+    from visionloop.services.edge_agent.http import create_app, local_token
 
     folder = tmp_path_factory.mktemp("fuzz-http")
     services = ("labeling-gateway", "ingest", "distributor")
@@ -141,9 +141,14 @@ async def stack(kafka_bootstrap: str, database_url: str, tmp_path_factory: pytes
             " size_bytes, signature, key_id, manifest) VALUES ($1, $2, $3, 'm', 1, 'edge', 'fp32', $4, 's', 'k', '{}'::jsonb)",
             ref.sha256, ref.uri, PROJECT, len(data),
         )
+        from visionloop.services.ingest import tokens as ingest_tokens
+
+        async with lab.pool.acquire() as conn:  # ingest's HTTP API takes a token (issue 16, item 1)
+            _, ingest_token = await ingest_tokens.create(conn, f'"{lab.settings.schema_for("ingest")}"', name="fuzz", projects=["*"])
         agent = await _edge_agent(lab.settings, folder / "edge-home")
         try:
-            async with _serve(create_app(agent)) as edge_url, httpx.AsyncClient(timeout=30) as http:
+            edge_token = local_token(folder / "edge-home")
+            async with _serve(create_app(agent, token=edge_token)) as edge_url, httpx.AsyncClient(timeout=30) as http:
                 endpoints = {**lab.host.endpoints, "edge-agent": edge_url}
                 docs = {name: (await http.get(f"{url}/openapi.json")).json() for name, url in endpoints.items()}
                 apps = {
@@ -152,12 +157,12 @@ async def stack(kafka_bootstrap: str, database_url: str, tmp_path_factory: pytes
                         {"Authorization": f"Bearer {admin}"},
                         {"project": PROJECT, "task_id": task_id, "image_id": image.image_id},
                     ),
-                    "ingest": App("ingest", endpoints["ingest"], docs["ingest"], {}, {}),
+                    "ingest": App("ingest", endpoints["ingest"], docs["ingest"], {"Authorization": f"Bearer {ingest_token}"}, {}),
                     "distributor": App(
                         "distributor", endpoints["distributor"], docs["distributor"],
                         {"authorization": f"Bearer {RELEASE_TOKEN}"}, {"sha256": ref.sha256},
                     ),
-                    "edge-agent": App("edge-agent", edge_url, docs["edge-agent"], {}, {}),
+                    "edge-agent": App("edge-agent", edge_url, docs["edge-agent"], {"Authorization": f"Bearer {edge_token}"}, {}),
                 }
                 yield Stack(lab, apps)
         finally:

@@ -156,3 +156,28 @@ async def test_hostile_http_sources_are_cut_off_and_ingest_keeps_going(settings,
     assert outcome["redirect-loop"]["payload"]["details"]["redirects"] == 3
     assert outcome["huge-declared-length"]["payload"]["details"]["bytes"] == 10**12
     assert outcome["good-after-redirect"]["payload"]["already_stored"] is True
+
+
+async def test_the_reserved_project_is_refused_on_the_topic_as_over_http(settings, pool) -> None:  # noqa: ANN001
+    """`_system` belongs to the platform: refused on the submit topic with the HTTP door's reason
+    and sentence (issue 16, item 3); a good image right after it in a real project is taken."""
+    from visionloop.services.ingest.api import requested
+    from visionloop.services.ingest.inspect import Refusal
+
+    runtime = await _ingest(settings, pool, IngestSettings())
+    try:
+        await submit_all(settings, [_inline("reserved-1", hi.good(next(_seeds)))], project="_system")
+        await submit_all(settings, [_inline("after-reserved", hi.good(next(_seeds)))], project="hostile")
+        found = await answers(settings, ["reserved-1", "after-reserved"])
+    finally:
+        await runtime.stop()
+    [refused] = found["reserved-1"]
+    assert refused["event_type"] == "image.rejected" and refused["payload"]["reason"] == "invalid_submission"
+    assert "reserved" in refused["payload"]["message"]
+    assert [m["event_type"] for m in found["after-reserved"]] == ["image.ingested"]
+    try:
+        requested({"project": "_system"})
+    except Refusal as over_http:
+        assert (over_http.reason.value, over_http.message) == ("invalid_submission", refused["payload"]["message"])
+    else:
+        raise AssertionError("the HTTP door took the reserved project")

@@ -19,6 +19,7 @@ from answers import answers
 from hostile_http import HostileServer
 
 from visionloop.app import ServiceHost
+from visionloop.services.ingest import tokens as ingest_tokens
 from visionloop.libs.settings import Settings
 
 CAP = 300_000
@@ -47,7 +48,10 @@ async def ingest(settings, pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     host = ServiceHost(settings, ["ingest"])
     await host.start()
     try:
-        async with HostileServer() as sources, httpx.AsyncClient(base_url=host.endpoints["ingest"], timeout=30) as http:
+        async with pool.acquire() as conn:
+            _, token = await ingest_tokens.create(conn, settings.schema_for("ingest"), name="tests", projects=[PROJECT, "other"])
+        async with HostileServer() as sources, httpx.AsyncClient(base_url=host.endpoints["ingest"], timeout=30,
+                                                                 headers={"Authorization": f"Bearer {token}"}) as http:
             yield Ingest(http, sources, root, settings)
     finally:
         await host.stop()
@@ -67,7 +71,7 @@ async def test_images_come_in_three_ways_and_their_events_follow(ingest: Ingest)
     assert multipart.status_code == 201, multipart.text
     assert multipart.json() == {
         "submission_id": "multipart-1", "project": PROJECT, "image_id": hashlib.sha256(photo).hexdigest(),
-        "blob_uri": multipart.json()["blob_uri"], "width": 320, "height": 240, "format": "JPEG",
+        "width": 320, "height": 240, "format": "JPEG",
         "byte_size": len(photo), "already_stored": False,
     }
     body = await ingest.http.post(
@@ -98,7 +102,8 @@ async def test_images_come_in_three_ways_and_their_events_follow(ingest: Ingest)
     assert source["domain"] == {"site": "plant-3", "camera": "gate-1"}
     assert (source["source_system"], source["upstream_id"], source["metadata"]) == ("scada", "u-1", {"lot": "42"})
     assert datetime.fromisoformat(source["captured_at"]) == datetime(2024, 5, 1, 8, tzinfo=UTC)
-    assert event["payload"]["image"]["blob_uri"] == multipart.json()["blob_uri"]
+    assert event["payload"]["image"]["image_id"] == multipart.json()["image_id"]
+    assert "blob_uri" not in multipart.json() and "file:" not in multipart.text  # no server path (issue 16, item 9)
     assert found["raw-1"][0]["payload"]["source"]["domain"] == {"site": "lab"}
     assert found["json-1"][0]["payload"]["source"]["domain"] == {"site": "web"}
     assert (await ingest.http.get("/healthz")).json() == {"status": "ok", "service": "ingest"}
@@ -192,7 +197,7 @@ async def test_resubmitting_is_idempotent(ingest: Ingest) -> None:
     # the same bytes under a new id: stored once, said to be stored already (dedup's exact duplicate)
     copy = await ingest.http.post("/v1/images", **_multipart(photo, submission_id="copy-1"))
     assert copy.status_code == 201 and copy.json()["already_stored"] is True
-    assert copy.json()["blob_uri"] == first.json()["blob_uri"]
+    assert copy.json()["image_id"] == first.json()["image_id"]
     # a rejected id may be tried again with fixed bytes
     broken = await ingest.http.post("/v1/images", **_multipart(hi.truncated_jpeg(22), submission_id="fix-1"))
     assert broken.status_code == 422
@@ -221,13 +226,13 @@ async def test_resubmitting_is_idempotent(ingest: Ingest) -> None:
     assert found["copy-1"][0]["payload"]["already_stored"] is True
 
 
-async def _post_chunked(base: httpx.URL, target: str, content_type: str, preamble: bytes, chunks: int) -> bytes:
+async def _post_chunked(base: httpx.URL, target: str, content_type: str, preamble: bytes, chunks: int, authorization: str) -> bytes:
     """POST `preamble` then image-like bytes, chunked, never ending; return the server's status line."""
     reader, writer = await asyncio.open_connection(base.host, base.port)
     try:
         writer.write(
             f"POST {target} HTTP/1.1\r\nHost: {base.host}\r\nContent-Type: {content_type}\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n".encode()
+            f"Authorization: {authorization}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
         )
         body = bytes(64 * 1024)
         for chunk in [preamble + b"\xff\xd8\xff", *[body] * chunks]:
@@ -255,7 +260,7 @@ async def test_oversized_bodies_are_refused_while_streaming(ingest: Ingest) -> N
         ("/v1/images", "multipart/form-data; boundary=b", part),
         ("/v1/images", "application/json", b'{"project": "p", "source_uri": "'),
     ]:
-        status = await _post_chunked(base, target, content_type, preamble, chunks=12)
+        status = await _post_chunked(base, target, content_type, preamble, chunks=12, authorization=ingest.http.headers["Authorization"])
         assert status.startswith(b"HTTP/1.1 413"), (content_type, status)
     # and the service answers the next request as usual
     assert (await ingest.http.post("/v1/images", **_multipart(hi.good(30)))).status_code == 201
@@ -267,3 +272,30 @@ async def test_the_openapi_document_describes_the_endpoint(ingest: Ingest) -> No
     assert set(post["requestBody"]["content"]) == {"multipart/form-data", "image/*", "application/octet-stream", "application/json"}
     assert {"201", "403", "409", "413", "415", "422", "502", "503", "504"} <= set(post["responses"])
     assert "decompression_bomb" in post["description"]
+
+
+async def test_submitting_needs_a_token_bound_to_the_project(ingest: Ingest, pool) -> None:  # noqa: ANN001
+    """Issue 16, item 1: no token, a malformed or unknown one, a revoked one: 401 (the body is not
+    parsed); a token of other projects: 403; /healthz stays open."""
+    schema = ingest.settings.schema_for("ingest")
+    async with pool.acquire() as conn:
+        token_id, scada = await ingest_tokens.create(conn, schema, name="scada", projects=["plant-3"])
+    photo = hi.good(31)
+    url = str(ingest.http.base_url)
+    async with httpx.AsyncClient(base_url=url, timeout=30) as bare:
+        for headers in ({}, {"Authorization": "Bearer nonsense"}, {"Authorization": f"Bearer {scada[:-4]}xxxx"}):
+            refused = await bare.post("/v1/images", headers=headers, **_multipart(photo, submission_id="no-token"))
+            assert (refused.status_code, refused.json()["reason"]) == (401, "unauthenticated"), headers
+        assert (await bare.get("/healthz")).status_code == 200
+        wrong = await bare.post("/v1/images", headers={"Authorization": f"Bearer {scada}"}, **_multipart(photo, submission_id="elsewhere"))
+        assert (wrong.status_code, wrong.json()["reason"]) == (403, "wrong_project")
+        right = await bare.post("/v1/images", headers={"Authorization": f"Bearer {scada}"},
+                                **_multipart(photo, submission_id="plant", project="plant-3"))
+        assert right.status_code == 201, right.text
+        async with pool.acquire() as conn:
+            assert await ingest_tokens.revoke(conn, schema, token_id)
+            listed = {row["token_id"]: row for row in await ingest_tokens.listing(conn, schema)}
+        assert listed[token_id]["revoked_at"] is not None and "secret_sha256" not in listed[token_id]
+        revoked = await bare.post("/v1/images", headers={"Authorization": f"Bearer {scada}"},
+                                  **_multipart(photo, submission_id="after-revoke", project="plant-3"))
+        assert revoked.status_code == 401

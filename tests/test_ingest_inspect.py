@@ -152,3 +152,31 @@ async def test_inline_bytes_are_bounded() -> None:
     with pytest.raises(Refusal) as err:
         await _sources(None).read(ImageSubmitted(submission_id="c", inline_bytes=b"x" * 11), inline_max=10)
     assert err.value.reason is ImageRejectReason.INLINE_TOO_LARGE
+
+
+def test_a_png_with_a_bad_crc_gets_one_answer_with_ultralytics_loaded_or_not() -> None:
+    """Issue 16, item 9: Ultralytics replaces `Image.open` with one that tries to install a HEIF
+    plugin on bytes Pillow cannot identify; `visionloop up` loads it in ingest's process and the
+    bad PNG came back as `corrupt: No module named 'pi_heif'`. The answer must not depend on it."""
+    import subprocess
+    import sys
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[data.find(b"IHDR") + 4 + 13] ^= 0xFF  # the header chunk's CRC
+    check = (
+        "import sys\n"
+        "from visionloop.services.ingest.inspect import Limits, Refusal, inspect_image\n"
+        "if sys.argv[1] == 'ultralytics': import ultralytics.utils.patches\n"
+        "try:\n"
+        "    inspect_image(sys.stdin.buffer.read(), Limits(10**7, 10**8, 10, frozenset({'PNG', 'JPEG'})))\n"
+        "except Refusal as refusal:\n"
+        "    print(refusal.reason.value, '|', refusal.message)\n"
+    )
+    answers = {
+        mode: subprocess.run([sys.executable, "-c", check, mode], input=bytes(data), capture_output=True, timeout=120).stdout.decode()
+        for mode in ("plain", "ultralytics")
+    }
+    assert answers["plain"].startswith("not_an_image | ")
+    assert answers["ultralytics"] == answers["plain"]

@@ -101,7 +101,9 @@ def test_declared_content_types() -> None:
 def test_s3_locations_and_buckets() -> None:
     assert policy.s3_location("s3://bucket/a/b c?.jpg") == ("bucket", "a/b c?.jpg")
     assert _reason(policy.s3_location, "s3://bucket") is ImageRejectReason.INVALID_SUBMISSION
-    policy.check_bucket("any", [])
+    assert _reason(policy.check_bucket, "any", []) is ImageRejectReason.FORBIDDEN_SOURCE  # shut by default (issue 16, item 9)
+    policy.check_bucket("any", ["*"])
+    policy.check_bucket("mine", ["mine"])
     assert _reason(policy.check_bucket, "other", ["mine"]) is ImageRejectReason.FORBIDDEN_SOURCE
 
 

@@ -244,7 +244,7 @@ def s3_source(s3_endpoint: str):  # noqa: ANN201
     bucket = f"vl-src-{uuid.uuid4().hex[:10]}"
     client.create_bucket(Bucket=bucket)
     config = IngestSettings(s3_endpoint=s3_endpoint, s3_region="us-east-1", s3_access_key="testing",
-                            s3_secret_key="testing", max_bytes=100_000)
+                            s3_secret_key="testing", max_bytes=100_000, s3_buckets=["*"])
     return client, bucket, config
 
 
@@ -265,6 +265,8 @@ async def test_s3_objects_are_read_within_the_cap(s3_source) -> None:  # noqa: A
     assert (await _refused(sources, f"s3://{bucket}")).reason is ImageRejectReason.INVALID_SUBMISSION
     fenced = Sources(config.model_copy(update={"s3_buckets": ["another"]}))
     assert (await _refused(fenced, f"s3://{bucket}/photos/a b.jpg")).reason is ImageRejectReason.FORBIDDEN_SOURCE
+    shut = Sources(config.model_copy(update={"s3_buckets": []}))  # the default: no bucket named, none read
+    assert (await _refused(shut, f"s3://{bucket}/photos/a b.jpg")).reason is ImageRejectReason.FORBIDDEN_SOURCE
 
 
 async def test_unknown_schemes_are_forbidden() -> None:

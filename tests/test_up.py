@@ -34,6 +34,14 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "visionloop.cli", *args]
 
 
+def _noise(path: Path, size: tuple[int, int]) -> Path:
+    """An image of random pixels (it does not compress): a big file of a known kind."""
+    from PIL import Image
+
+    Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3)).save(path, quality=100)
+    return path
+
+
 def test_up_smoke_pushes_a_sample_image_through(state_dir: Path) -> None:
     done = subprocess.run(_cli("up", "--smoke"), env=_env(state_dir), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -111,6 +119,17 @@ def test_up_processes_restarts_killed_services_one_by_one(state_dir: Path, tmp_p
                                    text=True, timeout=120)
         assert submitted.returncode == 0, submitted.stderr[-3000:]
         assert "image.accepted" in submitted.stdout  # through the restarted ingest and the restarted dedup
+        # Files the submit topic cannot carry go over ingest's HTTP API; every file gets one line (issue 16, item 5).
+        big_png, big_jpeg, notes = _noise(tmp_path / "big.png", (820, 800)), _noise(tmp_path / "big.jpg", (1700, 1300)), tmp_path / "notes.txt"
+        notes.write_text("not an image")
+        assert 1_500_000 < big_png.stat().st_size < 2_000_000 and big_jpeg.stat().st_size > 4_000_000
+        submitted = subprocess.run(_cli("submit", str(big_png), str(big_jpeg), str(notes), "--project", "procs"), env=_env(state_dir),
+                                   capture_output=True, text=True, timeout=180)
+        assert "Traceback" not in submitted.stderr, submitted.stderr[-3000:]
+        lines = submitted.stdout.strip().splitlines()
+        assert len(lines) == 3 and submitted.returncode == 1, submitted.stdout
+        assert all("image.ingested" in line and "over ingest's HTTP API" in line for line in lines[:2]), lines
+        assert "rejected by ingest (not_an_image)" in lines[2], lines
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=90)
@@ -158,3 +177,27 @@ def test_up_replicas_share_port_and_group_and_a_killed_broker_is_restarted(state
     assert err.count("embedded broker died (killed by SIGKILL)") == 1, err[-3000:]
     assert "embedded broker restarted" in err
     assert not any((ready / f"{name}.json").exists() for name in names)
+
+
+def test_up_that_cannot_start_says_why_in_one_line_and_leaves_no_process(state_dir: Path) -> None:
+    """Issue 16, item 6: ingest's port is taken: ingest exits at once naming the port, `up` says so in
+    one line (no traceback, no 120-s wait) and no service process outlives it."""
+    import socket
+
+    holder = socket.create_server(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    started = time.monotonic()
+    try:
+        result = subprocess.run(_cli("up", "--processes", "--services", "ingest,dedup"),
+                                env=_env(state_dir) | {"VL_INGEST_PORT": str(port)}, capture_output=True, text=True, timeout=240)
+    finally:
+        holder.close()
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    said = [line for line in result.stderr.splitlines() if "could not start" in line]
+    assert len(said) == 1 and f"127.0.0.1:{port}" in said[0], result.stderr[-3000:]
+    assert took < 100, f"took {took:.0f} s"
+    left = [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+            if "visionloop.cli" in " ".join(p.info["cmdline"] or ()) and str(state_dir) in " ".join(p.info["cmdline"] or ())]
+    assert not left, f"processes left behind: {left}"

@@ -96,6 +96,22 @@ def rotate_embedded_broker(stack: Any, settings: Settings, names: list[str], gro
     stack.rotate_broker(settings.embedded_broker_max_mb, unread=unread, put_back=put_back, after_start=topics)
 
 
+class PortInUse(RuntimeError):
+    """A service's HTTP port is taken: the service cannot start (no retry helps)."""
+
+
+def check_port(name: str, host: str, port: int, *, shared: bool = False) -> None:
+    """Raise `PortInUse`, naming the port, when `host:port` cannot be bound now (0: any port)."""
+    if not port:
+        return
+    try:
+        sock = _reused_port(host, port) if shared else socket.create_server((host, port), reuse_port=False)
+    except OSError as exc:
+        raise PortInUse(f"{name} cannot listen on {host}:{port}: {exc.strerror or exc} (another process holds "
+                        f"the port; stop it or give {name} another port in its settings)") from None
+    sock.close()
+
+
 @dataclass
 class ServiceHost:
     """Runs some of the loop's services in this process against configured infrastructure."""
@@ -121,6 +137,9 @@ class ServiceHost:
                 spec = services.get(name)
                 config = spec.settings() if spec.settings else None
                 built.append((spec, config, *build_runtime(spec, self.settings, self._pool, adapters, config)))
+            for spec, config, _, app in built:
+                if app is not None:
+                    check_port(spec.name, self.settings.http_host, config.port, shared=self.settings.http_reuse_port)
             outcomes = await asyncio.gather(*(self._start_one(*b) for b in built), return_exceptions=True)
             self.runtimes = [b[2] for b, outcome in zip(built, outcomes, strict=True) if outcome is None]
             failed = next((o for o in outcomes if isinstance(o, BaseException)), None)

@@ -39,6 +39,10 @@ gateway_project_app = typer.Typer(help="Projects and their taxonomy.", no_args_i
 gateway_app.add_typer(gateway_token_app, name="token")
 gateway_app.add_typer(gateway_project_app, name="project")
 app.add_typer(gateway_app, name="gateway")
+ingest_app = typer.Typer(help="Ingest: API tokens of the upstream systems.", no_args_is_help=True)
+ingest_token_app = typer.Typer(help="Tokens for ingest's HTTP API (stored hashed; shown once).", no_args_is_help=True)
+ingest_app.add_typer(ingest_token_app, name="token")
+app.add_typer(ingest_app, name="ingest")
 verifier_app = typer.Typer(help="The verifier: auto-accept calibration.", no_args_is_help=True)
 app.add_typer(verifier_app, name="verifier")
 trainer_app = typer.Typer(help="The trainer: ask for a run, list runs.", no_args_is_help=True)
@@ -60,6 +64,8 @@ _mount_edge_agent()
 console = Console(stderr=True)
 out = Console()
 
+EX_CONFIG = 78
+"""Exit status of a service that cannot start as configured (a port in use): not restarted."""
 RUN_FILE = "run.json"
 """Written by `up` under the state folder: where the running embedded stack can be reached."""
 
@@ -196,19 +202,29 @@ def up(
 
 async def _up(settings, names: list[str], run_file: Path, smoke: bool, processes: bool = False,  # noqa: ANN001
               replicas: dict[str, int] | None = None, stack: Any = None) -> int:
-    from visionloop.app import ServiceHost, rotate_embedded_broker
-    from visionloop.supervisor import Supervisor
+    from visionloop.app import PortInUse, ServiceHost, rotate_embedded_broker
+    from visionloop.supervisor import StartFailed, Supervisor
 
     host: ServiceHost | Supervisor = Supervisor(settings, names, replicas=replicas) if processes else ServiceHost(settings, names)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    with console.status(f"starting {len(names)} service(s)" + (" as processes" if processes else "")):
-        await host.start()
+    try:
+        with console.status(f"starting {len(names)} service(s)" + (" as processes" if processes else "")):
+            await host.start()
+    except (StartFailed, PortInUse) as exc:  # every process started was stopped again
+        console.print(f"[red]could not start:[/] {exc}", highlight=False, soft_wrap=True)
+        return 1
     endpoints = host.endpoints() if isinstance(host, Supervisor) else host.endpoints
     if stack is not None:
         rotate_embedded_broker(stack, settings, names)  # the embedded broker's memory gets a ceiling
+    cli_token = None
+    if "ingest" in names:
+        try:
+            cli_token = await _local_ingest_token(settings)
+        except Exception as exc:  # noqa: BLE001 - the loop runs without it; submit then needs --token
+            console.print(f"[yellow]no local ingest token for `visionloop submit` ({exc}); pass --token[/]")
     try:
         run_file.write_text(
             json.dumps(
@@ -236,6 +252,33 @@ async def _up(settings, names: list[str], run_file: Path, smoke: bool, processes
     finally:
         with console.status("stopping services"):
             await host.stop()
+        if cli_token is not None:
+            await _revoke_local_ingest_token(settings, cli_token)
+
+
+INGEST_TOKEN_FILE = "ingest-token"
+"""Under the state folder while `up` runs: a token for `visionloop submit` on this machine (0600)."""
+
+
+async def _local_ingest_token(settings) -> str:  # noqa: ANN001
+    """Create the token `visionloop submit` uses over ingest's HTTP API here; its id."""
+    from visionloop.services.ingest.admin import create_token
+
+    token_id, token = await create_token(settings, name="visionloop-cli (local, while `up` runs)", projects=["*"])
+    path = settings.state_dir / INGEST_TOKEN_FILE
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return token_id
+
+
+async def _revoke_local_ingest_token(settings, token_id: str) -> None:  # noqa: ANN001
+    from visionloop.services.ingest.admin import revoke_token
+
+    (settings.state_dir / INGEST_TOKEN_FILE).unlink(missing_ok=True)
+    with contextlib.suppress(Exception):  # the database may be going away with the stack
+        await revoke_token(settings, token_id)
 
 
 @app.command()
@@ -304,6 +347,8 @@ async def _smoke(settings, names: list[str]) -> int:  # noqa: ANN001
     scene = render_scene(seed=int(time.time()) % 100_000)
     submission_id = f"smoke-{uuid.uuid4().hex[:8]}"
     final = _final_events(names)
+    from visionloop.submit import submit_and_follow
+
     trail = await submit_and_follow(settings, scene.encode(), project="demo", submission_id=submission_id, final=final, timeout_s=30)
     for event in trail:
         payload = event["payload"]
@@ -314,51 +359,6 @@ async def _smoke(settings, names: list[str]) -> int:  # noqa: ANN001
         return 1
     console.print(f"[green]sample image {submission_id} -> {trail[-1]['event_type']}[/]")
     return 0 if trail[-1]["event_type"] != "image.rejected" else 1
-
-
-async def submit_and_follow(settings, data: bytes, *, project: str, submission_id: str, final: set[str], timeout_s: float) -> list[dict[str, Any]]:  # noqa: ANN001
-    """Submit inline bytes on the submit topic; return the image's events until one in `final`."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-
-    from visionloop.contracts import TOPICS, Envelope, ImageSubmitted, topic_of
-    from visionloop.libs.kafka import client_kwargs, consumer_kwargs, ensure_topics
-
-    image_topics = [topic_of(p, settings.topic_prefix) for p in TOPICS if p.event_type.startswith("image.") and p is not ImageSubmitted]
-    await ensure_topics(settings, [spec for p, spec in TOPICS.items() if p.event_type.startswith("image.")])
-    consumer = AIOKafkaConsumer(*image_topics, **consumer_kwargs(settings), auto_offset_reset="latest", enable_auto_commit=False)  # type: ignore[arg-type]
-    await consumer.start()
-    producer = AIOKafkaProducer(**client_kwargs(settings), acks="all")  # type: ignore[arg-type]
-    await producer.start()
-    trail: list[dict[str, Any]] = []
-    try:
-        await consumer.seek_to_end()
-        envelope = Envelope.of(
-            ImageSubmitted(submission_id=submission_id, inline_bytes=data, filename=f"{submission_id}.jpg"),
-            producer="visionloop-cli",
-            project=project,
-        )
-        await producer.send_and_wait(topic_of(ImageSubmitted, settings.topic_prefix), envelope.model_dump_json().encode(), key=submission_id.encode())
-        image_id = None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=200)
-            # Partitions come back in no particular order: replay the batch in time order.
-            for record in sorted((r for rs in batch.values() for r in rs), key=lambda r: r.timestamp):
-                event = json.loads(record.value)
-                payload = event.get("payload", {})
-                ours = payload.get("submission_id") == submission_id or (
-                    image_id is not None and payload.get("image", {}).get("image_id") == image_id
-                )
-                if not ours:
-                    continue
-                trail.append(event)
-                image_id = image_id or payload.get("image", {}).get("image_id")
-                if event["event_type"] in final:
-                    return trail
-        return trail
-    finally:
-        await producer.stop()
-        await consumer.stop()
 
 
 demo_app = typer.Typer(help="The whole loop in three rounds on the embedded stack; the built-in world.")
@@ -494,7 +494,8 @@ def run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await host.start()
+        if not await _started_unless_stopped(host, stop):
+            return
         if ready_file is not None:
             ready = {"pid": os.getpid(), "service": service, "endpoints": host.endpoints, "started_at": time.time()}
             temporary = ready_file.with_suffix(".tmp")
@@ -506,7 +507,30 @@ def run(
         finally:
             await host.stop()
 
-    asyncio.run(main())
+    from visionloop.app import PortInUse
+
+    try:
+        asyncio.run(main())
+    except PortInUse as exc:  # no restart can help: say it in one line (unwrapped), exit with EX_CONFIG
+        print(exc, file=sys.stderr, flush=True)
+        raise typer.Exit(EX_CONFIG) from None
+
+
+async def _started_unless_stopped(host: Any, stop: asyncio.Event) -> bool:
+    """Start `host`, unless a stop signal comes first (then stop what started): whether it runs.
+    A service waiting on its infrastructure must still obey SIGTERM."""
+    starting = asyncio.create_task(host.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if starting.done():
+        starting.result()
+        return True
+    starting.cancel()
+    with contextlib.suppress(BaseException):
+        await starting
+    await host.stop()
+    return False
 
 
 @app.command()
@@ -552,29 +576,43 @@ def submit(
     paths: Annotated[list[Path], typer.Argument(help="Image files to submit.", exists=True, dir_okay=False)],
     project: Annotated[str, typer.Option(help="Project the images belong to.")] = "demo",
     wait: Annotated[float, typer.Option(help="Seconds to wait for ingest's answer per image.")] = 30.0,
+    ingest_url: Annotated[str | None, typer.Option(help="Ingest's HTTP API, for files the submit topic cannot carry (default: from `visionloop up`'s run file).")] = None,
+    token: Annotated[str | None, typer.Option(envvar="VL_INGEST_TOKEN", help="Ingest token for its HTTP API (default: the local one `visionloop up` made).")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Submit image files (inline bytes) as an upstream system would, and print ingest's answer."""
+    """Submit image files as an upstream system would (inline on the submit topic, or over ingest's
+    HTTP API when too big for it) and print one answer line per file."""
     from visionloop import services as registry
+    from visionloop.services.ingest.config import IngestSettings
+    from visionloop.submit import submit_file
 
     settings = _attach(_settings(config))
+    url = ingest_url or _run_endpoint(settings, "ingest")
     final = _final_events(list(registry.available()))
+    inline_max = IngestSettings().inline_max_bytes
     failures = 0
     for path in paths:
-        submission_id = f"cli-{uuid.uuid4().hex[:12]}"
-        trail = asyncio.run(submit_and_follow(settings, path.read_bytes(), project=project, submission_id=submission_id, final=final, timeout_s=wait))
-        if not trail:
-            failures += 1
-            out.print(f"{path}: no answer within {wait:.0f} s")
-            continue
-        last = trail[-1]
-        payload = last["payload"]
-        if last["event_type"] == "image.rejected":
-            failures += 1
-            out.print(f"{path}: rejected by {payload['stage']} ({payload['reason']}): {payload['message']}")
-        else:
-            out.print(f"{path}: {last['event_type']} ({payload['image']['image_id']})")
+        answer = asyncio.run(submit_file(settings, path, project=project, wait=wait, final=final, inline_max=inline_max,
+                                         ingest_url=url, token=token or _local_token(settings)))
+        failures += not answer.ok
+        out.print(answer.line, highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(1 if failures else 0)
+
+
+def _local_token(settings) -> str | None:  # noqa: ANN001
+    """The token `visionloop up` made for this machine's `submit`, if it runs."""
+    with contextlib.suppress(OSError):
+        return (settings.state_dir / INGEST_TOKEN_FILE).read_text().strip() or None
+    return None
+
+
+def _run_endpoint(settings, service: str) -> str | None:  # noqa: ANN001
+    """A service's HTTP address from the run file of a `visionloop up` in progress, if any."""
+    path = settings.state_dir / RUN_FILE
+    try:
+        return json.loads(path.read_text()).get("endpoints", {}).get(service)
+    except (OSError, ValueError):
+        return None
 
 
 @contracts_app.command("export")
@@ -810,6 +848,49 @@ def gateway_token_revoke(
     settings = _attach(_settings(config))
     if not asyncio.run(revoke_token(settings, token_id)):
         console.print(f"[red]no active token {token_id}[/]")
+        raise typer.Exit(1)
+    out.print(f"revoked {token_id}")
+
+
+@ingest_token_app.command("create")
+def ingest_token_create(
+    name: Annotated[str, typer.Option(help="The upstream system the token is for (shown in listings).")],
+    project: Annotated[list[str], typer.Option(help="A project it may submit to (repeat for more; * for every project).")],
+    config: ConfigOpt = None,
+) -> None:
+    """Create a token for ingest's HTTP API and print it once (only its hash is stored)."""
+    from visionloop.services.ingest.admin import create_token
+
+    settings = _attach(_settings(config))
+    token_id, token = asyncio.run(create_token(settings, name=name, projects=sorted(set(project))))
+    console.print(f"ingest token {token_id} for {name} (projects: {', '.join(sorted(set(project)))}); it is shown once — keep it:")
+    out.print(token, highlight=False)
+
+
+@ingest_token_app.command("list")
+def ingest_token_list(config: ConfigOpt = None) -> None:
+    """Ingest's tokens: id, system, projects, created, revoked (never a secret)."""
+    from visionloop.services.ingest.admin import list_tokens
+
+    table = Table(title="ingest tokens")
+    for column in ("id", "system", "projects", "created", "revoked"):
+        table.add_column(column)
+    for row in asyncio.run(list_tokens(_attach(_settings(config)))):
+        table.add_row(row["token_id"], row["name"], ", ".join(row["projects"]), f"{row['created_at']:%Y-%m-%d %H:%M}",
+                      f"{row['revoked_at']:%Y-%m-%d %H:%M}" if row["revoked_at"] else "-")
+    out.print(table)
+
+
+@ingest_token_app.command("revoke")
+def ingest_token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (the part after `vl_`).")],
+    config: ConfigOpt = None,
+) -> None:
+    """Revoke an ingest token (it stops working at once)."""
+    from visionloop.services.ingest.admin import revoke_token
+
+    if not asyncio.run(revoke_token(_attach(_settings(config)), token_id)):
+        console.print(f"[red]no active ingest token {token_id}[/]")
         raise typer.Exit(1)
     out.print(f"revoked {token_id}")
 

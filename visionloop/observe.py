@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from visionloop.contracts import TOPICS
 from visionloop.libs.kafka import client_kwargs
+from visionloop.libs.lag import committed_offsets, true_ends
 from visionloop.libs.settings import Settings
 
 
@@ -72,7 +73,12 @@ class Snapshot:
 
 
 async def snapshot(settings: Settings, groups: list[tuple[str, str]], *, status_window_s: float = 60.0) -> Snapshot:
-    """Read the broker: lag of `groups` ((topic, group) pairs), newest events, live instances."""
+    """Read the broker: lag of `groups` ((topic, group) pairs), newest events, live instances.
+
+    Committed offsets are read first and each partition's end after them, as one past its last
+    record actually read (the embedded broker reports end offsets low: `libs/lag.py`), so a
+    group's committed offset never shows above the end and its lag never reads 0 while records
+    wait."""
     kwargs = client_kwargs(settings)
     reader = AIOKafkaConsumer(**kwargs, enable_auto_commit=False)  # type: ignore[arg-type]
     await reader.start()
@@ -80,33 +86,19 @@ async def snapshot(settings: Settings, groups: list[tuple[str, str]], *, status_
         existing = await reader.topics()
         names = [settings.topic(spec.name) for spec in TOPICS.values() if settings.topic(spec.name) in existing]
         partitions = {name: sorted(reader.partitions_for_topic(name) or ()) for name in names}
+        committed = await committed_offsets(settings, groups, {n: len(partitions[n]) for n in names})
         tps = [TopicPartition(n, p) for n in names for p in partitions[n]]
-        ends = await reader.end_offsets(tps) if tps else {}
-        lags = await _lags(kwargs, groups, partitions, ends)
+        ends = await true_ends(reader, dict(await reader.end_offsets(tps)), 300) if tps else {}
+        lags = [
+            GroupLag(group, topic, sum(committed.get((group, TopicPartition(topic, p))) or 0 for p in partitions[topic]),
+                     sum(ends.get(TopicPartition(topic, p), 0) for p in partitions[topic]))
+            for topic, group in groups if topic in partitions
+        ]
         last = await _last_events(reader, names, partitions, ends)
         instances = await _instances(reader, settings, partitions, ends, status_window_s)
     finally:
         await reader.stop()
     return Snapshot(settings.kafka_bootstrap or "", instances, lags, last)
-
-
-async def _lags(kwargs: dict[str, object], groups: list[tuple[str, str]], partitions: dict[str, list[int]], ends: dict[TopicPartition, int]) -> list[GroupLag]:
-    result = []
-    for topic, group in groups:
-        if topic not in partitions:
-            continue
-        consumer = AIOKafkaConsumer(**kwargs, group_id=group, enable_auto_commit=False)  # type: ignore[arg-type]
-        await consumer.start()  # not subscribed: reads committed offsets without joining
-        try:
-            committed = end = 0
-            for p in partitions[topic]:
-                tp = TopicPartition(topic, p)
-                committed += await consumer.committed(tp) or 0
-                end += ends.get(tp, 0)
-            result.append(GroupLag(group, topic, committed, end))
-        finally:
-            await consumer.stop()
-    return result
 
 
 async def _read_at(reader: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> bytes | None:

@@ -42,6 +42,25 @@ log = logging.getLogger(__name__)
 PROCESSES = "processes"
 """Folder under the state folder holding each child's ready file (`NAME.json`)."""
 
+EX_CONFIG = 78
+"""A child's exit status when it cannot start as configured (`visionloop run`): not restarted."""
+
+
+class StartFailed(RuntimeError):
+    """The services did not all come up; every process started was stopped again."""
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log (markup and colour codes as written)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
 NOT_PASSED = {"instance", "kafka_port", "metrics_port"}
 """Platform settings a child does not take from its parent (each process names and serves itself)."""
 
@@ -132,6 +151,8 @@ class Child:
     starts: int = 0
     young_deaths: int = 0
     ready: dict[str, Any] | None = None
+    gave_up: str | None = None
+    """Why it cannot start (it exited with EX_CONFIG), said by the last line of its log."""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
@@ -194,12 +215,19 @@ class Supervisor:
 
     # -- life cycle ------------------------------------------------------------------------------
     async def start(self, timeout_s: float = 120.0) -> None:
-        """Start every service's process; return when each is serving (or raise)."""
-        for child in self.children.values():
-            child.ready_path.unlink(missing_ok=True)
-            await self._spawn(child)
-            child.task = asyncio.create_task(self._watch(child), name=f"supervise-{child.name}")
-        await asyncio.gather(*(self.wait_ready(name, timeout_s=timeout_s) for name in self.names))
+        """Start every service's process; return when each is serving. Otherwise stop every
+        process it started (none is left behind) and raise `StartFailed` with the reason."""
+        try:
+            for child in self.children.values():
+                child.ready_path.unlink(missing_ok=True)
+                await self._spawn(child)
+                child.task = asyncio.create_task(self._watch(child), name=f"supervise-{child.name}")
+            await asyncio.gather(*(self.wait_ready(name, timeout_s=timeout_s) for name in self.names))
+        except BaseException as exc:
+            await self.stop(grace_s=10.0)
+            if isinstance(exc, (TimeoutError, StartFailed)):
+                raise StartFailed(str(exc)) from None
+            raise
 
     async def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM every process (in reverse loop order), SIGKILL what outlives `grace_s`."""
@@ -247,10 +275,13 @@ class Supervisor:
         return await self.wait_ready(name, after_pid=old, timeout_s=timeout_s)
 
     async def wait_ready(self, name: str, *, after_pid: int | None = None, timeout_s: float = 120.0) -> int:
-        """Wait until a process of `name` other than `after_pid` reports ready; its pid."""
+        """Wait until a process of `name` other than `after_pid` reports ready; its pid. Raises
+        `StartFailed` at once for a process that exited as unable to start (EX_CONFIG)."""
         child = self.children[name]
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if child.gave_up is not None:
+                raise StartFailed(child.gave_up)
             pid = child.pid
             if pid is not None and pid != after_pid and child.ready_path.exists():
                 with contextlib.suppress(ValueError, OSError):
@@ -302,6 +333,10 @@ class Supervisor:
             lived = time.monotonic() - child.started_at
             self.exits.append(Exit(child.name, pid, code, time.time(), requested=self._stopping))
             if self._stopping:
+                return
+            if code == EX_CONFIG:  # it cannot start as configured (a port in use): a restart cannot help
+                child.gave_up = last_line(child.log_path) or f"{child.name} cannot start as configured"
+                log.error("%s (pid %d) cannot start: %s", child.name, pid, child.gave_up)
                 return
             child.young_deaths = child.young_deaths + 1 if lived < self.min_uptime_s else 0
             first, most = self.backoff_s

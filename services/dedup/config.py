@@ -40,6 +40,13 @@ class Policy(BaseModel):
             "duplicate of one already accepted; 0 keeps exact duplicates only."
         ),
     )
+    across_projects: bool = Field(
+        default=False,
+        description=(
+            "Also drop an exact copy of an image another project has seen (said without naming that project or "
+            "its decision); off: duplicates are decided within the project."
+        ),
+    )
 
 
 class DedupSettings(ServiceSettings, Policy):
@@ -48,7 +55,7 @@ class DedupSettings(ServiceSettings, Policy):
     section = "dedup"
     model_config = service_config("dedup")
 
-    projects: dict[str, dict[str, int | float | None]] = Field(
+    projects: dict[str, dict[str, bool | int | float | None]] = Field(
         default_factory=dict, description="Per-project overrides of the policy values above."
     )
 

@@ -49,10 +49,15 @@ def check_quality(width: int, height: int, blur: float | None, policy: Policy) -
     return ACCEPT
 
 
-def check_exact(image_id: str, earlier_outcome: str | None) -> Verdict:
-    """The same bytes seen before, whatever was decided then."""
+def check_exact(image_id: str, earlier_outcome: str | None, *, elsewhere: bool = False) -> Verdict:
+    """The same bytes seen before, whatever was decided then. `elsewhere`: seen only in another
+    project (which asked for a corpus-wide check): said without that project's decision."""
     if earlier_outcome is None:
         return ACCEPT
+    if elsewhere:
+        return Verdict(False, ImageRejectReason.DUPLICATE,
+                       "the same bytes were submitted before, to another project (this project drops copies across projects)",
+                       duplicate_of=image_id, distance=0, details={"across_projects": True})
     return Verdict(
         False,
         ImageRejectReason.DUPLICATE,

@@ -84,9 +84,9 @@ def wire(runtime: Runtime, adapters: Adapters, config: DedupSettings) -> None:
         project = event.project
         policy = config.policy(project)
         # A cheap look first: a resubmission needs no reading or hashing.
-        earlier = await _earlier(unit, image.image_id)
+        earlier = await _earlier(unit, project, image.image_id, across=policy.across_projects)
         if earlier is not None:
-            _reject(unit, ingested, check_exact(image.image_id, earlier))
+            _reject(unit, ingested, check_exact(image.image_id, earlier[0], elsewhere=earlier[1]))
             return
 
         # Reading and hashing happen before the project lock is taken, so the lock is held only
@@ -101,10 +101,10 @@ def wire(runtime: Runtime, adapters: Adapters, config: DedupSettings) -> None:
         blur = blur_variance(grey) if grey is not None and policy.min_blur_variance is not None else None
 
         await unit.conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(project))
-        earlier = await _earlier(unit, image.image_id)  # decisive now: under the lock
+        earlier = await _earlier(unit, project, image.image_id, across=policy.across_projects)  # decisive now: under the lock
         if earlier is not None:
             # The first decision stays the image's decision; this sighting is only reported.
-            _reject(unit, ingested, check_exact(image.image_id, earlier))
+            _reject(unit, ingested, check_exact(image.image_id, earlier[0], elsewhere=earlier[1]))
             return
         if verdict.accepted:
             verdict = check_quality(image.width, image.height, blur, policy)
@@ -132,8 +132,15 @@ def wire(runtime: Runtime, adapters: Adapters, config: DedupSettings) -> None:
     runtime.produces(ImageAccepted, ImageRejected)
 
 
-async def _earlier(unit: Unit[ImageIngested], image_id: str) -> str | None:
-    return await unit.conn.fetchval(f"SELECT outcome FROM {unit.schema}.decisions WHERE image_id = $1", image_id)
+async def _earlier(unit: Unit[ImageIngested], project: str, image_id: str, *, across: bool) -> tuple[str, bool] | None:
+    """The first decision on these bytes in `project` (with `across`, in any project: its own
+    first), and whether it was another project's; None when never seen."""
+    row = await unit.conn.fetchrow(
+        f"SELECT outcome, project <> $1 AS elsewhere FROM {unit.schema}.decisions "
+        "WHERE image_id = $2 AND (project = $1 OR $3) ORDER BY project <> $1 LIMIT 1",
+        project, image_id, across,
+    )
+    return None if row is None else (row["outcome"], row["elsewhere"])
 
 
 async def _decide(unit: Unit[ImageIngested], project: str, image_id: str, verdict: Verdict) -> None:

@@ -112,7 +112,7 @@ async def _serve(settings, options: _Options, home: Path, port: int) -> None:  #
     import uvicorn
 
     from visionloop.services.edge_agent.agent import EdgeAgent
-    from visionloop.services.edge_agent.http import create_app
+    from visionloop.services.edge_agent.http import TOKEN_FILE, create_app, local_token
 
     assert options.fleet and options.device
     agent = EdgeAgent(
@@ -128,13 +128,14 @@ async def _serve(settings, options: _Options, home: Path, port: int) -> None:  #
     try:
         where = ""
         if port > 0:
-            server = uvicorn.Server(uvicorn.Config(create_app(agent), host=settings.http_host, port=port, log_level="warning", lifespan="off"))
+            app = create_app(agent, token=local_token(home))
+            server = uvicorn.Server(uvicorn.Config(app, host=settings.http_host, port=port, log_level="warning", lifespan="off"))
             task = asyncio.create_task(server.serve())
             while not server.started and not task.done():
                 await asyncio.sleep(0.05)
             if task.done():
                 task.result()
-            where = f"; HTTP on http://{settings.http_host}:{port}"
+            where = f"; HTTP on http://{settings.http_host}:{port} (token in {home / TOKEN_FILE})"
         active = agent.active
         running = f"{active.model.model_id} v{active.model.version}" if active else "no model yet"
         typer.echo(f"edge agent {options.device} of fleet {options.fleet} running ({running}){where} — Ctrl-C to stop", err=True)

@@ -34,7 +34,6 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive
 
 from visionloop.contracts import (
-    SYSTEM_PROJECT,
     ImageIngested,
     ImageRejected,
     ImageRejectReason,
@@ -44,8 +43,11 @@ from visionloop.contracts import (
 from visionloop.contracts.common import ProjectName
 from visionloop.libs.blob import BlobError
 from visionloop.libs.bus import INFRASTRUCTURE_ERRORS, Runtime
+from visionloop.libs.db import quote_ident
+from visionloop.libs import tokens
 from visionloop.libs.refusals import install_refusals
 from visionloop.services.ingest import policy
+from visionloop.services.ingest import tokens as ingest_tokens
 from visionloop.services.ingest.inspect import Refusal
 from visionloop.services.ingest.intake import Intake, Outcome
 
@@ -53,6 +55,9 @@ log = logging.getLogger(__name__)
 
 JSON_BODY_MAX = 64 * 1024
 """Largest JSON body (a source to fetch, not an image)."""
+DENIED_DRAIN_MAX = 1024 * 1024
+"""A request refused for its token: this much of its body is read and dropped (so a small one gets its
+answer rather than a reset); past it the connection is closed."""
 FORM_OVERHEAD = 256 * 1024
 """Room for the form fields and part headers of a multipart upload, besides the image."""
 
@@ -156,8 +161,8 @@ def requested(values: Mapping[str, Any]) -> Requested:
             f"project {project!r} is not a project slug: lowercase letters, digits, '-' and '_', "
             "at most 63 characters"
         ) from None
-    if project == SYSTEM_PROJECT:
-        raise _bad(f"project {SYSTEM_PROJECT} is reserved for the platform's own events")
+    if (problem := policy.project_problem(project)) is not None:
+        raise problem
     submission_id = values.get("submission_id") or f"http-{uuid.uuid4().hex}"
     if not isinstance(submission_id, str) or len(submission_id) > 128:
         raise _bad("submission_id must be a string of 1 to 128 characters")
@@ -217,8 +222,7 @@ class ImageAnswer(BaseModel):
 
     submission_id: str
     project: str
-    image_id: str = Field(description="SHA-256 of the bytes.")
-    blob_uri: str
+    image_id: str = Field(description="SHA-256 of the bytes: the image's id in every event and API.")
     width: int = Field(description="Pixels, after EXIF orientation.")
     height: int = Field(description="Pixels, after EXIF orientation.")
     format: str
@@ -243,7 +247,7 @@ def _answer(outcome: Outcome, project: str) -> JSONResponse:
             submission_id=answer.submission_id,
             project=project,
             already_stored=answer.already_stored,
-            **answer.image.model_dump(),
+            **answer.image.model_dump(exclude={"blob_uri"}),  # where the server keeps it is not the client's
         )
         return JSONResponse(body.model_dump(mode="json"), status_code=201, headers=headers)
     assert isinstance(answer, ImageRejected)
@@ -255,6 +259,32 @@ def _answer(outcome: Outcome, project: str) -> JSONResponse:
     )
     status = status_for(answer.reason, answer.details)
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+async def _submitter(runtime: Runtime, request: Request) -> ingest_tokens.Submitter | None:
+    token = tokens.credentials(request.headers.get("authorization"))
+    if token is None or runtime.pool is None:
+        return None
+    async with runtime.pool.acquire() as conn:
+        return await ingest_tokens.submitter_for(conn, quote_ident(runtime.schema), token)
+
+
+async def _drained(request: Request, limit: int) -> bool:
+    """Read and drop the body up to `limit` bytes; whether it all came (then the connection may
+    stay open, and the client reads the answer instead of a reset)."""
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            return False
+    return True
+
+
+def _denied(denial: ingest_tokens.Denial, *, close: bool) -> JSONResponse:
+    body = RefusalAnswer(reason=denial.reason, message=denial.message)
+    # Closing tells a client still sending a large body to stop; a 401 names the scheme.
+    headers = ({"Connection": "close"} if close else {}) | ({"WWW-Authenticate": "Bearer"} if denial.status == 401 else {})
+    return JSONResponse(body.model_dump(mode="json"), status_code=denial.status, headers=headers)
 
 
 def _refused(refusal: Refusal, *, close: bool = False) -> JSONResponse:
@@ -435,7 +465,7 @@ _QUERY = [
 _REFUSALS = {
     code: {"model": RefusalAnswer, "description": text}
     for code, text in {
-        403: "forbidden_source", 409: "invalid_submission (submission id reused for other bytes)",
+        401: "unauthenticated (no valid ingest token)", 403: "forbidden_source / wrong_project (the token's projects)", 409: "invalid_submission (submission id reused for other bytes)",
         413: "too_large / inline_too_large", 415: "not_an_image / unsupported_format",
         422: "invalid_submission / corrupt / decompression_bomb / too_many_frames",
         502: "unreachable", 503: "service_unavailable", 504: "unreachable (timed out)",
@@ -464,6 +494,9 @@ def http_app(runtime: Runtime, intake: Intake) -> FastAPI:
         openapi_extra={"requestBody": _REQUEST_BODY, "parameters": _QUERY},
     )
     async def submit_image(request: Request) -> JSONResponse:
+        submitter = await _submitter(runtime, request)
+        if (denied := ingest_tokens.denial(submitter, None)) is not None:  # the body is never parsed
+            return _denied(denied, close=not await _drained(request, DENIED_DRAIN_MAX))
         async with gate:
             try:
                 fields, submission = await read_request(request, config.max_bytes)
@@ -471,6 +504,8 @@ def http_app(runtime: Runtime, intake: Intake) -> FastAPI:
                 return _refused(exc.refusal, close=True)
             except Refusal as refusal:
                 return _refused(refusal)
+            if (denied := ingest_tokens.denial(submitter, fields.project)) is not None:
+                return _denied(denied, close=False)
             try:
                 examined = await intake.examine(submission, inline_max=config.max_bytes)
                 async with runtime.transaction() as unit:

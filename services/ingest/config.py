@@ -91,7 +91,10 @@ class IngestSettings(ServiceSettings):
     )
     s3_buckets: list[str] = Field(
         default_factory=list,
-        description="Buckets `s3://` sources may name, as a JSON list; empty allows any bucket the credentials read.",
+        description=(
+            "Buckets `s3://` sources may name, as a JSON list; empty (the default) allows none, `[\"*\"]` any bucket "
+            "the credentials read."
+        ),
     )
 
     # -- the HTTP API ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -126,6 +127,20 @@ def _looks_like(head: bytes) -> str:
     return ""
 
 
+def pillow_open(stream: io.BytesIO, formats: list[str] | tuple[str, ...] | None) -> Image.Image:
+    """Pillow's own `Image.open`, even where a library replaced it.
+
+    Ultralytics (loaded in the same process under `visionloop up`) swaps `Image.open` for one
+    that, on bytes Pillow cannot identify, runs its requirement check for a HEIF plugin (a pip
+    install where installs are allowed) and fails with `No module named 'pi_heif'` offline. Bytes
+    sent to ingest must be judged the same in every process and never install anything."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    opener = getattr(patches, "_image_open", None) if patches is not None else None
+    if opener is None or Image.open is not getattr(patches, "image_open", None):
+        opener = Image.open
+    return opener(stream, formats=formats)
+
+
 def inspect_image(data: bytes, limits: Limits) -> ImageFacts:
     """Decode the header and pixels of `data` safely; raise Refusal when it must not be kept."""
     size = len(data)
@@ -144,7 +159,7 @@ def inspect_image(data: bytes, limits: Limits) -> ImageFacts:
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(io.BytesIO(data), formats=_decoders(limits.formats)) as image:
+            with pillow_open(io.BytesIO(data), _decoders(limits.formats)) as image:
                 fmt = (image.format or "").upper()
                 # A camera's multi-picture JPEG (MPO) is a JPEG whose first picture is the
                 # photo; the others are previews or depth maps, not frames of an animation.

@@ -28,7 +28,7 @@ from visionloop.libs.blob import BlobStore
 from visionloop.libs.bus import Unit
 from visionloop.services.ingest.config import IngestSettings
 from visionloop.services.ingest.inspect import ImageFacts, Limits, Refusal, inspect_image
-from visionloop.services.ingest.policy import Prior, Resubmission, resubmission
+from visionloop.services.ingest.policy import Prior, Resubmission, project_problem, resubmission
 from visionloop.services.ingest.sources import Sources
 
 Answer = ImageIngested | ImageRejected
@@ -169,7 +169,9 @@ class Intake:
 
     async def ingest_one(self, unit: Unit[Any], *, project: str, submission: ImageSubmitted, channel: str) -> Outcome:
         """`examine` then `record`, in the caller's transaction (the topic handler's way)."""
-        examined = await self.examine(submission, inline_max=self.config.inline_max_bytes)
+        refusal = project_problem(project)
+        examined = (Examined(content_sha256=None, refusal=refusal) if refusal is not None
+                    else await self.examine(submission, inline_max=self.config.inline_max_bytes))
         return await self.record(unit, project=project, submission=submission, examined=examined, channel=channel)
 
 

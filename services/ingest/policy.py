@@ -13,13 +13,26 @@ from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import urljoin, urlsplit
 
-from visionloop.contracts import ImageRejectReason
+from visionloop.contracts import SYSTEM_PROJECT, ImageRejectReason
 from visionloop.services.ingest.inspect import Refusal
 
 FETCH_SCHEMES = ("http", "https")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _OCTET_STREAMS = frozenset({"application/octet-stream", "binary/octet-stream"})
 _HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+
+
+# -- who may submit --------------------------------------------------------------------------------
+
+
+def project_problem(project: str) -> Refusal | None:
+    """Why images may not be submitted to `project` (a slug already), or None. The same on both
+    doors, HTTP and the submit topic: `_system` is the platform's own (status, dead letters)."""
+    if project == SYSTEM_PROJECT:
+        return Refusal(ImageRejectReason.INVALID_SUBMISSION,
+                       f"project {SYSTEM_PROJECT} is reserved for the platform's own events; submit to a project of yours",
+                       {"project": project})
+    return None
 
 
 # -- where a source URI points ------------------------------------------------------------------
@@ -200,13 +213,16 @@ def s3_location(uri: str) -> tuple[str, str]:
 
 
 def check_bucket(bucket: str, allowed: list[str]) -> None:
-    """Refuse a bucket that is not on the allow-list (empty allows any)."""
-    if allowed and bucket not in allowed:
-        raise Refusal(
-            ImageRejectReason.FORBIDDEN_SOURCE,
-            f"bucket {bucket} is not one this ingest reads (VL_INGEST_S3_BUCKETS)",
-            {"bucket": bucket},
-        )
+    """Refuse a bucket that is not on the allow-list: empty allows none (the fence is shut until
+    an operator names the buckets), `*` any bucket the credentials read."""
+    if "*" in allowed or bucket in allowed:
+        return
+    hint = "no s3:// bucket is open" if not allowed else f"bucket {bucket} is not one this ingest reads"
+    raise Refusal(
+        ImageRejectReason.FORBIDDEN_SOURCE,
+        f"{hint}: the operator lists the buckets ingest may read in VL_INGEST_S3_BUCKETS",
+        {"bucket": bucket},
+    )
 
 
 # -- what a source answered ---------------------------------------------------------------------
