@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= $(or $(VL_VENV),$(HOME)/.local/share/visionloop/venv)
 VL := $(VENV)/bin/visionloop
 
-.PHONY: help setup demo demo-quick smoke up test contracts contracts-check bench-bus compose-check clean
+.PHONY: help setup demo demo-quick smoke up test doors contracts contracts-check bench-bus compose-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -25,6 +25,12 @@ up: setup  ## set up and run every service on the embedded stack until Ctrl-C
 
 test:  ## set up and run the whole test suite
 	./scripts/test.sh
+
+DOORS := ingest_hostile ingest_http ingest_inspect ingest_sources ingest_policy security fuzz_http fuzz_events \
+	gateway_http gateway_labelstudio edge_agent blob acls contract_minimal
+
+doors:  ## the hostile-input and authentication tests (docs/security.md), one summary line
+	./scripts/test.sh -q -p no:cacheprovider $(foreach t,$(DOORS),tests/test_$(t).py)
 
 contracts: setup  ## regenerate contracts/schemas/*.json and contracts/asyncapi.yaml
 	$(VL) contracts export

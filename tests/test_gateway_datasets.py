@@ -131,6 +131,9 @@ async def test_export_then_import_gives_the_same_boxes(lab: Lab, tmp_path: Path,
     # Each export imported into a new project: the same boxes, the same test set.
     ls_bytes = (await _export(lab, "source", "labelstudio")).content
     ls_json = (await _export(lab, "source", "labelstudio", images=False)).json()
+    # The default is what Label Studio's import takes: the JSON task list, not a zip (issue 16, item 8).
+    default = await lab.http.get("/v1/projects/source/export", params={"format": "labelstudio"}, headers=lab.auth("reviewer"))
+    assert default.headers["content-type"].startswith("application/json") and len(default.json()) == len(ls_json)
     assert len(ls_json) == 8 and all(t["data"]["image"].startswith(lab.base_url) for t in ls_json)
     fetched = await lab.http.get(ls_json[0]["data"]["image"])  # a signed URL works without a token (Label Studio's browser)
     assert fetched.status_code == 200

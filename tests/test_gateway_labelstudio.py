@@ -94,6 +94,8 @@ async def test_label_studio_round_trip(lab: Lab) -> None:
         assert (await lab.http.get("/health")).json()["status"] == "UP"
         setup = await lab.http.post("/setup", auth=basic, json=ls.setup(LS_UID, studio.base, LS_TOKEN))
         assert setup.status_code == 200 and setup.json() == {"model_version": "demo-detector@v3"}
+        stored = await lab.pool.fetchval(f"SELECT access_token FROM {lab.schema}.ls_projects WHERE ls_project = $1", str(LS_ID))
+        assert stored.startswith("fernet:") and LS_TOKEN not in stored  # sealed at rest (issue 16, item 8)
 
         tasks = [
             ls.task(11, LS_ID, f"/data/upload/{LS_ID}/img0.png"),                              # relative: fetched from Label Studio
@@ -204,3 +206,21 @@ async def test_a_label_studio_project_belongs_to_one_project(lab: Lab) -> None:
     assert (refused.status_code, refused.json()["reason"]) == (403, "project_required")
     lab.project = "parking"
 
+
+
+async def test_label_studio_connects_with_the_token_in_the_backend_url(lab: Lab) -> None:
+    """Issue 16, item 8: Label Studio's own webhook (made when the model is connected) carries no
+    header; with the backend's address `<gateway>/ls/<token>` every call it makes is authenticated,
+    a wrong token is refused, and no second hand-made webhook is needed."""
+    token = lab.tokens["reviewer"]
+    assert (await lab.http.get(f"/ls/{token}/health")).json()["status"] == "UP"
+    assert (await lab.http.get(f"/ls/{token}/versions")).status_code == 200
+    body = ls.start_training(LS_ID + 70)  # a Label Studio project of its own (7 is bound to another project by now)
+    own = await lab.http.post(f"/ls/{token}/webhook", json=body)  # no Authorization header, as Label Studio sends it
+    assert own.status_code == 201, own.text
+    for wrong in ("nope", token[:-3] + "abc"):
+        refused = await lab.http.post(f"/ls/{wrong}/webhook", json=body)
+        assert (refused.status_code, refused.json()["reason"]) == (401, "unauthenticated")
+    assert (await lab.http.post("/webhook", json=body)).status_code == 401  # the old path still needs its header
+    document = (await lab.http.get("/openapi.json")).json()
+    assert not any(path.startswith("/ls/") for path in document["paths"])  # one documented way; the copies stay out of the schema

@@ -43,6 +43,8 @@ ingest_app = typer.Typer(help="Ingest: API tokens of the upstream systems.", no_
 ingest_token_app = typer.Typer(help="Tokens for ingest's HTTP API (stored hashed; shown once).", no_args_is_help=True)
 ingest_app.add_typer(ingest_token_app, name="token")
 app.add_typer(ingest_app, name="ingest")
+kafka_app = typer.Typer(help="Kafka for a deployment: principals and ACLs.", no_args_is_help=True)
+app.add_typer(kafka_app, name="kafka")
 verifier_app = typer.Typer(help="The verifier: auto-accept calibration.", no_args_is_help=True)
 app.add_typer(verifier_app, name="verifier")
 trainer_app = typer.Typer(help="The trainer: ask for a run, list runs.", no_args_is_help=True)
@@ -893,6 +895,29 @@ def ingest_token_revoke(
         console.print(f"[red]no active ingest token {token_id}[/]")
         raise typer.Exit(1)
     out.print(f"revoked {token_id}")
+
+
+@kafka_app.command("acls")
+def kafka_acls(
+    commands: Annotated[bool, typer.Option("--commands", help="Print `kafka-acls.sh` calls instead of a table.")] = False,
+    bootstrap: Annotated[str, typer.Option(help="Broker address written into the commands.")] = "kafka:9092",
+    config: ConfigOpt = None,
+) -> None:
+    """The principals of a deployment and exactly the ACLs each needs (each service writes what it
+    produces and reads what it consumes; upstream writes the submit topic; devices their status)."""
+    from visionloop.acls import all_acls
+
+    rules = all_acls(_settings(config))
+    if commands:
+        for rule in rules:
+            out.print(rule.command(bootstrap), highlight=False, soft_wrap=True, markup=False)
+        return
+    table = Table(title=f"{len({r.principal for r in rules})} principals, {len(rules)} ACLs (ALLOW; nothing else is allowed)")
+    for column in ("principal", "operation", "resource", "name", "pattern"):
+        table.add_column(column)
+    for rule in rules:
+        table.add_row(rule.principal, rule.operation, rule.resource, rule.name, rule.pattern)
+    out.print(table)
 
 
 @verifier_app.command("calibration")

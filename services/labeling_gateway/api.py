@@ -493,13 +493,16 @@ def register(app: FastAPI, gw: Gateway) -> None:
         request: Request,
         project: ProjectPath,
         format: Annotated[Literal["coco", "yolo", "labelstudio"], Query(description="coco, yolo or labelstudio.")] = "coco",
-        images: Annotated[bool, Query(description="Include the images (zip); false: labels only.")] = True,
+        images: Annotated[bool | None, Query(description=(
+            "Include the images (zip); false: labels only. Default: true for coco and yolo; false for labelstudio, "
+            "whose import takes the JSON task list (images as signed URLs), not a zip."))] = None,
         principal: Principal = reviewer,
     ) -> Response:
         async with gw.pool.acquire() as conn:
             await existing(conn, project)
         base = str(request.base_url).rstrip("/")
-        return await datasets.export(gw, project, format, include_images=images, base_url=base)
+        include = images if images is not None else format != "labelstudio"
+        return await datasets.export(gw, project, format, include_images=include, base_url=base)
 
     @app.post("/v1/projects/{project}/import", status_code=202, summary="Import labelled images", tags=["datasets"],
               description=datasets.IMPORT_DOC, response_model=datasets.ImportOut,

@@ -12,6 +12,8 @@ file's `labeling_gateway.projects` mapping, e.g.::
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from visionloop.libs.settings import ServiceSettings, service_config
@@ -63,6 +65,13 @@ class GatewaySettings(ServiceSettings, Policy):
     )
     body_max_bytes: int = Field(
         default=1024 * 1024, ge=1024, description="Largest JSON body of a submission or any other JSON request."
+    )
+    ls_token_key_file: Path | None = Field(
+        default=None,
+        description=(
+            "Key (a Fernet key in a file) that encrypts Label Studio access tokens in the database; unset: "
+            "`<state_dir>/keys/gateway-ls-token.key`, created (0600) at first use."
+        ),
     )
     token_cache_s: float = Field(
         default=5.0, ge=0, description="How long a checked API token is trusted without asking PostgreSQL (revocation delay)."

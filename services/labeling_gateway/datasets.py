@@ -55,8 +55,9 @@ EXPORT_DOC = """The project's verified labels (the newest per image), as:
   `ultralytics.data.utils.check_det_dataset` accepts it).
 - `labelstudio`: Label Studio tasks: the image as a signed URL of this gateway (valid for
   `signed_url_ttl_s`), the verified boxes as an annotation, the model's pre-labels as a
-  prediction; `images=false` gives the JSON list to import into Label Studio, else a zip with
-  `tasks.json` and the images.
+  prediction. By default the JSON task list, which Label Studio's import takes as it is;
+  `images=true` gives a zip with `tasks.json` and the images (a backup; this gateway's import
+  reads it, Label Studio's does not).
 
 Splits: `test` is the frozen test set (imported with `test_set`); the rest is `train` and `val`,
 the split fixed per image by its id (`export_val_fraction`), so an image never changes split.

@@ -89,7 +89,9 @@ def guard(gateway: Gateway, need: Role) -> Callable[..., Awaitable[Principal]]:
     (if it names one) and at least role `need`."""
 
     async def check(request: Request, _b: Any = Depends(_bearer), _a: Any = Depends(_basic)) -> Principal:
-        token = credentials(request.headers.get("authorization"))
+        # Label Studio's own calls carry the token in the backend's URL (`/ls/<token>/...`):
+        # the webhook it makes itself has no header (docs/labelling.md).
+        token = credentials(request.headers.get("authorization")) or request.path_params.get("ls_token")
         principal = await gateway.principal(token) if token else None
         denial = authorize(principal, request.path_params.get("project"), need)
         if denial is not None:

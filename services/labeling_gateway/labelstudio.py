@@ -24,10 +24,12 @@ import logging
 import re
 import xml.etree.ElementTree as ElementTree
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from visionloop.contracts import (
@@ -43,7 +45,7 @@ from visionloop.contracts import (
 from visionloop.contracts.envelope import utcnow
 from visionloop.libs import formats
 from visionloop.libs.formats import FormatError
-from visionloop.services.labeling_gateway import store
+from visionloop.services.labeling_gateway import sealed, store
 from visionloop.services.labeling_gateway.actions import count_actions
 from visionloop.services.labeling_gateway.auth import Principal, Role
 from visionloop.services.labeling_gateway.fetch import Fetcher, FetchError, Origin
@@ -137,6 +139,7 @@ class LabelStudio:
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
+        self._key: bytes | None = None
         self.fetcher = Fetcher(gw.config)
         self.gate = asyncio.Semaphore(gw.config.predict_max_concurrent)
         self.ids = ImageIds()
@@ -164,12 +167,24 @@ class LabelStudio:
         self.ids.put(url, image_id)
         return image_id
 
+    @property
+    def key(self) -> bytes:
+        """The key that seals Label Studio's access tokens in the database (`sealed.py`)."""
+        if self._key is None:
+            path = self.gw.config.ls_token_key_file or self.gw.runtime.settings.state_dir / "keys" / "gateway-ls-token.key"
+            self._key = sealed.load_key(Path(path))
+        return self._key
+
     async def origin(self, ls_project: str) -> Origin | None:
         async with self.gw.pool.acquire() as conn:
             row = await store.ls_project(conn, self.gw.s, ls_project)
         if row is None or not row["hostname"]:
             return None
-        return Origin(base=row["hostname"], token=row["access_token"])
+        try:
+            token = sealed.unseal(self.key, row["access_token"])
+        except sealed.SealError as exc:
+            raise Refusal(503, "ls_token_unreadable", str(exc)) from None
+        return Origin(base=row["hostname"], token=token)
 
     async def bound(self, principal: Principal, ls_project: str, **fields: Any) -> str:
         """The visionloop project a Label Studio project is bound to (binding it on first use)."""
@@ -378,6 +393,11 @@ class LabelStudio:
         )
 
 
+LS_PREFIX = "/ls/{ls_token}"
+"""Label Studio's address for the backend: `<gateway>/ls/<token>` (a reviewer token of the project)."""
+LS_PATHS = ("/health", "/setup", "/predict", "/webhook", "/versions")
+
+
 def register(app: FastAPI, gw: Gateway) -> LabelStudio:
     """Add the Label Studio ML-backend endpoints to `app`; return the worker to run."""
     ls = LabelStudio(gw)
@@ -395,7 +415,7 @@ def register(app: FastAPI, gw: Gateway) -> LabelStudio:
         body = validate(SetupIn, parse_json(await read_body(request, gw.config.body_max_bytes)))
         from_name, to_name = rectangle_names(body.schema_)
         project = await ls.bound(
-            principal, ls_project_id(body.project), hostname=body.hostname or None, access_token=body.access_token or None,
+            principal, ls_project_id(body.project), hostname=body.hostname or None, access_token=sealed.seal(ls.key, body.access_token or None),
             from_name=from_name, to_name=to_name,
         )
         async with gw.pool.acquire() as conn:
@@ -438,4 +458,9 @@ def register(app: FastAPI, gw: Gateway) -> LabelStudio:
             found = await store.model_versions(conn, gw.s, principal.project)
         return {"versions": [model_version(m) for m in found] or [NO_MODEL]}
 
+    # The same endpoints under `/ls/<token>`: the URL to give Label Studio as the model's address,
+    # so that every call it makes, the webhook it creates itself included, is authenticated.
+    for route in [r for r in list(app.routes) if isinstance(r, APIRoute) and r.path in LS_PATHS]:
+        app.add_api_route(f"{LS_PREFIX}{route.path}", route.endpoint, methods=sorted(route.methods), status_code=route.status_code,
+                          include_in_schema=False)
     return ls
