@@ -211,6 +211,9 @@ async def test_resubmitting_is_idempotent(ingest: Ingest) -> None:
     assert {r.status_code for r in replies} == {201}
     assert len({json.dumps(r.json(), sort_keys=True) for r in replies}) == 1
     assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in replies) == 9
+    # the same bytes in another project: that project's first copy (nothing says another project has them)
+    theirs = await ingest.http.post("/v1/images", **_multipart(photo, submission_id="theirs-1", project="other"))
+    assert theirs.status_code == 201 and theirs.json()["already_stored"] is False
     # the same id in another project is another submission
     elsewhere = await ingest.http.post("/v1/images", **_multipart(hi.good(24), submission_id="retry-1", project="other"))
     assert elsewhere.status_code == 201

@@ -137,6 +137,11 @@ class Intake:
                     ON CONFLICT (image_id) DO NOTHING RETURNING true""",
                 facts.sha256, blob_uri, facts.width, facts.height, facts.format, facts.byte_size, sid,
             )
+            # Stored before *for this project*: whether another project has the bytes is not this one's business.
+            seen_here = first is None and await conn.fetchval(
+                f"SELECT EXISTS (SELECT 1 FROM {schema}.submissions WHERE project = $1 AND image_id = $2 AND outcome = 'ingested')",
+                project, facts.sha256,
+            )
             answer = ImageIngested(
                 submission_id=sid,
                 image=ImageRef(
@@ -148,7 +153,7 @@ class Intake:
                     byte_size=facts.byte_size,
                 ),
                 source=submission.source,
-                already_stored=not first,
+                already_stored=bool(seen_here),
             )
             image_id = facts.sha256
         outcome = "ingested" if isinstance(answer, ImageIngested) else "rejected"
