@@ -654,12 +654,13 @@ def contracts_check() -> None:
 def bench_bus(
     events: Annotated[int, typer.Option(help="Events per arm.")] = 2000,
     batch: Annotated[int, typer.Option(help="Records each hop takes at a time (1: one by one, the default shape).")] = 1,
+    door: Annotated[bool, typer.Option(help="Reach the broker through the front door `up` uses to rotate it.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
 ) -> None:
     """Bus round trip on the embedded stack: the framework hop vs raw aiokafka, same broker, same run."""
     from visionloop.bench.bus import run_bus_bench
 
-    result = run_bus_bench(events=events, console=console, batch=batch)
+    result = run_bus_bench(events=events, console=console, batch=batch, door=door)
     if json_output:
         out.print(json.dumps(result), highlight=False, soft_wrap=True, markup=False)
 

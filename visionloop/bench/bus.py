@@ -39,6 +39,10 @@ offset commit), the raw hop with `getmany` (every output sent, all acknowledgeme
 one offset commit). A batch is what is waiting, never waited for (no linger), so one event in
 flight is handled alone in both.
 
+With `door` (`--door`) both arms reach the broker through the front door that `visionloop up`
+puts in front of the embedded broker so it can rotate it (`libs/frontdoor.py`): what that relay
+costs shows against a run without it.
+
 `ratio_vs_raw` is raw events/s divided by framework events/s: how many times longer the
 framework hop takes per event than the bare client (target: at most TARGET_RATIO). Setting
 `VL_BENCH_PROFILE=<folder>` runs each hop under cProfile and writes `<arm>.prof` there.
@@ -656,7 +660,7 @@ def _table(result: dict[str, Any], arms: dict[str, ArmResult]) -> Table:
 
 
 def run_bus_bench(
-    events: int = 2000, console: Console | None = None, *, rounds: int = ROUNDS, batch: int = 1
+    events: int = 2000, console: Console | None = None, *, rounds: int = ROUNDS, batch: int = 1, door: bool = False
 ) -> dict[str, Any]:
     """Measure the framework hop against raw aiokafka on a fresh embedded stack; return the numbers.
 
@@ -672,7 +676,7 @@ def run_bus_bench(
         raise ValueError("events, rounds and batch must be at least 1")
     console = console or Console(stderr=True)
     state = (Path.cwd() / STATE).resolve()
-    broker = EmbeddedBroker(state / "logs" / "broker.log")
+    broker = EmbeddedBroker(state / "logs" / "broker.log", door=door)  # door: through the rotation's relay
     postgres = EmbeddedPostgres(state / "postgres")
     tag = uuid.uuid4().hex[:8]
     try:
@@ -694,7 +698,7 @@ def run_bus_bench(
             arms = asyncio.run(_bench(settings, events, rounds, progress, meter, batch))
     finally:
         with console.status("stopping the embedded broker and PostgreSQL"):
-            broker.stop()
+            broker.close()
             postgres.stop()
 
     framework, raw = arms["framework"], arms["raw"]
@@ -703,6 +707,7 @@ def run_bus_bench(
         "events": events,
         "rounds": rounds,
         "batch": batch,
+        "door": door,
         "events_per_s": round(framework.events_per_s, 1),
         "raw_events_per_s": round(raw.events_per_s, 1),
         "ratio_vs_raw": round(raw.events_per_s / framework.events_per_s, 3),
@@ -721,7 +726,7 @@ def run_bus_bench(
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-    plot = PLOT if batch == 1 else PLOT.with_name(f"{PLOT.stem}-batch{batch}{PLOT.suffix}")
+    plot = PLOT if batch == 1 and not door else PLOT.with_name(f"{PLOT.stem}{f'-batch{batch}' if batch > 1 else ''}{'-door' if door else ''}{PLOT.suffix}")
     result["plot"] = str(_plot(arms, (Path.cwd() / plot).resolve()))
     console.print(_table(result, arms))
     console.print(f"latency plot: {result['plot']}")
