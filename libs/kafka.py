@@ -294,26 +294,61 @@ async def broker_epoch(settings: Settings) -> str:
     """The id of the broker's current life, agreed by every process.
 
     Each process appends a fresh id to the epoch topic and reads back the first message: on a
-    broker that has just lost its topics (the embedded one restarted), that is a new value.
+    broker that has just lost its topics (the embedded one restarted), that is a new value. A
+    planned restart (`libs/rotation.py`) writes the first message itself, naming the life it
+    continues (`planned_epoch`).
     """
+    await write_epoch(settings, uuid.uuid4().hex)
+    epoch = await first_epoch(settings)
+    if epoch is None:
+        raise RuntimeError("the broker's epoch topic is empty right after a write to it")
+    return epoch
+
+
+async def write_epoch(settings: Settings, value: str, *, client_id: str | None = None) -> None:
+    """Append `value` to the epoch topic (created if missing)."""
     topic = settings.topic(EPOCH_TOPIC)
     await ensure_topics(settings, [], extra=[(topic, 1)])
-    producer = AIOKafkaProducer(**client_kwargs(settings), acks="all")  # type: ignore[arg-type]
+    extra = {"client_id": client_id} if client_id else {}
+    producer = AIOKafkaProducer(**(client_kwargs(settings) | extra), acks="all")  # type: ignore[arg-type]
     await producer.start()
     try:
-        await producer.send_and_wait(topic, uuid.uuid4().hex.encode(), key=b"epoch")
+        await producer.send_and_wait(topic, value.encode(), key=b"epoch")
     finally:
         await producer.stop()
-    consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)  # type: ignore[arg-type]
+
+
+async def first_epoch(settings: Settings, *, client_id: str | None = None, timeout_s: float = 10.0) -> str | None:
+    """The first message of the epoch topic (the broker's current epoch); None where there is none."""
+    topic = settings.topic(EPOCH_TOPIC)
+    extra = {"client_id": client_id} if client_id else {}
+    consumer = AIOKafkaConsumer(**(client_kwargs(settings) | extra), enable_auto_commit=False)  # type: ignore[arg-type]
     await consumer.start()
     try:
+        if topic not in await consumer.topics():
+            return None
         tp = TopicPartition(topic, 0)
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
-        record = await asyncio.wait_for(consumer.getone(), timeout=10)
+        try:
+            record = await asyncio.wait_for(consumer.getone(), timeout=timeout_s)
+        except TimeoutError:
+            return None
         return record.value.decode()
     finally:
         await consumer.stop()
+
+
+def planned_epoch(previous: str) -> str:
+    """A new epoch that continues `previous`: the broker was restarted by plan, with every record
+    no consumer had read written back to it, so nothing needs re-publishing."""
+    return f"{uuid.uuid4().hex}+{previous.split('+', 1)[0]}"
+
+
+def continues(epoch: str, last: str | None) -> bool:
+    """Whether `epoch` is a planned continuation of `last` (see `planned_epoch`)."""
+    _, plus, previous = epoch.partition("+")
+    return bool(plus) and last is not None and previous == last.split("+", 1)[0]
 
 
 async def publish_once(settings: Settings, payload: "Payload", *, project: str, producer: str, key: str | None = None) -> "Envelope[Any]":

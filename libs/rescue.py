@@ -5,7 +5,8 @@ fresh one: the planned restart's way to lose nothing (`libs/rotation.py`).
 where one committed nothing, the earliest record where an offset lies past the log) and reads
 until nothing more comes; the broker's end offsets are not trusted (`libs/lag.py`). `put_back`
 writes them to the same partitions in the same order, with their keys, headers and timestamps. Both
-use the rotation's own client id, the one the front door never holds.
+use the rotation's own client id, the one the front door never holds. `continue_epoch` then makes
+the fresh broker's epoch say that nothing was lost (`libs/bus/epoch.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from visionloop.libs import kafka
 from visionloop.libs.kafka import client_kwargs
 from visionloop.libs.lag import committed_offsets
 from visionloop.libs.settings import Settings
@@ -42,16 +44,19 @@ def rotation_client_id(settings: Settings) -> str:
     return f"{settings.kafka_client_id}.rotation"
 
 
-async def unread(settings: Settings, pairs: Iterable[tuple[str, str]]) -> list[Kept]:
-    """Every record past the lowest committed offset of the groups in `pairs` ((topic, group))."""
-    pairs = sorted(set(pairs))
+async def unread(settings: Settings, pairs: Iterable[tuple[str, str]], whole: Iterable[str] = ()) -> list[Kept]:
+    """Every record past the lowest committed offset of the groups in `pairs` ((topic, group)), and
+    every record of the `whole` topics (read by clients whose groups are not known here: edge
+    agents, dashboards)."""
+    pairs = sorted(set(pairs) | {(topic, "") for topic in whole})
     reader = AIOKafkaConsumer(**client_kwargs(settings), client_id=rotation_client_id(settings),  # type: ignore[arg-type]
                               enable_auto_commit=False, auto_offset_reset="earliest")
     await reader.start()
     try:
         existing = await reader.topics()
         partitions = {t: len(reader.partitions_for_topic(t) or ()) for t, _ in pairs if t in existing}
-        committed = await committed_offsets(settings, pairs, partitions)
+        committed = await committed_offsets(settings, [(t, g) for t, g in pairs if g], partitions)
+        committed |= {("", TopicPartition(t, p)): 0 for t, g in pairs if not g for p in range(partitions.get(t, 0))}
         start: dict[TopicPartition, int] = {}
         for (_, tp), offset in committed.items():
             start[tp] = min(start.get(tp, offset or 0), offset or 0)
@@ -98,3 +103,15 @@ async def put_back(settings: Settings, kept: list[Kept], *, attempts: int = 3) -
             await asyncio.sleep(1.0)
         finally:
             await producer.stop()
+
+
+async def epoch_now(settings: Settings) -> str | None:
+    """The broker's epoch before a planned restart (None: no process has checked one yet)."""
+    return await kafka.first_epoch(settings, client_id=rotation_client_id(settings))
+
+
+async def continue_epoch(settings: Settings, previous: str | None) -> None:
+    """After the records are back: the fresh broker's first epoch message says it continues
+    `previous`, so the services do not re-publish their outboxes (`libs/bus/epoch.py`)."""
+    if previous is not None:
+        await kafka.write_epoch(settings, kafka.planned_epoch(previous), client_id=rotation_client_id(settings))

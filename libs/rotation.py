@@ -16,10 +16,14 @@ So when the broker's resident memory passes `limit_mb`, the watch restarts it, l
 4. the door opens: held requests, whose connections the restart closed, are sent again by their
    clients to the fresh broker.
 
-Events the services emitted come back anyway: on the new epoch each service re-publishes its
-retained outbox and every consumer reads its topics from the start (`libs/bus/epoch.py`); the
-inboxes skip what was handled. A first version waited instead for a moment when every group had
-caught up; under a steady stream (8 images/s) that moment never came (docs/benchmarks.md).
+Per-image topics are kept past the lowest offset the services' groups committed; every other
+topic is small and kept whole, for readers whose groups are not known here (edge agents). The
+fresh broker's epoch then names the one it continues, so the services do not re-publish their
+retained outboxes (`libs/bus/epoch.py`): that replay rewrote every retained outbox row and sent it
+all again on each rotation (in a 2-hour soak the outbox grew 289 MB/h and rotations came twice as
+often). A death of the broker is not planned: its new epoch is a fresh id, and the replay re-derives
+what was lost. A first version waited instead for a moment when every group had caught up; under a
+steady stream (8 images/s) that moment never came (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -74,5 +78,5 @@ class Rotation:
         took = time.monotonic() - started
         self.history.append({"at": time.time(), "rss_mb": round(rss, 1), "kept": kept, "took_s": round(took, 2)})
         log.warning("embedded broker restarted to give back %.0f MB (limit %.0f MB, VL_EMBEDDED_BROKER_MAX_MB; rotation %d "
-                    "in %.1f s): %d unread record(s) written back, events in flight re-derived from PostgreSQL",
+                    "in %.1f s): %d unread record(s) written back, nothing lost, nothing to re-publish",
                     rss, self.limit_mb, self.rotations, took, kept)

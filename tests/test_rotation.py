@@ -81,6 +81,18 @@ def _request(api_key: int, correlation: int, client_id: str) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
+def test_a_planned_epoch_continues_only_the_one_it_names() -> None:
+    from visionloop.libs.kafka import continues, planned_epoch
+
+    first = "a" * 32
+    second = planned_epoch(first)
+    third = planned_epoch(second)
+    assert continues(second, first) and continues(third, second)
+    assert not continues(third, first)  # a process that missed a life replays (it may have missed a death's)
+    assert not continues(first, None) and not continues(second, None) and not continues("b" * 32, first)
+    assert third.count("+") == 1  # the chain does not grow with rotations
+
+
 def test_a_produce_request_with_acks_0_expects_no_answer() -> None:
     """The door waits for the answers of forwarded produce requests, so it must know which get one."""
     from visionloop.libs.frontdoor import answer_expected
@@ -213,6 +225,7 @@ async def test_a_rotation_loses_no_record_an_outside_producer_had_acknowledged(s
         assert not missing, f"{len(missing)} acknowledged records never arrived after {watched['rotation_history']}"
         assert len(acknowledged) == len(events)  # the held produce requests were sent again, to the fresh broker
         assert watched["deaths"] == 0
+        assert (consumer.counters["epoch_continued"], consumer.counters["epoch_replays"]) == (1, 0)  # planned: no replay
     finally:
         await producer.stop()
         await consumer.stop()

@@ -70,11 +70,17 @@ def _reused_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+STREAM_PAYLOADS = frozenset({"ImageSubmitted", "ImageIngested", "ImageAccepted", "ImageRejected", "ImageRecognized",
+                             "ImageUnrecognized"})
+"""The per-image topics: a rotation keeps their records past the services' committed offsets only.
+Every other topic is small and kept whole, for readers whose groups are not known (edge agents)."""
+
+
 def rotate_embedded_broker(stack: Any, settings: Settings, names: list[str], groups: list[tuple[str, str]] | None = None) -> None:
     """Let `stack` rotate its embedded broker at `settings.embedded_broker_max_mb`, keeping what the
-    named services' consumer groups (or the given (topic, group) pairs) have not read, the
-    heartbeats' topic aside, and create the registry's topics right after any restart of it
-    (`libs/rotation.py`)."""
+    named services' consumer groups (or the given (topic, group) pairs) have not read on the
+    per-image topics and every record of the others, the heartbeats' topic aside, and create the
+    registry's topics right after any restart of it (`libs/rotation.py`)."""
     from visionloop.contracts import PipelineStatus, topic_of
     from visionloop.contracts.topics import TOPICS
     from visionloop.libs import kafka, rescue
@@ -83,12 +89,17 @@ def rotate_embedded_broker(stack: Any, settings: Settings, names: list[str], gro
         return
     heartbeats = topic_of(PipelineStatus, settings.topic_prefix)
     groups = sorted({(topic, group) for topic, group in groups or consumer_groups(settings, names) if topic != heartbeats})
+    whole = sorted(topic_of(payload, settings.topic_prefix) for payload in TOPICS
+                   if payload.__name__ not in STREAM_PAYLOADS and topic_of(payload, settings.topic_prefix) != heartbeats)
+    before: list[str | None] = [None]
 
     def unread() -> list[rescue.Kept]:
-        return asyncio.run(rescue.unread(settings, groups))
+        before[0] = asyncio.run(rescue.epoch_now(settings))
+        return asyncio.run(rescue.unread(settings, groups, whole))
 
     def put_back(kept: list[rescue.Kept]) -> None:
         asyncio.run(rescue.put_back(settings, kept))
+        asyncio.run(rescue.continue_epoch(settings, before[0]))
 
     def topics() -> None:
         asyncio.run(kafka.ensure_topics(settings, TOPICS.values()))

@@ -17,7 +17,9 @@ broker whose topics nobody has re-created yet). On a new epoch, still held:
    the restart still holds the lost broker's positions and would skip the start of every fresh
    log; the inbox skips what was handled already);
 4. the schema's retained outbox is queued for re-publication (once per schema and epoch), so work
-   in flight is re-derived downstream.
+   in flight is re-derived downstream; not after a planned restart (`libs/rotation.py`), whose
+   epoch names the one it continues: that restart wrote back every record no group had read, and
+   an outbox row not yet marked published is sent again anyway.
 
 Then the bus is released. Consumers are also watched between checks: one whose metadata shows a
 topic with fewer partitions than the registry says is named in the log (once) and re-subscribed.
@@ -134,7 +136,10 @@ class Epoch:
             last = await conn.fetchval(f"SELECT value FROM {schema}.bus_state WHERE name = 'broker_epoch' FOR UPDATE")
             if last == epoch:
                 return
-            if last is not None:
+            if kafka.continues(epoch, last):
+                log.info("%s: the broker was restarted by plan with its unread records; nothing to re-publish", rt.service)
+                rt.counters["epoch_continued"] += 1
+            elif last is not None:
                 replayed = await conn.execute(f"UPDATE {schema}.outbox SET published_at = NULL WHERE published_at IS NOT NULL")
                 log.warning(
                     "%s: the broker lost its topics (new epoch); re-publishing retained events (%s)", rt.service, replayed

@@ -53,6 +53,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from visionloop.bench import machine
+from visionloop.bench.soakreader import FOLLOWER_GROUP, follow, followed_topics
 
 STATE = Path(".visionloop") / "bench" / "soak"
 MINUTES = 10.0
@@ -96,6 +97,7 @@ class _Tally:
     decisions: dict[str, str] = field(default_factory=dict)
     downstream: Counter[str] = field(default_factory=Counter)
     send_errors: int = 0
+    seen: set[str] = field(default_factory=set)
 
 
 def slope_per_h(ts: list[float], ys: list[float]) -> float:
@@ -277,41 +279,6 @@ async def _publish(settings: Any, rate: float, seconds: float, tally: _Tally, st
         await producer.stop()
 
 
-async def _follow(settings: Any, tally: _Tally) -> None:
-    """Read every image's decision (accepted / rejected) and what the recognizer made of it."""
-    from aiokafka import AIOKafkaConsumer
-
-    from visionloop.contracts import ImageAccepted, ImageRecognized, ImageRejected, ImageUnrecognized, topic_of
-    from visionloop.libs.kafka import consumer_kwargs
-
-    from visionloop.contracts.topics import spec_for
-    from visionloop.libs.kafka import ensure_topics
-
-    payloads = (ImageAccepted, ImageRejected, ImageRecognized, ImageUnrecognized)
-    await ensure_topics(settings, [spec_for(p) for p in payloads])  # with a subset of services some may not exist yet
-    topics = [topic_of(p, settings.topic_prefix) for p in payloads]
-    reader = AIOKafkaConsumer(*topics, **consumer_kwargs(settings), auto_offset_reset="earliest", enable_auto_commit=False)  # type: ignore[arg-type]
-    await reader.start()
-    try:
-        while True:
-            batch = await reader.getmany(timeout_ms=500)
-            for records in batch.values():
-                for record in records:
-                    with contextlib.suppress(ValueError, KeyError, TypeError):
-                        event = json.loads(record.value)
-                        if event.get("project") != PROJECT:
-                            continue
-                        payload, kind = event["payload"], event["event_type"]
-                        if kind == "image.accepted":
-                            tally.decisions.setdefault(payload["submission_id"], "accepted")
-                        elif kind == "image.rejected":
-                            tally.decisions.setdefault(payload["submission_id"], str(payload["reason"]))
-                        else:
-                            tally.downstream[kind] += 1
-    finally:
-        await reader.stop()
-
-
 _DB_QUERY = """
 SELECT pg_database_size(current_database()) AS db,
        coalesce(sum(pg_total_relation_size(c.oid)) FILTER (WHERE c.relname = 'inbox'), 0) AS inbox,
@@ -345,16 +312,17 @@ async def _soak(settings: Any, stack: Any, names: list[str], *, rate: float, sec
         with console.status(f"starting {len(names)} services as processes"):
             await supervisor.start(timeout_s=300)
         console.print(f"{len(names)} services serving after {time.monotonic() - began:.1f} s")
-        from visionloop.app import rotate_embedded_broker
+        from visionloop.app import consumer_groups, rotate_embedded_broker
 
-        rotate_embedded_broker(stack, settings, names)  # as `visionloop up` does: the broker's memory has a ceiling
+        follower = [(topic, FOLLOWER_GROUP) for topic in followed_topics(settings)]
+        rotate_embedded_broker(stack, settings, names, groups=consumer_groups(settings, names) + follower)  # as `up` does
         probe = LagProbe(settings, _groups(settings, names))
         await probe.start()
         cleanup.push_async_callback(probe.stop)
         db = await asyncpg.connect(settings.database_url)
         cleanup.push_async_callback(db.close)
         tally = _Tally()
-        following = asyncio.create_task(_follow(settings, tally))
+        following = asyncio.create_task(follow(settings, lambda: _broker_pid(stack), tally, PROJECT))
         cleanup.push_async_callback(_cancel, following)
         result = await _watch(settings, stack, supervisor, probe, db, tally, following, names,
                               rate=rate, seconds=seconds, sample_s=sample_s, drain_s=drain_s, console=console)
