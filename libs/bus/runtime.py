@@ -114,9 +114,10 @@ class Runtime(Batching):
         sub.subscriber(on_message)
 
     def _topic(self, spec: TopicSpec) -> Topic:
-        """The topic as FastStream should create it if it were missing: with the registry's partitions."""
-        return Topic(self.settings.topic(spec.name), num_partitions=spec.partitions,
-                     replication_factor=self.settings.kafka_replication_factor)
+        """The topic for FastStream, which must not create it: `start` has (`kafka.ensure_topics`,
+        with the registry's partitions; after a broker restart the epoch check does), and under
+        Kafka ACLs no service may create topics (FastStream's attempt would only log a refusal)."""
+        return Topic(self.settings.topic(spec.name), declare=False)
 
     def _subscriber_policy(self, spec: TopicSpec, description: str | None) -> dict[str, Any]:
         """Subscriber options every consumer shares, single or batch: the consumer policy's knobs."""
