@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -149,3 +151,17 @@ async def migrate(pool: asyncpg.Pool, schema: str, migrations: list[Migration]) 
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _lock_key(schema))
     return applied_now
+
+
+@asynccontextmanager
+async def service_schema(settings: Settings, service: str, migrations: list[Migration]) -> AsyncIterator[tuple[asyncpg.Pool, str]]:
+    """A small pool and the service's quoted schema, migrated first (the bus's tables and
+    `migrations`), for commands that work on a service's data before the service ever ran
+    (`visionloop ingest token ...`, `visionloop gateway ...`). The pool closes on exit."""
+    pool = await create_pool(settings, min_size=1, max_size=2)
+    try:
+        schema = settings.schema_for(service)
+        await migrate(pool, schema, discover("bus", BUS_MIGRATIONS) + migrations)
+        yield pool, quote_ident(schema)
+    finally:
+        await pool.close()

@@ -141,10 +141,10 @@ async def stack(kafka_bootstrap: str, database_url: str, tmp_path_factory: pytes
             " size_bytes, signature, key_id, manifest) VALUES ($1, $2, $3, 'm', 1, 'edge', 'fp32', $4, 's', 'k', '{}'::jsonb)",
             ref.sha256, ref.uri, PROJECT, len(data),
         )
-        from visionloop.services.ingest import tokens as ingest_tokens
+        from visionloop.services.ingest import store as ingest_store
 
         async with lab.pool.acquire() as conn:  # ingest's HTTP API takes a token (issue 16, item 1)
-            _, ingest_token = await ingest_tokens.create(conn, f'"{lab.settings.schema_for("ingest")}"', name="fuzz", projects=["*"])
+            _, ingest_token = await ingest_store.create_token(conn, f'"{lab.settings.schema_for("ingest")}"', name="fuzz", projects=["*"])
         agent = await _edge_agent(lab.settings, folder / "edge-home")
         try:
             edge_token = local_token(folder / "edge-home")

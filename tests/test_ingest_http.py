@@ -19,7 +19,7 @@ from answers import answers
 from hostile_http import HostileServer
 
 from visionloop.app import ServiceHost
-from visionloop.services.ingest import tokens as ingest_tokens
+from visionloop.services.ingest import store as ingest_store
 from visionloop.libs.settings import Settings
 
 CAP = 300_000
@@ -49,7 +49,7 @@ async def ingest(settings, pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     await host.start()
     try:
         async with pool.acquire() as conn:
-            _, token = await ingest_tokens.create(conn, settings.schema_for("ingest"), name="tests", projects=[PROJECT, "other"])
+            _, token = await ingest_store.create_token(conn, settings.schema_for("ingest"), name="tests", projects=[PROJECT, "other"])
         async with HostileServer() as sources, httpx.AsyncClient(base_url=host.endpoints["ingest"], timeout=30,
                                                                  headers={"Authorization": f"Bearer {token}"}) as http:
             yield Ingest(http, sources, root, settings)
@@ -282,7 +282,7 @@ async def test_submitting_needs_a_token_bound_to_the_project(ingest: Ingest, poo
     parsed); a token of other projects: 403; /healthz stays open."""
     schema = ingest.settings.schema_for("ingest")
     async with pool.acquire() as conn:
-        token_id, scada = await ingest_tokens.create(conn, schema, name="scada", projects=["plant-3"])
+        token_id, scada = await ingest_store.create_token(conn, schema, name="scada", projects=["plant-3"])
     photo = hi.good(31)
     url = str(ingest.http.base_url)
     async with httpx.AsyncClient(base_url=url, timeout=30) as bare:
@@ -296,9 +296,40 @@ async def test_submitting_needs_a_token_bound_to_the_project(ingest: Ingest, poo
                                 **_multipart(photo, submission_id="plant", project="plant-3"))
         assert right.status_code == 201, right.text
         async with pool.acquire() as conn:
-            assert await ingest_tokens.revoke(conn, schema, token_id)
-            listed = {row["token_id"]: row for row in await ingest_tokens.listing(conn, schema)}
+            assert await ingest_store.revoke_token(conn, schema, token_id)
+            listed = {row["token_id"]: row for row in await ingest_store.list_tokens(conn, schema)}
         assert listed[token_id]["revoked_at"] is not None and "secret_sha256" not in listed[token_id]
         revoked = await bare.post("/v1/images", headers={"Authorization": f"Bearer {scada}"},
                                   **_multipart(photo, submission_id="after-revoke", project="plant-3"))
         assert revoked.status_code == 401
+
+
+async def test_the_cli_creates_lists_and_revokes_ingest_tokens(ingest: Ingest) -> None:
+    """`visionloop ingest token create|list|revoke` against the running ingest's database."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VL_")} | {
+        "VL_KAFKA_BOOTSTRAP": ingest.settings.kafka_bootstrap or "", "VL_DATABASE_URL": ingest.settings.database_url or "",
+        "VL_SCHEMA_PREFIX": ingest.settings.schema_prefix,
+    }
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "visionloop.cli", "ingest", "token", *args], capture_output=True,
+                              text=True, env=env, timeout=60)
+
+    made = await asyncio.to_thread(cli, "create", "--name", "line-9", "--project", "plant-9")
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip().splitlines()[-1]
+    token_id = made.stderr.split("ingest token ", 1)[1].split()[0]
+    photo = hi.good(41)
+    async with httpx.AsyncClient(base_url=str(ingest.http.base_url), timeout=30, headers={"Authorization": f"Bearer {token}"}) as bare:
+        accepted = await bare.post("/v1/images", **_multipart(photo, submission_id="from-cli", project="plant-9"))
+        assert accepted.status_code == 201, accepted.text
+        listed = await asyncio.to_thread(cli, "list")
+        assert listed.returncode == 0 and "line-9" in listed.stdout and token not in listed.stdout
+        revoked = await asyncio.to_thread(cli, "revoke", token_id)
+        assert revoked.returncode == 0 and f"revoked {token_id}" in revoked.stdout, (revoked.stdout, revoked.stderr)
+        after = await bare.post("/v1/images", **_multipart(photo, submission_id="after-cli-revoke", project="plant-9"))
+        assert after.status_code == 401

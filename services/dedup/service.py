@@ -14,7 +14,6 @@ parallel.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +31,11 @@ from visionloop.contracts import (
 from visionloop.libs.blob import BlobMissing
 from visionloop.libs.bus import Runtime, Unit
 from visionloop.libs.service import Adapters, ServiceSpec
+from visionloop.services.dedup import store
 from visionloop.services.dedup.config import DedupSettings
 from visionloop.services.dedup.decide import ACCEPT, Verdict, check_exact, check_near, check_quality
-from visionloop.libs.perceptual import Hashes, blur_variance, hash_image
+from visionloop.libs.perceptual import blur_variance, hash_image
 from visionloop.services.dedup.index import HashIndex
-
-
-def _signed(value: int) -> int:
-    """A 64-bit hash as PostgreSQL's signed bigint."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _lock_key(project: str) -> int:
-    digest = hashlib.sha256(f"visionloop.dedup.{project}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 class Indexes:
@@ -57,12 +47,7 @@ class Indexes:
     async def refreshed(self, unit: Unit[ImageIngested], project: str) -> HashIndex:
         """The project's index with every row committed so far (call under the project lock)."""
         index = self._by_project.setdefault(project, HashIndex())
-        rows = await unit.conn.fetch(
-            f"SELECT seq, image_id, phash, dhash FROM {unit.schema}.hashes "
-            "WHERE project = $1 AND seq > $2 ORDER BY seq",
-            project,
-            index.last_seq,
-        )
+        rows = await store.hashes_after(unit.conn, unit.schema, project, index.last_seq)
         if rows:
             index.add_many(
                 [r["image_id"] for r in rows],
@@ -84,7 +69,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: DedupSettings) -> None:
         project = event.project
         policy = config.policy(project)
         # A cheap look first: a resubmission needs no reading or hashing.
-        earlier = await _earlier(unit, project, image.image_id, across=policy.across_projects)
+        earlier = await store.earlier(unit.conn, unit.schema, project, image.image_id, across=policy.across_projects)
         if earlier is not None:
             _reject(unit, ingested, check_exact(image.image_id, earlier[0], elsewhere=earlier[1]))
             return
@@ -100,8 +85,8 @@ def wire(runtime: Runtime, adapters: Adapters, config: DedupSettings) -> None:
             verdict = Verdict(False, ImageRejectReason.CORRUPT, f"the stored image does not decode: {exc}")
         blur = blur_variance(grey) if grey is not None and policy.min_blur_variance is not None else None
 
-        await unit.conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(project))
-        earlier = await _earlier(unit, project, image.image_id, across=policy.across_projects)  # decisive now: under the lock
+        await store.lock_project(unit.conn, project)
+        earlier = await store.earlier(unit.conn, unit.schema, project, image.image_id, across=policy.across_projects)  # decisive now: under the lock
         if earlier is not None:
             # The first decision stays the image's decision; this sighting is only reported.
             _reject(unit, ingested, check_exact(image.image_id, earlier[0], elsewhere=earlier[1]))
@@ -112,12 +97,14 @@ def wire(runtime: Runtime, adapters: Adapters, config: DedupSettings) -> None:
             assert hashes is not None
             index = await indexes.refreshed(unit, project)
             verdict = check_near(index.nearest(hashes.phash, hashes.dhash, policy.near_duplicate_radius), policy)
-        await _decide(unit, project, image.image_id, verdict)
+        await store.record_decision(unit.conn, unit.schema, project, image.image_id, accepted=verdict.accepted,
+                                    reason=verdict.reason.value if verdict.reason else None,
+                                    duplicate_of=verdict.duplicate_of, distance=verdict.distance)
         if not verdict.accepted:
             _reject(unit, ingested, verdict)
             return
         assert hashes is not None
-        await _store_hashes(unit, project, image.image_id, hashes)
+        await store.store_hashes(unit.conn, unit.schema, project, image.image_id, hashes)
         unit.emit(
             ImageAccepted(
                 submission_id=ingested.submission_id,
@@ -130,40 +117,6 @@ def wire(runtime: Runtime, adapters: Adapters, config: DedupSettings) -> None:
 
     runtime.consume(ImageIngested, on_ingested)
     runtime.produces(ImageAccepted, ImageRejected)
-
-
-async def _earlier(unit: Unit[ImageIngested], project: str, image_id: str, *, across: bool) -> tuple[str, bool] | None:
-    """The first decision on these bytes in `project` (with `across`, in any project: its own
-    first), and whether it was another project's; None when never seen."""
-    row = await unit.conn.fetchrow(
-        f"SELECT outcome, project <> $1 AS elsewhere FROM {unit.schema}.decisions "
-        "WHERE image_id = $2 AND (project = $1 OR $3) ORDER BY project <> $1 LIMIT 1",
-        project, image_id, across,
-    )
-    return None if row is None else (row["outcome"], row["elsewhere"])
-
-
-async def _decide(unit: Unit[ImageIngested], project: str, image_id: str, verdict: Verdict) -> None:
-    await unit.conn.execute(
-        f"""INSERT INTO {unit.schema}.decisions (image_id, project, outcome, reason, duplicate_of, distance)
-            VALUES ($1, $2, $3, $4, $5, $6)""",
-        image_id,
-        project,
-        "accepted" if verdict.accepted else "rejected",
-        verdict.reason.value if verdict.reason else None,
-        verdict.duplicate_of,
-        verdict.distance,
-    )
-
-
-async def _store_hashes(unit: Unit[ImageIngested], project: str, image_id: str, hashes: Hashes) -> None:
-    await unit.conn.execute(
-        f"INSERT INTO {unit.schema}.hashes (project, image_id, phash, dhash) VALUES ($1, $2, $3, $4)",
-        project,
-        image_id,
-        _signed(hashes.phash),
-        _signed(hashes.dhash),
-    )
 
 
 def _reject(unit: Unit[ImageIngested], ingested: ImageIngested, verdict: Verdict) -> None:

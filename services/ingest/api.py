@@ -47,6 +47,7 @@ from visionloop.libs.db import quote_ident
 from visionloop.libs import tokens
 from visionloop.libs.refusals import install_refusals
 from visionloop.services.ingest import policy
+from visionloop.services.ingest import store
 from visionloop.services.ingest import tokens as ingest_tokens
 from visionloop.services.ingest.inspect import Refusal
 from visionloop.services.ingest.intake import Intake, Outcome
@@ -266,7 +267,7 @@ async def _submitter(runtime: Runtime, request: Request) -> ingest_tokens.Submit
     if token is None or runtime.pool is None:
         return None
     async with runtime.pool.acquire() as conn:
-        return await ingest_tokens.submitter_for(conn, quote_ident(runtime.schema), token)
+        return await store.submitter_for(conn, quote_ident(runtime.schema), token)
 
 
 async def _drained(request: Request, limit: int) -> bool:

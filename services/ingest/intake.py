@@ -26,6 +26,7 @@ from visionloop.contracts import (
 )
 from visionloop.libs.blob import BlobStore
 from visionloop.libs.bus import Unit
+from visionloop.services.ingest import store
 from visionloop.services.ingest.config import IngestSettings
 from visionloop.services.ingest.inspect import ImageFacts, Limits, Refusal, inspect_image
 from visionloop.services.ingest.policy import Prior, Resubmission, project_problem, resubmission
@@ -98,14 +99,8 @@ class Intake:
         conn, schema = unit.conn, unit.schema
         sid = submission.submission_id
         # Serialises attempts on one submission id (HTTP and topic alike) until commit.
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{unit.runtime.schema}/{project}/{sid}"
-        )
-        row = await conn.fetchrow(
-            f"SELECT outcome, content_sha256, answer FROM {schema}.submissions "
-            "WHERE project = $1 AND submission_id = $2",
-            project, sid,
-        )
+        await store.lock_submission(conn, f"{unit.runtime.schema}/{project}/{sid}")
+        row = await store.submission(conn, schema, project, sid)
         prior = Prior(row["outcome"], row["content_sha256"], row["answer"] is not None) if row else None
         decision = resubmission(prior, examined.content_sha256)
         if decision is Resubmission.REPLAY:
@@ -128,46 +123,13 @@ class Intake:
             answer = _rejected(submission, examined.refusal, examined.content_sha256)
             image_id = None
         else:
-            facts, blob_uri = examined.facts, examined.blob_uri
-            assert facts is not None and blob_uri is not None
-            first = await conn.fetchval(
-                f"""INSERT INTO {schema}.images
-                        (image_id, blob_uri, width, height, format, byte_size, first_submission)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7)
-                    ON CONFLICT (image_id) DO NOTHING RETURNING true""",
-                facts.sha256, blob_uri, facts.width, facts.height, facts.format, facts.byte_size, sid,
-            )
-            # Stored before *for this project*: whether another project has the bytes is not this one's business.
-            seen_here = first is None and await conn.fetchval(
-                f"SELECT EXISTS (SELECT 1 FROM {schema}.submissions WHERE project = $1 AND image_id = $2 AND outcome = 'ingested')",
-                project, facts.sha256,
-            )
-            answer = ImageIngested(
-                submission_id=sid,
-                image=ImageRef(
-                    image_id=facts.sha256,
-                    blob_uri=blob_uri,
-                    width=facts.width,
-                    height=facts.height,
-                    format=facts.format,
-                    byte_size=facts.byte_size,
-                ),
-                source=submission.source,
-                already_stored=bool(seen_here),
-            )
-            image_id = facts.sha256
+            answer = await _ingested(unit, project, submission, examined)
+            image_id = answer.image.image_id
         outcome = "ingested" if isinstance(answer, ImageIngested) else "rejected"
-        await conn.execute(
-            f"""INSERT INTO {schema}.submissions
-                    (submission_id, project, image_id, outcome, reason, content_sha256, answer, channel)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                ON CONFLICT (project, submission_id) DO UPDATE
-                SET image_id = EXCLUDED.image_id, outcome = EXCLUDED.outcome,
-                    reason = EXCLUDED.reason, content_sha256 = EXCLUDED.content_sha256,
-                    answer = EXCLUDED.answer, channel = EXCLUDED.channel, decided_at = now()""",
-            sid, project, image_id, outcome,
-            answer.reason.value if isinstance(answer, ImageRejected) else None,
-            examined.content_sha256, answer.model_dump_json(), channel,
+        await store.record_submission(
+            conn, schema, submission_id=sid, project=project, image_id=image_id, outcome=outcome,
+            reason=answer.reason.value if isinstance(answer, ImageRejected) else None,
+            content_sha256=examined.content_sha256, answer=answer.model_dump_json(), channel=channel,
         )
         unit.emit(answer, project=project, correlation_id=image_id)
         return Outcome(answer)
@@ -178,6 +140,24 @@ class Intake:
         examined = (Examined(content_sha256=None, refusal=refusal) if refusal is not None
                     else await self.examine(submission, inline_max=self.config.inline_max_bytes))
         return await self.record(unit, project=project, submission=submission, examined=examined, channel=channel)
+
+
+async def _ingested(unit: Unit[Any], project: str, submission: ImageSubmitted, examined: Examined) -> ImageIngested:
+    """Store the image's record (once for ingest) and say whether this project had it already."""
+    facts, blob_uri = examined.facts, examined.blob_uri
+    assert facts is not None and blob_uri is not None
+    first = await store.store_image(unit.conn, unit.schema, image_id=facts.sha256, blob_uri=blob_uri, width=facts.width,
+                                    height=facts.height, format=facts.format, byte_size=facts.byte_size,
+                                    submission_id=submission.submission_id)
+    # Stored before *for this project*: whether another project has the bytes is not this one's business.
+    seen_here = not first and await store.ingested_in(unit.conn, unit.schema, project, facts.sha256)
+    return ImageIngested(
+        submission_id=submission.submission_id,
+        image=ImageRef(image_id=facts.sha256, blob_uri=blob_uri, width=facts.width, height=facts.height,
+                       format=facts.format, byte_size=facts.byte_size),
+        source=submission.source,
+        already_stored=bool(seen_here),
+    )
 
 
 def _rejected(submission: ImageSubmitted, refusal: Refusal, content_sha256: str | None) -> ImageRejected:
