@@ -9,6 +9,10 @@ from pydantic import AwareDatetime, Field
 from visionloop.contracts.common import Box, ClassName, Detection, Frozen, ImageRef, ModelRef, Stage
 from visionloop.contracts.envelope import Payload
 
+MAX_BOXES = 2000
+"""Most boxes one label set may carry, on the wire; the gateway and the verifier refuse more by the
+same default (`max_boxes`), a project may allow fewer."""
+
 
 class TaskKind(StrEnum):
     """What a person is asked to do with an image."""
@@ -65,7 +69,7 @@ class LabelSubmitted(Payload):
     task_id: str = Field(min_length=1, max_length=128)
     task_kind: TaskKind
     image: ImageRef
-    boxes: list[Box] = Field(max_length=2000, description="The boxes as submitted, pixels.")
+    boxes: list[Box] = Field(max_length=MAX_BOXES, description="The boxes as submitted, pixels.")
     decision: ReviewDecision | None = Field(
         default=None, description="For review tasks; null for annotate tasks."
     )
@@ -86,7 +90,7 @@ class LabelSubmitted(Payload):
         ),
     )
     prelabels: list[Detection] = Field(
-        default_factory=list, max_length=2000, description="Pre-labels the person started from."
+        default_factory=list, max_length=MAX_BOXES, description="Pre-labels the person started from."
     )
     uncertainty: float | None = Field(default=None, ge=0.0, le=1.0)
     consensus_group: str | None = Field(
@@ -145,7 +149,7 @@ class LabelVerified(Payload):
 
     label_id: str = Field(min_length=1, max_length=128)
     image: ImageRef
-    boxes: list[Box] = Field(max_length=2000)
+    boxes: list[Box] = Field(max_length=MAX_BOXES)
     provenance: Provenance
     for_test_set: bool = False
     class_names: list[ClassName] | None = Field(
@@ -193,5 +197,5 @@ class LabelRejected(Payload):
     stage: Stage = Stage.VERIFIER
     reason: LabelRejectReason
     message: str = Field(max_length=1024)
-    issues: list[BoxIssue] = Field(default_factory=list, max_length=2000)
+    issues: list[BoxIssue] = Field(default_factory=list, max_length=MAX_BOXES)
     labeller: Labeller | None = None

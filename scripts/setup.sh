@@ -11,6 +11,30 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VL_VENV:-$HOME/.local/share/visionloop/venv}"
 extras="${VL_EXTRAS:-cpu,train,s3,bench,dev}"
 
+# pip's and setuptools' chatter (deprecation warnings of the editable build) goes to a log that is
+# shown only when the install fails.
+quiet_pip() {
+  local log
+  log="$(mktemp)"
+  if ! "$venv/bin/python" -m pip "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    return 1
+  fi
+  rm -f "$log"
+}
+
+# Whether the environment's editable install already points at this checkout (nothing to do then).
+points_here() {
+  "$venv/bin/python" -I - "$here" 2>/dev/null <<'PY'
+import pathlib, sys
+import visionloop, visionloop.contracts, visionloop.libs, visionloop.services
+here = pathlib.Path(sys.argv[1]).resolve()
+packages = (visionloop, visionloop.contracts, visionloop.libs, visionloop.services)
+sys.exit(0 if all(pathlib.Path(p.__file__).resolve().is_relative_to(here) for p in packages) else 1)
+PY
+}
+
 pick_python() {
   for candidate in "${VL_PYTHON:-}" python3.11 python3.12 python3; do
     [ -n "$candidate" ] || continue
@@ -28,16 +52,16 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "creating $venv with $python" >&2
   mkdir -p "$(dirname "$venv")"
   "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
+  quiet_pip install --upgrade pip setuptools wheel
 fi
 
 stamp="$venv/.visionloop-deps"
 want="$(cat "$here/pyproject.toml" "$here/setup.py" | sha256sum | cut -d' ' -f1) $extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing visionloop[$extras] into $venv (first time: a few minutes)" >&2
-  "$venv/bin/python" -m pip install --quiet --progress-bar off -e "$here[$extras]"
+  quiet_pip install --progress-bar off -e "$here[$extras]"
   echo "$want" > "$stamp"
-else
-  "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$here"
+elif ! points_here; then
+  quiet_pip install --no-deps --no-build-isolation -e "$here"
 fi
 echo "$venv"

@@ -194,7 +194,7 @@ async def _inbox_rows(pool, settings) -> int:  # noqa: ANN001
 
 
 async def _lag_is_zero(settings) -> bool:  # noqa: ANN001
-    from visionloop.observe import snapshot
+    from visionloop.libs.observe import snapshot
 
     topic = topic_of(ImageIngested, settings.topic_prefix)
     snap = await snapshot(settings, [(topic, f"{settings.topic_prefix}recorder.image.ingested")])

@@ -67,7 +67,7 @@ class BatchRecorder:
 
 
 async def _lag(settings) -> int:  # noqa: ANN001
-    from visionloop.observe import snapshot
+    from visionloop.libs.observe import snapshot
 
     topic = topic_of(ImageIngested, settings.topic_prefix)
     snap = await snapshot(settings, [(topic, f"{settings.topic_prefix}recorder.image.ingested")])

@@ -43,21 +43,17 @@ from visionloop.libs.manifest import Member, manifest
 from visionloop.libs.scenes import render_scene
 from visionloop.services.converter.config import ConverterSettings, Policy
 from visionloop.services.converter.convert import (
-    ConversionError,
     Job,
     LabelledImage,
-    box_diff,
-    calibration_members,
     convert,
     dfl_convs,
     input_shape,
-    judge,
     qdq_summary,
     quantize_int8,
-    spread,
     stamp,
     to_fp16,
 )
+from visionloop.services.converter.decide import ConversionError, box_diff, calibration_members, judge, spread
 
 CLASSES = ("circle", "square", "triangle")
 TEST_SEEDS = range(7000, 7016)

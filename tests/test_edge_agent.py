@@ -33,7 +33,9 @@ from visionloop.contracts import (
 )
 from visionloop.libs import package, signing
 from visionloop.libs.scenes import render_scene
-from visionloop.services.edge_agent.agent import EdgeAgent, Refused, Slots, check_fit
+from visionloop.services.edge_agent.agent import EdgeAgent
+from visionloop.services.edge_agent.decide import check_fit
+from visionloop.services.edge_agent.slots import Refused, Slots
 from visionloop.services.edge_agent.http import create_app, local_token
 
 CLASSES = ["circle", "square", "triangle"]

@@ -32,7 +32,8 @@ def test_wheel_maps_folders_under_one_namespace(tmp_path: Path) -> None:
         "visionloop/libs/migrations/0001_inbox_outbox.sql",
         "visionloop/services/ingest/service.py",
         "visionloop/services/ingest/migrations/0001_images.sql",
-        "visionloop/cli.py",
+        "visionloop/cli/__init__.py",
+        "visionloop/cli/__main__.py",
     ):
         assert expected in names, expected
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()

@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from visionloop.contracts import ImageIngested, topic_of
 from visionloop.contracts.topics import TOPICS
 from visionloop.libs.kafka import client_kwargs, ensure_topics
-from visionloop.observe import snapshot
+from visionloop.libs.observe import snapshot
 
 
 async def _produce(settings, topic: str, first: int, count: int) -> None:  # noqa: ANN001

@@ -41,7 +41,8 @@ from visionloop.libs.manifest import read_manifest
 from visionloop.libs.service import Adapters, ServiceSpec
 from visionloop.libs.warmup import WarmUp
 from visionloop.services.converter.config import ConverterSettings
-from visionloop.services.converter.convert import Built, Job, LabelledImage, calibration_members, convert
+from visionloop.services.converter.convert import Built, Job, LabelledImage, convert
+from visionloop.services.converter.decide import calibration_members
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from visionloop.contracts.label import MAX_BOXES
 from visionloop.libs.settings import ServiceSettings, service_config
 
 
@@ -40,7 +41,7 @@ class Policy(BaseModel):
         le=16,
         description="People who label each annotate / re-annotate task; above 1 the verifier votes (consensus).",
     )
-    max_boxes: int = Field(default=1000, ge=1, le=2000, description="Most boxes one submission may carry.")
+    max_boxes: int = Field(default=MAX_BOXES, ge=1, le=MAX_BOXES, description="Most boxes one submission may carry (the verifier's default too).")
     box_tolerance_px: float = Field(
         default=2.0,
         ge=0,

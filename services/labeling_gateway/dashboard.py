@@ -254,7 +254,7 @@ class LagCache:
 
     async def work(self) -> None:
         """The background worker (`runtime.background`)."""
-        from visionloop.observe import snapshot
+        from visionloop.libs.observe import snapshot
 
         while True:
             await self._wanted.wait()

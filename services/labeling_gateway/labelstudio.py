@@ -45,7 +45,7 @@ from visionloop.contracts import (
 from visionloop.contracts.envelope import utcnow
 from visionloop.libs import formats
 from visionloop.libs.formats import FormatError
-from visionloop.services.labeling_gateway import sealed, store
+from visionloop.services.labeling_gateway import ls_store, sealed, store
 from visionloop.services.labeling_gateway.actions import count_actions
 from visionloop.services.labeling_gateway.auth import Principal, Role
 from visionloop.services.labeling_gateway.fetch import Fetcher, FetchError, Origin
@@ -177,7 +177,7 @@ class LabelStudio:
 
     async def origin(self, ls_project: str) -> Origin | None:
         async with self.gw.pool.acquire() as conn:
-            row = await store.ls_project(conn, self.gw.s, ls_project)
+            row = await ls_store.ls_project(conn, self.gw.s, ls_project)
         if row is None or not row["hostname"]:
             return None
         try:
@@ -192,7 +192,7 @@ class LabelStudio:
         if project is None:
             raise Refusal(403, "project_required", "Label Studio connects with a token of one project, not an all-projects token")
         async with self.gw.pool.acquire() as conn:
-            bound = await store.bind_ls_project(conn, self.gw.s, ls_project, project, **fields)
+            bound = await ls_store.bind_ls_project(conn, self.gw.s, ls_project, project, **fields)
         if bound != project:
             raise Refusal(403, "wrong_project", f"Label Studio project {ls_project} is bound to project {bound!r}, not {project!r}")
         return project
@@ -259,7 +259,7 @@ class LabelStudio:
         if ls_project is None:
             return formats.LS_FROM_NAME, formats.LS_TO_NAME
         async with self.gw.pool.acquire() as conn:
-            row = await store.ls_project(conn, self.gw.s, ls_project)
+            row = await ls_store.ls_project(conn, self.gw.s, ls_project)
         if row is None:
             return formats.LS_FROM_NAME, formats.LS_TO_NAME
         return row["from_name"] or formats.LS_FROM_NAME, row["to_name"] or formats.LS_TO_NAME
@@ -278,7 +278,7 @@ class LabelStudio:
             await self.bound(principal, ls_project_id(data["project"]))
         wanted = action in ANNOTATION_ACTIONS or action in TRAINING_ACTIONS
         async with self.gw.pool.acquire() as conn:
-            webhook_id = await store.store_webhook(
+            webhook_id = await ls_store.store_webhook(
                 conn, self.gw.s, project, action, raw.decode("utf-8", "replace"), state="pending" if wanted else "ignored"
             )
         self.gw.runtime.counters["ls_webhooks"] += 1
@@ -306,7 +306,7 @@ class LabelStudio:
     async def process_some(self, limit: int = 16) -> int:
         """Claim and process up to `limit` webhooks; return how many were claimed."""
         async with self.gw.pool.acquire() as conn:
-            rows = await store.claim_webhooks(conn, self.gw.s, limit, claim_s=120.0)
+            rows = await ls_store.claim_webhooks(conn, self.gw.s, limit, claim_s=120.0)
         for row in rows:
             await self._process(row)
         return len(rows)
@@ -317,7 +317,7 @@ class LabelStudio:
         try:
             if row["action"] in TRAINING_ACTIONS:
                 async with gw.runtime.transaction() as unit:
-                    if await store.finish_webhook(unit.conn, gw.s, row["id"], "done"):
+                    if await ls_store.finish_webhook(unit.conn, gw.s, row["id"], "done"):
                         ls_project = ls_project_id(body.get("project")) if body.get("project") is not None else "?"
                         unit.emit(
                             TrainingRequested(trigger=TrainingTrigger.LABEL_STUDIO, requested_by=f"label-studio:{ls_project}"),
@@ -326,7 +326,7 @@ class LabelStudio:
                 return
             submission = await self._submission(row["project"], body, row["id"])
             async with gw.runtime.transaction() as unit:
-                if not await store.finish_webhook(unit.conn, gw.s, row["id"], "done"):
+                if not await ls_store.finish_webhook(unit.conn, gw.s, row["id"], "done"):
                     return  # another worker finished it meanwhile
                 await store.insert_submission(unit.conn, gw.s, store.SubmissionRow(
                     submission_id=submission.submission_id, task_id=submission.task_id, project=row["project"],
@@ -345,11 +345,11 @@ class LabelStudio:
             permanent = reason not in ("unreachable", "timed_out")
             async with gw.pool.acquire() as conn:
                 if permanent or row["attempts"] >= gw.config.webhook_max_attempts:
-                    await store.finish_webhook(conn, gw.s, row["id"], "failed", f"{reason}: {message}"[:1000])
+                    await ls_store.finish_webhook(conn, gw.s, row["id"], "failed", f"{reason}: {message}"[:1000])
                     gw.runtime.counters["ls_webhooks_failed"] += 1
                     log.warning("labeling-gateway: webhook %s (%s) failed: %s: %s", row["id"], row["action"], reason, message)
                 else:
-                    await store.retry_webhook(conn, gw.s, row["id"], f"{reason}: {message}"[:1000], delay_s=2.0 ** row["attempts"])
+                    await ls_store.retry_webhook(conn, gw.s, row["id"], f"{reason}: {message}"[:1000], delay_s=2.0 ** row["attempts"])
 
     async def _submission(self, project: str, body: dict[str, Any], webhook_id: int) -> LabelSubmitted:
         """The `label submitted` an annotation webhook stands for."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from visionloop.contracts.label import MAX_BOXES
 from visionloop.libs.settings import ServiceSettings, service_config
 
 
@@ -30,7 +31,7 @@ class Policy(BaseModel):
     duplicate_iou: float = Field(
         default=0.9, gt=0, le=1, description="Two boxes of one class overlapping more than this are one object drawn twice (`duplicate_box`)."
     )
-    max_boxes: int = Field(default=2000, ge=1, le=2000, description="Most boxes one label set may have (`too_many_boxes`).")
+    max_boxes: int = Field(default=MAX_BOXES, ge=1, le=MAX_BOXES, description="Most boxes one label set may have (`too_many_boxes`; the gateway's default too).")
 
     # -- auto-accept of pre-labels -------------------------------------------------------------------
     auto_accept: bool = Field(default=True, description="Accept pre-labels without a person when calibration allows.")

@@ -44,7 +44,7 @@ puts in front of the embedded broker so it can rotate it (`libs/frontdoor.py`): 
 costs shows against a run without it.
 
 `ratio_vs_raw` is raw events/s divided by framework events/s: how many times longer the
-framework hop takes per event than the bare client (target: at most TARGET_RATIO). Setting
+framework hop takes per event than the bare client (target: at most `bus_report.TARGET_RATIO`). Setting
 `VL_BENCH_PROFILE=<folder>` runs each hop under cProfile and writes `<arm>.prof` there.
 """
 
@@ -52,8 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import cProfile
-import hashlib
 import json
 import os
 import platform
@@ -70,192 +68,23 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from visionloop.bench import cpu_model
+from visionloop.bench import PLOTS, cpu_model
+from visionloop.bench.bus_hop import READY, _raw_topics, _sample_input
+from visionloop.bench.bus_report import PARTS, _plot, _table
 
-ARMS = ("raw", "framework")
 WARMUP_EVENTS = 20
 """Round trips run before any measurement of an arm (group join, cold connections, caches)."""
 LATENCY_EVENTS_MAX = 500
 """Closed-loop round trips timed per arm: `events`, capped here (each takes ~40 ms with its pause)."""
 ROUNDS = 3
 """Backlog rounds per arm; events/s is the median round."""
-TARGET_RATIO = 2.0
-"""The framework hop may cost at most this many times the raw client's time per event."""
 READER_FETCH_WAIT_MS = 5
 """The reader's fetch long-poll limit. The reader is the instrument, not part of the hop: Tansu
 answers a fetch that finds nothing only at fixed points of its wait, so a short wait keeps the
 instrument's delay to a few ms. The hops use the service default (`Settings.fetch_max_wait_ms`)."""
-PLOT = Path("docs") / "benchmarks" / "bus_latency.png"
+PLOT = PLOTS / "bus_latency.png"
 STATE = Path(".visionloop") / "bench"
-READY = "ready"
-
-
-# -- the two hops (each runs in its own process: `python -m visionloop.bench.bus hop <arm>`) -------
-def _raw_topics(settings: Any) -> tuple[str, str]:
-    return settings.topic("bench.raw.image.ingested"), settings.topic("bench.raw.image.accepted")
-
-
-def _sample_input(n: int, arm: str) -> tuple[bytes, bytes]:
-    """An `image ingested` envelope as bytes, keyed by its image id (unique per arm and n)."""
-    from visionloop.contracts import Envelope, ImageIngested, ImageRef, ImageSource
-
-    digest = hashlib.sha256(f"bench-{arm}-{n}".encode()).hexdigest()
-    payload = ImageIngested(
-        submission_id=f"bench-{n}",
-        image=ImageRef(
-            image_id=digest,
-            blob_uri=f"file:///blobs/{digest[:2]}/{digest}",
-            width=640,
-            height=480,
-            format="JPEG",
-            byte_size=48_213,
-        ),
-        source=ImageSource(domain={"site": "bench", "camera": "c1"}, source_system="bench"),
-    )
-    envelope = Envelope.of(payload, producer="bench/driver", project="bench")
-    return digest.encode(), envelope.model_dump_json().encode()
-
-
-def _accepted(event: Any) -> Any:
-    """What the hop emits for an `image ingested`: the image, accepted, with a fixed hash."""
-    from visionloop.contracts import ImageAccepted, ImageHashes
-
-    return ImageAccepted(
-        submission_id=event.payload.submission_id,
-        image=event.payload.image,
-        source=event.payload.source,
-        hashes=ImageHashes(phash="0" * 16),
-    )
-
-
-def _batch() -> int:
-    return int(os.environ.get("VL_BENCH_BATCH", "1"))
-
-
-async def _framework_hop(settings: Any, stop: asyncio.Event) -> dict[str, int]:
-    from visionloop.contracts import Envelope, ImageAccepted, ImageIngested
-    from visionloop.libs.bus import Runtime, Unit
-    from visionloop.libs.db import create_pool
-
-    pool = await create_pool(settings)
-    runtime = Runtime("hop", settings, pool=pool, description="Benchmark hop: accepts every image.")
-
-    async def accept(event: Envelope[ImageIngested], unit: Unit[ImageIngested]) -> None:
-        """Accept every ingested image (the bench measures the bus, not a decision)."""
-        unit.emit(_accepted(event))
-
-    async def accept_prepared(event: Envelope[ImageIngested], unit: Unit[ImageIngested], result: Any) -> None:
-        """Accept every ingested image of a batch."""
-        unit.emit(_accepted(event))
-
-    async def prepare(events: list[Any]) -> list[None]:
-        return [None] * len(events)
-
-    if _batch() > 1:
-        runtime.consume_batch(ImageIngested, accept_prepared, prepare=prepare, max_records=_batch())
-    else:
-        runtime.consume(ImageIngested, accept)
-    runtime.produces(ImageAccepted)
-    await runtime.start()
-    print(READY, flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await runtime.stop()
-        await pool.close()
-    return dict(runtime.counters)
-
-
-async def _raw_hop(settings: Any, stop: asyncio.Event) -> dict[str, int]:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-
-    from visionloop.contracts import Envelope, ImageIngested
-    from visionloop.libs.kafka import client_kwargs, consumer_kwargs
-
-    source, sink = _raw_topics(settings)
-    # A ready-made output of the framework's size: the raw arm does no serialisation at all.
-    incoming = Envelope[ImageIngested].model_validate_json(_sample_input(0, "template")[1])
-    template = Envelope.of(
-        _accepted(incoming), producer=f"hop/{settings.instance}", project="bench", causation=incoming
-    )
-    value = template.model_dump_json().encode()
-    headers = [
-        ("content-type", b"application/octet-stream"),
-        ("event_type", template.event_type.encode()),
-        ("schema_version", template.schema_version.encode()),
-        ("event_id", str(template.event_id).encode()),
-        ("correlation_id", template.correlation_id.encode()),
-    ]
-    consumer = AIOKafkaConsumer(
-        source,
-        **consumer_kwargs(settings),  # type: ignore[arg-type]  # the bus's fetch long-poll limit
-        group_id=settings.topic("bench.raw"),
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=settings.session_timeout_ms,
-        heartbeat_interval_ms=settings.heartbeat_interval_ms,
-    )
-    producer = AIOKafkaProducer(**client_kwargs(settings), acks="all", enable_idempotence=False)  # type: ignore[arg-type]
-    await consumer.start()
-    await producer.start()
-    counters = {"handled": 0}
-
-    async def loop() -> None:
-        while True:
-            record = await consumer.getone()
-            await producer.send_and_wait(sink, value, key=record.key, headers=headers)
-            await consumer.commit()  # per message, after the output is acknowledged: the bus's policy
-            counters["handled"] += 1
-
-    async def batches() -> None:
-        while True:
-            got = await consumer.getmany(timeout_ms=1000, max_records=_batch())
-            records = [r for rs in got.values() for r in rs]
-            sent = [await producer.send(sink, value, key=r.key, headers=headers) for r in records]
-            await asyncio.gather(*sent)
-            if records:
-                await consumer.commit()  # once per batch, after every output is acknowledged
-            counters["handled"] += len(records)
-
-    task = asyncio.create_task(batches() if _batch() > 1 else loop())
-    print(READY, flush=True)
-    try:
-        await stop.wait()
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await producer.stop()
-        await consumer.stop()
-    return counters
-
-
-def _hop_main(arm: str) -> None:
-    """Entry point of a hop process: settings from `VL_*`, `ready` on stdout, SIGTERM stops it."""
-    from visionloop.libs.settings import Settings
-
-    settings = Settings()
-    hop = {"framework": _framework_hop, "raw": _raw_hop}[arm]
-
-    async def main() -> dict[str, int]:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        return await hop(settings, stop)
-
-    profile_dir = os.environ.get("VL_BENCH_PROFILE")
-    profiler = cProfile.Profile() if profile_dir else None
-    if profiler is not None:
-        profiler.enable()
-    counters = asyncio.run(main())
-    if profiler is not None:
-        profiler.disable()
-        Path(profile_dir).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
-        profiler.dump_stats(str(Path(profile_dir) / f"{arm}.prof"))  # type: ignore[arg-type]
-    print(json.dumps(counters), flush=True)
 
 
 # -- the driver ---------------------------------------------------------------------------------
@@ -419,7 +248,7 @@ async def _spawn_hop(arm: str, settings: Any, batch: int = 1) -> asyncio.subproc
     if os.environ.get("VL_BENCH_PROFILE"):
         env["VL_BENCH_PROFILE"] = os.environ["VL_BENCH_PROFILE"]
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "visionloop.bench.bus", "hop", arm, env=env, stdout=asyncio.subprocess.PIPE
+        sys.executable, "-m", "visionloop.bench.bus_hop", arm, env=env, stdout=asyncio.subprocess.PIPE
     )
     assert process.stdout is not None
     line = await asyncio.wait_for(process.stdout.readline(), timeout=120)
@@ -578,96 +407,16 @@ async def _drop_schemas(settings: Any) -> None:
         await conn.close()
 
 
-PARTS = ("hop", "broker", "postgres", "driver", "other")
-
-
-def _plot(results: dict[str, ArmResult], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure, (hist, cdf, cpu) = plt.subplots(1, 3, figsize=(16, 4.4), width_ratios=(1.2, 1.2, 1))
-    colours = {"raw": "#4c72b0", "framework": "#dd8452"}
-    high = max(max(r.latencies_ms) for r in results.values())
-    edges = [high * i / 60 for i in range(61)]
-    for arm, result in results.items():
-        label = f"{arm}: p50 {result.percentile(50):.1f} ms, p99 {result.percentile(99):.1f} ms"
-        hist.hist(result.latencies_ms, bins=edges, alpha=0.6, color=colours[arm], label=label)
-        ordered = sorted(result.latencies_ms)
-        cdf.step(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], where="post",
-                 color=colours[arm], label=arm)
-    for axis in (hist, cdf):
-        axis.set_xlim(0, high * 1.02)
-        axis.set_xlabel("hop latency, ms: produce call to output read")
-    hist.set_ylabel("events")
-    hist.set_title("Hop latency, one event in flight")
-    hist.legend(fontsize=8)
-    cdf.set_ylabel("fraction of events")
-    cdf.set_title("Cumulative distribution (dotted: p50, p99)")
-    for q in (0.5, 0.99):
-        cdf.axhline(q, color="grey", linewidth=0.6, linestyle=":")
-    cdf.legend(fontsize=8, loc="lower right")
-    # Where each arm's time goes: CPU per event by process, over a backlog (median round).
-    names = list(results)
-    bottoms = [0.0] * len(names)
-    shades = {"hop": "#c44e52", "broker": "#8172b2", "postgres": "#55a868", "driver": "#937860", "other": "#cccccc"}
-    for part in PARTS:
-        values = [results[n].cpu_ms(part) for n in names]
-        cpu.bar(names, values, bottom=bottoms, color=shades[part], label=part)
-        bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
-    for x, name in enumerate(names):
-        cpu.annotate(f"{results[name].events_per_s:,.0f} events/s", (x, bottoms[x]), ha="center",
-                     va="bottom", fontsize=9, xytext=(0, 3), textcoords="offset points")
-    cpu.set_ylim(0, max(bottoms) * 1.18)
-    cpu.set_ylabel("CPU ms per event (backlog, median round)")
-    cpu.set_title("Throughput and CPU per event")
-    cpu.legend(fontsize=8, loc="upper left")
-    figure.suptitle(
-        f"visionloop bench bus: framework hop vs raw aiokafka on embedded Tansu + PostgreSQL "
-        f"({cpu_model()}, {os.cpu_count()} CPUs); ratio {results['raw'].events_per_s / results['framework'].events_per_s:.2f}x",
-        fontsize=10,
-    )
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
-def _table(result: dict[str, Any], arms: dict[str, ArmResult]) -> Table:
-    table = Table(title=f"Bus round trip: {result['events']} events x {result['rounds']} rounds per arm")
-    table.add_column("arm")
-    for column in ("events/s", "rounds", "p50 ms", "p99 ms", "hop CPU ms/ev"):
-        table.add_column(column, justify="right", no_wrap=True)
-    names = {"framework": "framework", "raw": "raw aiokafka"}
-    for arm in ("framework", "raw"):
-        r = arms[arm]
-        table.add_row(
-            names[arm], f"{r.events_per_s:,.0f}", " ".join(f"{x:.0f}" for x in r.rounds_events_per_s),
-            f"{r.percentile(50):.1f}", f"{r.percentile(99):.1f}", f"{r.cpu_ms('hop'):.2f}",
-        )
-    verdict = "[green]within[/]" if result["ratio_vs_raw"] <= TARGET_RATIO else "[red]above[/]"
-    table.caption = (
-        f"ratio vs raw (raw events/s / framework events/s): [bold]{result['ratio_vs_raw']:.2f}x[/], "
-        f"{verdict} the {TARGET_RATIO:g}x target.\n"
-        "framework: validation, inbox + outbox in one transaction, publish, offset commit.\n"
-        "events/s: median round, a backlog from first produce to last output created; "
-        f"p50/p99: hop latency, produce call to output read, one event in flight "
-        f"({result['latency_samples']} per arm)."
-    )
-    return table
-
-
 def run_bus_bench(
-    events: int = 2000, console: Console | None = None, *, rounds: int = ROUNDS, batch: int = 1, door: bool = False
+    events: int = 2000, console: Console | None = None, *, rounds: int = ROUNDS, batch: int = 1, door: bool = False,
+    plot_dir: Path = PLOTS,
 ) -> dict[str, Any]:
     """Measure the framework hop against raw aiokafka on a fresh embedded stack; return the numbers.
 
     `events` inputs per backlog round (`rounds` rounds per arm) and as many closed-loop round
     trips for latency (at most LATENCY_EVENTS_MAX). Starts and stops its own broker and
     PostgreSQL (data under `.visionloop/bench/` of the current folder) and writes the latency
-    plot to `docs/benchmarks/bus_latency.png` there. The module docstring defines each figure.
+    plot to `.visionloop/bench/bus_latency.png` there (`plot_dir`). The module docstring defines each figure.
     """
     from visionloop.libs.embedded import EmbeddedBroker, EmbeddedPostgres
     from visionloop.libs.settings import Settings
@@ -726,15 +475,8 @@ def run_bus_bench(
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-    plot = PLOT if batch == 1 and not door else PLOT.with_name(f"{PLOT.stem}{f'-batch{batch}' if batch > 1 else ''}{'-door' if door else ''}{PLOT.suffix}")
+    plot = plot_dir / f"{PLOT.stem}{f'-batch{batch}' if batch > 1 else ''}{'-door' if door else ''}{PLOT.suffix}"
     result["plot"] = str(_plot(arms, (Path.cwd() / plot).resolve()))
     console.print(_table(result, arms))
     console.print(f"latency plot: {result['plot']}")
     return result
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "hop" and sys.argv[2] in ARMS:
-        _hop_main(sys.argv[2])
-    else:
-        sys.exit("usage: python -m visionloop.bench.bus hop {raw|framework}  (run by `visionloop bench bus`)")

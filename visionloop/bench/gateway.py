@@ -36,9 +36,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from visionloop.bench import machine
+from visionloop.bench import PLOTS, machine
 
-PLOT = Path("docs/benchmarks/gateway.png")
+PLOT = PLOTS / "gateway.png"
 PROJECT = "bench"
 
 

@@ -37,9 +37,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from visionloop.bench import machine
+from visionloop.bench import PLOTS, machine
 
-PLOT = Path("docs/benchmarks/intake.png")
+PLOT = PLOTS / "intake.png"
 
 
 def _files(count: int, seed: int) -> list[bytes]:

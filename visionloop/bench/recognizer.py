@@ -50,9 +50,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from visionloop.bench import machine
+from visionloop.bench import PLOTS, machine
 
-PLOT = Path("docs/benchmarks/recognizer.png")
+PLOT = PLOTS / "recognizer.png"
 STATE = Path(".visionloop") / "bench"
 READER_FETCH_WAIT_MS = 5
 """The reader is the instrument: a short fetch wait keeps its own delay to a few ms (see bench/bus.py)."""

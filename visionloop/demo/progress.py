@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-if TYPE_CHECKING:
-    from visionloop.demo.scenario import Step
+@dataclass(frozen=True)
+class Step:
+    """One step of a round as it stands: `completed` of `total` (None while the total is unknown)."""
+
+    key: str
+    description: str
+    completed: int
+    total: int | None
 
 
 class LiveProgress:

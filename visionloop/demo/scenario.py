@@ -49,6 +49,7 @@ from visionloop.demo.annotator import Annotator
 from visionloop.demo.dataset import fit_rounds, world_for
 from visionloop.demo.effort import Actions
 from visionloop.demo.wait import wait_until
+from visionloop.demo.progress import Step
 from visionloop.demo.world import Item, ItemKind, publish
 
 log = logging.getLogger(__name__)
@@ -146,16 +147,6 @@ class RoundLog:
     training_from: int | None = None
     """How many training runs the demo had seen when it asked for this round's (None: not asked yet)."""
     releasing: bool = False
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step of a round as it stands: `completed` of `total` (None while the total is unknown)."""
-
-    key: str
-    description: str
-    completed: int
-    total: int | None
 
 
 def _config_file(folder: Path, cfg: DemoConfig) -> Path:

@@ -1,0 +1,100 @@
+"""The import rules of the code base (issue 17), read from the source with `ast`: no service imports
+another service; `contracts/` imports nothing else of the project; `libs/` imports neither
+`services/` nor `visionloop/`; `services/` does not import `visionloop/`; and no two modules
+import each other, directly or around a longer loop. Every import counts, those inside functions
+too; for cycles, not those under `if TYPE_CHECKING:` (never executed: the bus runtime's parts name
+the runtime that owns them only for the type checker)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"visionloop": ROOT / "visionloop", "visionloop.libs": ROOT / "libs", "visionloop.services": ROOT / "services",
+            "visionloop.contracts": ROOT / "contracts"}
+
+
+def _modules() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            name = ".".join((package, *parts))
+            found[name.removesuffix(".__init__")] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _type_only(tree: ast.AST) -> set[int]:
+    """ids of the import nodes under `if TYPE_CHECKING:`."""
+    return {id(node) for block in ast.walk(tree) if isinstance(block, ast.If) and ast.unparse(block.test).endswith("TYPE_CHECKING")
+            for statement in block.body for node in ast.walk(statement)}
+
+
+def _imports(name: str, path: Path, *, typing: bool = True) -> set[str]:
+    """The project modules `name` imports (a `from X import Y` names X.Y where that is a module);
+    without `typing`, not those only the type checker runs."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = set() if typing else _type_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            out |= {f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names}
+    return {m for m in out if m in MODULES and m != name}
+
+
+GRAPH = nx.DiGraph([(name, target) for name, path in MODULES.items() for target in _imports(name, path)])
+RUN_TIME = nx.DiGraph([(name, target) for name, path in MODULES.items() for target in _imports(name, path, typing=False)])
+
+
+def _area(module: str) -> str:
+    for area in ("visionloop.libs", "visionloop.services", "visionloop.contracts"):
+        if module == area or module.startswith(area + "."):
+            return area
+    return "visionloop"
+
+
+def _service(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["visionloop", "services"] else None
+
+
+def test_no_service_imports_another() -> None:
+    bad = [(a, b) for a, b in GRAPH.edges if _service(a) and _service(b) and _service(a) != _service(b)]
+    assert bad == []
+
+
+@pytest.mark.parametrize(("area", "allowed"), [
+    ("visionloop.contracts", {"visionloop.contracts"}),
+    ("visionloop.libs", {"visionloop.libs", "visionloop.contracts"}),
+    ("visionloop.services", {"visionloop.services", "visionloop.libs", "visionloop.contracts"}),
+])
+def test_layers_import_only_what_is_below_them(area: str, allowed: set[str]) -> None:
+    bad = sorted((a, b) for a, b in GRAPH.edges if _area(a) == area and _area(b) not in allowed)
+    assert bad == []
+
+
+def test_no_import_cycles() -> None:
+    cycles = [sorted(c) for c in nx.strongly_connected_components(RUN_TIME) if len(c) > 1]
+    assert cycles == []
+
+
+def test_the_check_sees_the_code() -> None:
+    """Guards the test itself: it finds the modules and their imports."""
+    assert len(MODULES) > 150
+    assert ("visionloop.services.dedup.service", "visionloop.services.dedup.store") in GRAPH.edges
+    assert ("visionloop.libs.bus.runtime", "visionloop.libs.kafka") in GRAPH.edges

@@ -1,0 +1,5 @@
+"""`python -m visionloop.cli ...`: the `visionloop` command."""
+
+from visionloop.cli import main
+
+main()
