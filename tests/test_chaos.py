@@ -81,7 +81,7 @@ def test_a_training_child_dies_with_its_sigkilled_trainer(tmp_path) -> None:  # 
     script = tmp_path / "trainer.py"
     script.write_text(
         "import asyncio, sys\n"
-        "from visionloop.services.trainer.service import _die_with_trainer\n"
+        "from visionloop.services.trainer.runs import _die_with_trainer\n"
         "async def main():\n"
         "    child = await asyncio.create_subprocess_exec(sys.executable, '-c', 'import time; time.sleep(120)',\n"
         "                                                 start_new_session=True, preexec_fn=_die_with_trainer)\n"

@@ -189,7 +189,7 @@ async def _label(blobs: Any, seed: int) -> LabelVerified:
 
 
 async def _runs(pool: Any, settings: Any, project: str) -> list[dict[str, Any]]:
-    from visionloop.services.trainer.service import runs_report
+    from visionloop.services.trainer.store import runs_report
 
     return await runs_report(pool, settings.schema_for("trainer"), project)
 

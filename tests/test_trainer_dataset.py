@@ -18,7 +18,7 @@ from visionloop.services.trainer.dataset import (
     reserved_for_test,
     version_of,
 )
-from visionloop.services.trainer.service import hyperparameters
+from visionloop.services.trainer.decide import hyperparameters
 
 
 def _id(n: int) -> str:

@@ -82,7 +82,7 @@ def trainer_runs(
     config: ConfigOpt = None,
 ) -> None:
     """Training runs, newest first: status, reason of a failure, epoch, dataset version, model."""
-    from visionloop.services.trainer.service import runs_report
+    from visionloop.services.trainer.store import runs_report
 
     settings = _attach(_settings(config))
     rows = _read_report(settings, "trainer", "runs", lambda pool, schema: runs_report(pool, schema, project, limit))
