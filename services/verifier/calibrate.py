@@ -28,7 +28,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from visionloop.contracts import Box, LabelRejectReason, ModelRef
 from visionloop.libs.boxes import match
 

@@ -13,7 +13,6 @@ file's `verifier.projects` mapping, e.g.::
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
-
 from visionloop.contracts.label import MAX_BOXES
 from visionloop.libs.settings import ServiceSettings, service_config
 

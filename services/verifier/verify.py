@@ -21,7 +21,13 @@ from visionloop.contracts import (
     TaskKind,
     VerificationMethod,
 )
-from visionloop.libs.boxes import Problem, clip, duplicate_problems, geometry_problems, taxonomy_problems
+from visionloop.libs.boxes import (
+    Problem,
+    clip,
+    duplicate_problems,
+    geometry_problems,
+    taxonomy_problems,
+)
 from visionloop.services.verifier.config import Policy
 
 MAX_ISSUES = 200

@@ -189,7 +189,7 @@ def verifier_calibration(
     config: ConfigOpt = None,
 ) -> None:
     """Auto-accept calibration per project, class and model version: threshold, evidence, precision and its lower bound."""
-    from visionloop.services.verifier.service import calibration_report
+    from visionloop.services.verifier.store import calibration_report
 
     settings = _attach(_settings(config))
     rows = _read_report(settings, "verifier", "calibration", lambda pool, schema: calibration_report(pool, schema, project))
