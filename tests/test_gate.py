@@ -97,3 +97,24 @@ def test_policy_is_checked() -> None:
         GatePolicy(unknown=1)  # type: ignore[call-arg]
     with pytest.raises(ValidationError):
         POLICY.map50_95_floor = 0.1  # type: ignore[misc]
+
+
+def test_a_candidate_without_a_test_set_fails_and_only_measured_figures_are_stored() -> None:
+    """services/evaluator/decide.py alone."""
+    from visionloop.contracts import DatasetRef, GateFailureReason, Lineage, Metrics, ModelRef, ModelTrained, TrainMetrics
+    from visionloop.services.evaluator import decide
+
+    trained = ModelTrained(
+        lineage=Lineage(model=ModelRef(model_id="p-detector", version=2), dataset_version="ds-1", class_names=["a"], imgsz=320),
+        run_id="run-1", weights_uri="file:///w.pt", weights_sha256="0" * 64, metrics=TrainMetrics(epochs=1, train_images=1, val_images=0),
+        hyperparameters={}, device="cpu", duration_s=1.0, dataset=DatasetRef(version="ds-1", uri="file:///m.json", images=1),
+    )
+    none = decide.without_test_set(trained, "p")
+    assert none is not None and [f.reason for f in none.failures] == [GateFailureReason.NO_TEST_SET]
+    assert decide.measurements_to_store(trained, none) == [] and not decide.evaluated(trained, none).passed
+    assert decide.metric_classes(["b", "a"], ["a", "c"]) == ["b", "a", "c"]
+    found = decide.Assessment(candidate=Metrics(map50_95=0.5, map50=0.7, images=10), failures=[], test_set_version="ts-1",
+                              champion=Metrics(map50_95=0.4, map50=0.6, images=10), champion_ref=ModelRef(model_id="p-detector", version=1),
+                              champion_measured=True, report_uri="file:///r.json")
+    assert [m.version for m, _, _ in decide.measurements_to_store(trained, found)] == [2, 1]
+    assert decide.evaluated(trained, found).passed

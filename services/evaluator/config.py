@@ -12,7 +12,6 @@ project in the file's `evaluator.projects` mapping, e.g.::
 from __future__ import annotations
 
 from pydantic import Field
-
 from visionloop.libs.settings import ServiceSettings, service_config
 from visionloop.services.evaluator.gate import GatePolicy
 

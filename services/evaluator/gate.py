@@ -21,7 +21,6 @@ threshold passes.
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
-
 from visionloop.contracts import GateFailure, GateFailureReason, Metrics
 
 _SLACK = 1e-9  # float noise must not fail a value that sits on its threshold

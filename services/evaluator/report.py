@@ -15,7 +15,6 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-
 from visionloop.contracts import GateFailure, GateFailureReason
 from visionloop.libs.detmetrics import Evaluation
 
