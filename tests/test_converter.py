@@ -341,3 +341,17 @@ async def test_passing_model_ships_server_fp32_and_edge_int8_and_parity_refuses_
 @pytest.fixture(autouse=True)
 def _no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+def test_a_conversions_outcome_and_the_artifact_each_target_ships() -> None:
+    """services/converter/decide.py alone."""
+    from types import SimpleNamespace
+
+    from visionloop.contracts import Target
+    from visionloop.services.converter.decide import outcome_of, shipped_artifact
+
+    server, edge = SimpleNamespace(target=Target.SERVER), SimpleNamespace(target=Target.EDGE)
+    assert outcome_of([server, edge], []) == "converted" and outcome_of([server], ["edge refused"]) == "partial"
+    assert outcome_of([], ["both refused"]) == "refused"
+    assert shipped_artifact([server, edge], Target.EDGE, refused=False) is edge
+    assert shipped_artifact([server], Target.EDGE, refused=False) is None and shipped_artifact([server], Target.SERVER, refused=True) is None

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from visionloop.contracts import Precision
 from visionloop.libs.settings import ServiceSettings, service_config
 

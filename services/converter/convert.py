@@ -40,8 +40,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from visionloop.contracts import Box, ConversionFailureReason, Parity, Precision, RefusedArtifact, Target
+from visionloop.contracts import (
+    Box,
+    ConversionFailureReason,
+    Parity,
+    Precision,
+    RefusedArtifact,
+    Target,
+)
 from visionloop.libs.detmetrics import evaluate
 from visionloop.libs.inference import Detector, decode_image, letterbox, postprocess, to_tensor
 from visionloop.services.converter.config import Policy

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
 from visionloop.contracts import ConversionFailureReason, Parity, Precision, RefusedArtifact, Target
 from visionloop.services.converter.config import Policy
 
@@ -119,3 +118,15 @@ def calibration_members(images: Sequence[dict[str, Any]], n: int) -> list[dict[s
     """
     picked = spread([m for m in images if m.get("split") == "train"], n)
     return picked + spread([m for m in images if m.get("split") == "val"], n - len(picked))
+
+
+def outcome_of(artifacts: Sequence[Any], refused: Sequence[Any]) -> str:
+    """`converted` (every target ships), `partial` or `refused` (none does)."""
+    if not artifacts:
+        return "refused"
+    return "partial" if refused else "converted"
+
+
+def shipped_artifact(artifacts: Sequence[Any], target: Target, refused: bool) -> Any | None:
+    """The artifact that ships for `target` (None when it was refused)."""
+    return None if refused else next((a for a in artifacts if a.target == target), None)
