@@ -27,7 +27,7 @@ from visionloop.contracts import (
 from visionloop.libs import package, signing
 from visionloop.libs.blob import open_blob_store
 from visionloop.services.packager.config import PackagerSettings
-from visionloop.services.packager.service import package_artifact
+from visionloop.services.packager.decide import package_artifact
 
 CLASSES = ["circle", "square", "triangle"]
 

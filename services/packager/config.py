@@ -24,7 +24,6 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
-
 from visionloop.contracts import Target
 from visionloop.libs import signing
 from visionloop.libs.settings import ServiceSettings, service_config
