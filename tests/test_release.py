@@ -44,7 +44,7 @@ from visionloop.libs.manifest import Member, manifest
 from visionloop.libs.scenes import render_scene
 from visionloop.libs.signing import TrustStore, ensure_key_pair, load_private
 from visionloop.services.distributor.config import DistributorSettings
-from visionloop.services.distributor.service import releases_report
+from visionloop.services.distributor.store import releases_report
 from visionloop.services.edge_agent.agent import EdgeAgent
 from visionloop.services.recognizer.config import RecognizerSettings
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from visionloop.services.distributor.config import DistributorSettings, Policy
-from visionloop.services.distributor.rollout import StageView, Step, decide, stage_of
+from visionloop.services.distributor.decide import StageView, Step, stage_of
+from visionloop.services.distributor.decide import next_step as decide
 
 RULES = {"min_activated_fraction": 0.9, "max_failure_rate": 0.2, "auto_rollback": True}
 

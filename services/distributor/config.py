@@ -12,7 +12,6 @@ file's `distributor.projects` mapping, e.g.::
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
-
 from visionloop.libs.settings import ServiceSettings, service_config
 
 

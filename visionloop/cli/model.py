@@ -114,7 +114,7 @@ def releases(
     config: ConfigOpt = None,
 ) -> None:
     """Releases per fleet: model, stage, status, and how many devices downloaded, activated or failed."""
-    from visionloop.services.distributor.service import releases_report
+    from visionloop.services.distributor.store import releases_report
 
     settings = _attach(_settings(config))
     rows = _read_report(settings, "distributor", "releases", lambda pool, schema: releases_report(pool, schema, fleet, limit))

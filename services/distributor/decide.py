@@ -1,4 +1,5 @@
-"""Staged rollout decisions, as a pure function of what a stage's devices reported.
+"""The distributor's decisions, pure: staged rollout, as a function of what a stage's devices
+reported, and a release's id.
 
 A release addresses a fleet in stages: the first is the canary (named devices, or a share of
 the fleet by a hash of the device id), each later one a larger share, the last all of it. The
@@ -12,6 +13,7 @@ import math
 from dataclasses import dataclass
 from enum import StrEnum
 
+from visionloop.contracts import ModelRef, Target
 from visionloop.contracts.release import RolloutStage
 
 
@@ -41,7 +43,7 @@ def stage_of(index: int, stages: list[float], canary_devices: list[str]) -> Roll
     return RolloutStage(index=index, percent=stages[index], devices=devices)
 
 
-def decide(view: StageView, *, last: bool, min_activated_fraction: float, max_failure_rate: float, auto_rollback: bool) -> Step:
+def next_step(view: StageView, *, last: bool, min_activated_fraction: float, max_failure_rate: float, auto_rollback: bool) -> Step:
     """The next step for a rolling release whose current stage looks like `view`."""
     done = Step.COMPLETE if last else Step.ADVANCE
     if view.addressed == 0:
@@ -51,3 +53,8 @@ def decide(view: StageView, *, last: bool, min_activated_fraction: float, max_fa
     if view.activated >= math.ceil(min_activated_fraction * view.addressed - 1e-9):
         return done
     return Step.WAIT
+
+
+def release_id_for(model: ModelRef, fleet: str, target: Target) -> str:
+    """A release's id: one per model version, target and fleet."""
+    return f"{model.model_id}-v{model.version}-{target.value}-{fleet}"
