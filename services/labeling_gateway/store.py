@@ -530,6 +530,30 @@ async def labels(conn: asyncpg.Connection, s: str, project: str) -> list[asyncpg
     )
 
 
+async def open_task_counts(conn: asyncpg.Connection | asyncpg.Pool, s: str) -> list[asyncpg.Record]:
+    """Open tasks by project and state (a queued task held by a labeller counts as `leased`)."""
+    return await conn.fetch(
+        f"""SELECT project, CASE WHEN state = 'queued' AND held_until > now() THEN 'leased' ELSE state END AS state,
+                   count(*) AS n
+            FROM {s}.tasks WHERE state IN ('verifying', 'queued', 'submitted') GROUP BY 1, 2"""
+    )
+
+
+async def groups_of(conn: asyncpg.Connection, s: str, task_ids: Sequence[str]) -> list[str]:
+    """The task groups the tasks belong to."""
+    rows = await conn.fetch(f"SELECT DISTINCT group_id FROM {s}.tasks WHERE task_id = ANY($1::text[])", list(task_ids))
+    return [r["group_id"] for r in rows]
+
+
+async def reject_group_submissions(conn: asyncpg.Connection, s: str, task_ids: Sequence[str], reason: str) -> None:
+    """A consensus group is rejected as one: every member's answer shares the verdict."""
+    await conn.execute(
+        f"""UPDATE {s}.submissions SET outcome = 'rejected', outcome_reason = $2, outcome_at = now()
+            WHERE task_id = ANY($1::text[]) AND outcome IS NULL""",
+        list(task_ids), reason,
+    )
+
+
 async def signing_key(conn: asyncpg.Connection, s: str) -> bytes:
     """The key that signs image URLs (made at the first call, shared by every replica)."""
     import secrets as _secrets

@@ -293,3 +293,9 @@ def _convert(body: SubmitIn, *, width: int, height: int, class_names: Sequence[s
              "classes": list(class_names)[:100]},
         )
     return boxes, None
+
+
+def usable(class_names: list[str]) -> list[str]:
+    """A model's class names that can be taxonomy names (a project first seen through a model
+    starts with its classes)."""
+    return [c for c in class_names if 0 < len(c) <= 64 and c.isprintable()]
