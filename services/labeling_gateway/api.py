@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
-
 from visionloop.contracts import (
     ImageRef,
     LabelActions,
@@ -34,6 +35,7 @@ from visionloop.libs.blob import BlobMissing
 from visionloop.services.labeling_gateway import datasets, store
 from visionloop.services.labeling_gateway.actions import count_actions
 from visionloop.services.labeling_gateway.auth import Principal, Role, signature_valid
+from visionloop.services.labeling_gateway.config import GatewaySettings
 from visionloop.services.labeling_gateway.http import (
     Gateway,
     RefusalAnswer,
@@ -201,24 +203,39 @@ def image_ref(row: Any) -> ImageRef:
     )
 
 
+@dataclass
+class _Shared:
+    """What every group of endpoints uses: settings, schema, role guards, the project check."""
+
+    config: GatewaySettings
+    s: str
+    annotator: Any
+    reviewer: Any
+    admin: Any
+    review_role: Role
+    existing: Callable[[Any, str], Awaitable[None]]
+
+
 def register(app: FastAPI, gw: Gateway) -> None:
-    """Add the `/v1` endpoints to `app`."""
-    config = gw.config
-    s = gw.s
-    annotator = Depends(guard(gw, Role.ANNOTATOR))
-    reviewer = Depends(guard(gw, Role.REVIEWER))
-    admin = Depends(guard(gw, Role.ADMIN))
-    review_role = Role.parse(config.review_role)
+    """Add the `/v1` endpoints to `app` (in this order in the OpenAPI document)."""
     known_projects: set[str] = set()
 
     async def existing(conn: Any, project: str) -> None:
         if project in known_projects:
             return
-        if not await store.project_exists(conn, s, project):
+        if not await store.project_exists(conn, gw.s, project):
             raise Refusal(404, "unknown_project", f"project {project!r} does not exist; an admin creates it with POST /v1/projects")
         known_projects.add(project)
 
-    # -- projects ------------------------------------------------------------------------------------
+    shared = _Shared(config=gw.config, s=gw.s, annotator=Depends(guard(gw, Role.ANNOTATOR)), reviewer=Depends(guard(gw, Role.REVIEWER)),
+                     admin=Depends(guard(gw, Role.ADMIN)), review_role=Role.parse(gw.config.review_role), existing=existing)
+    for group in (_projects, _tokens, _leases, _tasks, _submit, _images, _datasets):
+        group(app, gw, shared)
+
+
+def _projects(app: FastAPI, gw: Gateway, r: _Shared) -> None:
+    """Projects and their taxonomy."""
+    config, s, annotator, admin, existing = r.config, r.s, r.annotator, r.admin, r.existing
 
     @app.post("/v1/projects", status_code=201, summary="Create a project with its taxonomy", tags=["projects"],
               response_model=ProjectOut, responses=_refusals(409, 415, 422),
@@ -264,7 +281,10 @@ def register(app: FastAPI, gw: Gateway) -> None:
             await existing(conn, project)
             return {"classes": await store.add_classes(conn, s, project, body.classes)}
 
-    # -- tokens -----------------------------------------------------------------------------------------
+
+def _tokens(app: FastAPI, gw: Gateway, r: _Shared) -> None:
+    """The project's API tokens."""
+    config, s, admin, existing = r.config, r.s, r.admin, r.existing
 
     @app.post("/v1/projects/{project}/tokens", status_code=201, summary="Create a token", tags=["tokens"],
               response_model=TokenOut, responses=_refusals(404, 415, 422),
@@ -295,7 +315,10 @@ def register(app: FastAPI, gw: Gateway) -> None:
         gw.tokens.clear()
         return Response(status_code=204)
 
-    # -- the queue ---------------------------------------------------------------------------------------
+
+def _leases(app: FastAPI, gw: Gateway, r: _Shared) -> None:
+    """Leasing the next task."""
+    config, s, annotator, review_role, existing = r.config, r.s, r.annotator, r.review_role, r.existing
 
     @app.post("/v1/projects/{project}/tasks/next", summary="Lease the next task", tags=["tasks"],
               description=(
@@ -328,6 +351,11 @@ def register(app: FastAPI, gw: Gateway) -> None:
             classes = await store.classes(conn, s, project)
         gw.runtime.counters["tasks_leased"] += not resumed
         return task_out(row, classes, resumed=resumed, lease_s=lease_s)
+
+
+def _tasks(app: FastAPI, gw: Gateway, r: _Shared) -> None:
+    """A held task: read, renew, release, skip."""
+    config, s, annotator = r.config, r.s, r.annotator
 
     @app.get("/v1/projects/{project}/tasks/{task_id}", summary="A task", tags=["tasks"],
              description="The labeller holding it, or a reviewer or admin of the project.",
@@ -372,6 +400,11 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 raise _lease_lost(task_id)
         return Response(status_code=204)
 
+
+def _submit(app: FastAPI, gw: Gateway, r: _Shared) -> None:
+    """Answering a task."""
+    config, s, annotator, review_role = r.config, r.s, r.annotator, r.review_role
+
     @app.post("/v1/projects/{project}/tasks/{task_id}/submit", status_code=201, summary="Answer a task", tags=["tasks"],
               description=(
                   "Boxes in pixels (`x1, y1, x2, y2`) or percent (`units: percent`, `x, y, width, height`), classes from "
@@ -414,39 +447,16 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 actions=actions.model_dump(), opened_at=row["leased_at"], submitted_at=now, duration_s=duration,
                 lease_id=body.lease_id,
             ))
-            await conn.execute(
-                f"UPDATE {s}.tasks SET state = 'submitted', submitted_by = $2, held_until = NULL, updated_at = now() WHERE task_id = $1",
-                task_id, principal.user_id,
-            )
-            prelabels = store.detections_from(row["start_boxes"])
-            unit.emit(
-                LabelSubmitted(
-                    submission_id=submission_id,
-                    task_id=task_id,
-                    task_kind=TaskKind(row["kind"]),
-                    image=image_ref(row),
-                    boxes=boxes,
-                    decision=decision,
-                    labeller=Labeller(user_id=principal.user_id, role=principal.role.label),
-                    source=LabelSourceKind.GATEWAY,
-                    opened_at=row["leased_at"],
-                    submitted_at=now,
-                    duration_s=duration,
-                    actions=actions,
-                    prelabel_model=ModelRef.model_validate_json(row["prelabel_model"]) if row["prelabel_model"] and prelabels else None,
-                    prelabels=prelabels,
-                    uncertainty=row["uncertainty"],
-                    consensus_group=row["group_id"] if row["group_size"] > 1 else None,
-                    consensus_size=row["group_size"] if row["group_size"] > 1 else None,
-                    class_names=classes,
-                ),
-                project=project,
-                correlation_id=row["image_id"],
-            )
+            await store.mark_submitted(conn, s, task_id, principal.user_id)
+            unit.emit(_label_submitted(row, submission_id, task_id, boxes, decision, principal, now=now, duration=duration, actions=actions,
+                                       classes=classes), project=project, correlation_id=row["image_id"])
         gw.runtime.counters["submissions"] += 1
         return SubmitOut(submission_id=submission_id, task_id=task_id, boxes=len(boxes), decision=decision, actions=actions, duration_s=duration)
 
-    # -- images -------------------------------------------------------------------------------------------
+
+def _images(app: FastAPI, gw: Gateway, r: _Shared) -> None:
+    """The project's images (tokens or signed URLs)."""
+    s = r.s
 
     async def image_access(request: Request, project: ProjectPath, image_id: str) -> None:
         """A signed URL (Label Studio exports) or a token of the project."""
@@ -484,7 +494,10 @@ def register(app: FastAPI, gw: Gateway) -> None:
             headers={"ETag": f'"{image_id}"', "Cache-Control": "private, max-age=86400, immutable"},
         )
 
-    # -- datasets -----------------------------------------------------------------------------------------
+
+def _datasets(app: FastAPI, gw: Gateway, r: _Shared) -> None:
+    """Export and import; liveness."""
+    reviewer, admin, existing = r.reviewer, r.admin, r.existing
 
     @app.get("/v1/projects/{project}/export", summary="Export the verified labels", tags=["datasets"],
              description=datasets.EXPORT_DOC, responses={200: {"content": {"application/zip": {}, "application/json": {}}}, **_refusals(404, 422)},
@@ -527,6 +540,22 @@ def register(app: FastAPI, gw: Gateway) -> None:
     @app.get("/healthz", summary="Liveness", tags=["health"], openapi_extra=role_extra(None))
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "service": gw.runtime.service}
+
+
+def _label_submitted(row: Any, submission_id: str, task_id: str, boxes: list[Any], decision: Any, principal: Principal, *, now: datetime,
+                     duration: float, actions: Any, classes: list[str]) -> LabelSubmitted:
+    """A person's answer to a held task, as the verifier receives it."""
+    prelabels = store.detections_from(row["start_boxes"])
+    return LabelSubmitted(
+        submission_id=submission_id, task_id=task_id, task_kind=TaskKind(row["kind"]), image=image_ref(row), boxes=boxes,
+        decision=decision, labeller=Labeller(user_id=principal.user_id, role=principal.role.label), source=LabelSourceKind.GATEWAY,
+        opened_at=row["leased_at"], submitted_at=now, duration_s=duration, actions=actions,
+        prelabel_model=ModelRef.model_validate_json(row["prelabel_model"]) if row["prelabel_model"] and prelabels else None,
+        prelabels=prelabels, uncertainty=row["uncertainty"],
+        consensus_group=row["group_id"] if row["group_size"] > 1 else None,
+        consensus_size=row["group_size"] if row["group_size"] > 1 else None,
+        class_names=classes,
+    )
 
 
 def _lease_lost(task_id: str) -> Refusal:

@@ -530,6 +530,14 @@ async def labels(conn: asyncpg.Connection, s: str, project: str) -> list[asyncpg
     )
 
 
+async def mark_submitted(conn: asyncpg.Connection, s: str, task_id: str, user_id: str) -> None:
+    """A held task answered: it waits for the verifier."""
+    await conn.execute(
+        f"UPDATE {s}.tasks SET state = 'submitted', submitted_by = $2, held_until = NULL, updated_at = now() WHERE task_id = $1",
+        task_id, user_id,
+    )
+
+
 async def open_task_counts(conn: asyncpg.Connection | asyncpg.Pool, s: str) -> list[asyncpg.Record]:
     """Open tasks by project and state (a queued task held by a labeller counts as `leased`)."""
     return await conn.fetch(
