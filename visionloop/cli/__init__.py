@@ -4,7 +4,8 @@ The apps and shared helpers are in `common`; each command group has its module (
 `admin`, `bench`, `model`), imported here so that its commands are registered on the app.
 """
 
-# isort: skip_file  (the modules register their commands in this order, the order `--help` lists them)
+# isort: skip_file
+# The modules register their commands in the order of these imports: the order `--help` lists them.
 from __future__ import annotations
 
 from visionloop.cli.common import app

@@ -22,6 +22,7 @@ from visionloop.cli.common import (
     ingest_token_app,
     kafka_app,
     out,
+    report_table,
     verifier_app,
 )
 
@@ -130,9 +131,7 @@ def ingest_token_list(config: ConfigOpt = None) -> None:
     """Ingest's tokens: id, system, projects, created, revoked (never a secret)."""
     from visionloop.services.ingest.admin import list_tokens
 
-    table = Table(title="ingest tokens")
-    for column in ("id", "system", "projects", "created", "revoked"):
-        table.add_column(column)
+    table = report_table("ingest tokens", "id", "system", "projects", "created", "revoked")
     for row in asyncio.run(list_tokens(_attach(_settings(config)))):
         table.add_row(row["token_id"], row["name"], ", ".join(row["projects"]), f"{row['created_at']:%Y-%m-%d %H:%M}",
                       f"{row['revoked_at']:%Y-%m-%d %H:%M}" if row["revoked_at"] else "-")
@@ -174,9 +173,10 @@ def kafka_acls(
         for line in lines:
             out.print(line, highlight=False, soft_wrap=True, markup=False)
         return
-    table = Table(title=f"{len({r.principal for r in rules})} principals, {len(rules)} ACLs (ALLOW; nothing else is allowed)")
-    for column in ("principal", "operation", "resource", "name", "pattern"):
-        table.add_column(column)
+    table = report_table(
+        f"{len({r.principal for r in rules})} principals, {len(rules)} ACLs (ALLOW; nothing else is allowed)",
+        "principal", "operation", "resource", "name", "pattern",
+    )
     for rule in rules:
         table.add_row(rule.principal, rule.operation, rule.resource, rule.name, rule.pattern)
     out.print(table)

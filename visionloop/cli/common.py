@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from visionloop.libs import logthrottle
 
@@ -167,3 +168,11 @@ def _demo_logging() -> None:
     for noisy in ("aiokafka", "faststream", "visionloop.kafka", "pgserver"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logthrottle.install()
+
+
+def report_table(title: str, *columns: str, **options: Any) -> Table:
+    """A report table whose cells wrap rather than being cut (ids stay whole at any terminal width)."""
+    found = Table(title=title, **options)
+    for column in columns:
+        found.add_column(column, overflow="fold")
+    return found

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from visionloop.cli.common import (
     ConfigOpt,
@@ -21,6 +20,7 @@ from visionloop.cli.common import (
     library_app,
     out,
     release_app,
+    report_table,
     trainer_app,
 )
 
@@ -89,9 +89,10 @@ def trainer_runs(
     if json_output:
         out.print(json.dumps(rows), highlight=False, soft_wrap=True, markup=False)
         return
-    table = Table(title=f"training runs{f' — {project}' if project else ''}")
-    for column in ("run", "project", "status", "reason", "epoch", "dataset", "model", "started", "finished"):
-        table.add_column(column)
+    table = report_table(
+        f"training runs{f' — {project}' if project else ''}",
+        "run", "project", "status", "reason", "epoch", "dataset", "model", "started", "finished",
+    )
     for r in rows:
         table.add_row(
             r["run_id"], r["project"], r["status"], r["reason"] or "-", str(r["epoch"] or "-"),
@@ -121,9 +122,10 @@ def releases(
     if json_output:
         out.print(json.dumps(rows), highlight=False, soft_wrap=True, markup=False)
         return
-    table = Table(title=f"releases{f' — fleet {fleet}' if fleet else ''}")
-    for column in ("release", "fleet", "target", "model", "stage", "status", "devices", "reason", "updated"):
-        table.add_column(column)
+    table = report_table(
+        f"releases{f' — fleet {fleet}' if fleet else ''}",
+        "release", "fleet", "target", "model", "stage", "status", "devices", "reason", "updated",
+    )
     for r in rows:
         stages = r["stages"]
         stage = f"{r['stage_index'] + 1}/{len(stages)} ({stages[r['stage_index']]:.0f}%)"
@@ -329,9 +331,10 @@ def library_list(
         ]
         out.print(json.dumps(rows), highlight=False, soft_wrap=True, markup=False)
         return
-    table = Table(title=f"model library{f' — project {project}' if project else ''}")
-    for column in ("project", "model", "version", "target", "domain", "aliases", "classes", "input", "precision", "mAP50-95", "sha256", "registered"):
-        table.add_column(column)
+    table = report_table(
+        f"model library{f' — project {project}' if project else ''}",
+        "project", "model", "version", "target", "domain", "aliases", "classes", "input", "precision", "mAP50-95", "sha256", "registered",
+    )
     for e in entries:
         table.add_row(
             e.project, e.model_id, str(e.version), e.target.value,

@@ -27,6 +27,7 @@ from visionloop.cli.common import (
     app,
     console,
     out,
+    report_table,
 )
 
 
@@ -339,9 +340,10 @@ def status(
     if json_output:
         out.print(snap.to_json(), highlight=False, soft_wrap=True, markup=False)
         return
-    services_table = Table(title=f"services (status topic, last 60 s) — broker {snap.bootstrap}")
-    for column in ("service", "instance", "state", "seen", "uptime", "handled", "dead-lettered"):
-        services_table.add_column(column)
+    services_table = report_table(
+        f"services (status topic, last 60 s) — broker {snap.bootstrap}",
+        "service", "instance", "state", "seen", "uptime", "handled", "dead-lettered",
+    )
     for inst in snap.instances:
         dead = sum(v for k, v in inst.counters.items() if k.startswith("dead_lettered"))
         services_table.add_row(
@@ -349,15 +351,11 @@ def status(
             str(inst.counters.get("handled", 0)), str(dead),
         )
     out.print(services_table)
-    lag_table = Table(title="consumer lag")
-    for column in ("group", "topic", "committed", "end", "lag"):
-        lag_table.add_column(column)
+    lag_table = report_table("consumer lag", "group", "topic", "committed", "end", "lag")
     for lag in snap.lags:
         lag_table.add_row(lag.group, lag.topic, str(lag.committed), str(lag.end), str(lag.lag))
     out.print(lag_table)
-    events_table = Table(title="last events")
-    for column in ("topic", "messages", "last event", "at", "producer", "project"):
-        events_table.add_column(column)
+    events_table = report_table("last events", "topic", "messages", "last event", "at", "producer", "project")
     for ev in snap.last_events:
         events_table.add_row(ev.topic, str(ev.messages), ev.event_type or "-", ev.occurred_at or "-", ev.producer or "-", ev.project or "-")
     out.print(events_table)
