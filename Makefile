@@ -30,7 +30,7 @@ DOORS := ingest_hostile ingest_http ingest_inspect ingest_sources ingest_policy 
 	gateway_http gateway_labelstudio edge_agent blob acls contract_minimal
 
 doors:  ## the hostile-input and authentication tests (docs/security.md), one summary line
-	./scripts/test.sh -q -p no:cacheprovider $(foreach t,$(DOORS),tests/test_$(t).py)
+	VL_DOORS_SUMMARY=1 ./scripts/test.sh -q -p no:cacheprovider $(foreach t,$(DOORS),tests/test_$(t).py)
 
 contracts: setup  ## regenerate contracts/schemas/*.json and contracts/asyncapi.yaml
 	$(VL) contracts export

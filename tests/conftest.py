@@ -87,3 +87,14 @@ def s3_endpoint() -> Iterator[str]:
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
+    """With VL_DOORS_SUMMARY set (`make doors`), one last line `doors: N passed, M failed` (zeros included)."""
+    import os
+
+    if not os.environ.get("VL_DOORS_SUMMARY"):
+        return
+    stats = terminalreporter.stats
+    failed = len(stats.get("failed", [])) + len(stats.get("error", []))
+    terminalreporter.write_line(f"doors: {len(stats.get('passed', []))} passed, {failed} failed")

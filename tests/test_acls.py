@@ -52,7 +52,7 @@ def test_the_setup_script_adds_exactly_the_acls_and_creates_every_topic(tmp_path
         if words and words[0].endswith("kafka-acls.sh"):
             principal, operation = words[words.index("--allow-principal") + 1], words[words.index("--operation") + 1]
             pattern = words[words.index("--resource-pattern-type") + 1].upper()
-            for flag, name in zip(words, words[1:]):
+            for flag, name in zip(words, words[1:], strict=False):
                 if flag in ("--topic", "--group"):
                     added.add(Acl(principal, operation, flag[2:].capitalize(), name, pattern))
         elif words and words[0].endswith("kafka-topics.sh"):
