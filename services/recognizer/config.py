@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from visionloop.contracts import Target
 from visionloop.libs.settings import ServiceSettings, service_config
 
