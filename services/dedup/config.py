@@ -12,7 +12,6 @@ file's `dedup.projects` mapping, e.g.::
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
-
 from visionloop.libs.settings import ServiceSettings, service_config
 
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
+from visionloop.libs.perceptual import hash_image
 from visionloop.libs.scenes import render_scene
 from visionloop.libs.variants import KINDS, variant
-from visionloop.libs.perceptual import hash_image
 from visionloop.services.dedup.index import HashIndex
 
 
