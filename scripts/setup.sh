@@ -56,7 +56,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 
 stamp="$venv/.visionloop-deps"
-want="$(cat "$here/pyproject.toml" "$here/setup.py" | sha256sum | cut -d' ' -f1) $extras"
+# The folders count too: the editable install maps packages and namespace folders when it is made.
+want="$({ cat "$here/pyproject.toml" "$here/setup.py"; cd "$here" && find contracts libs services visionloop -type d \
+  -not -name __pycache__ -not -path '*/__pycache__/*' | sort; } | sha256sum | cut -d' ' -f1) $extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing visionloop[$extras] into $venv (first time: a few minutes)" >&2
   quiet_pip install --progress-bar off -e "$here[$extras]"
