@@ -7,6 +7,7 @@ and emitted contracts, and may return an ASGI app that the root serves on `confi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,3 +42,9 @@ class ServiceSpec:
     def migrations(self) -> list[Migration]:
         """The service's own SQL migrations, in order."""
         return discover(self.name, self.migrations_dir) if self.migrations_dir else []
+
+
+def bound(handler: Callable[..., Any], context: Any) -> Callable[..., Any]:
+    """`handler` with its context as first argument, keeping its name and docstring (the AsyncAPI
+    document describes each handler by them): how a service wires its module-level handlers."""
+    return functools.update_wrapper(functools.partial(handler, context), handler)

@@ -19,12 +19,11 @@ thread, outside any database transaction; only the results are written in the ha
 from __future__ import annotations
 
 import asyncio
-import functools
 from pathlib import Path
 
 from visionloop.contracts import ModelConverted, ModelEvaluated
 from visionloop.libs.bus import Runtime
-from visionloop.libs.service import Adapters, ServiceSpec
+from visionloop.libs.service import Adapters, ServiceSpec, bound
 from visionloop.services.converter import handlers
 from visionloop.services.converter.build import Builder, preload
 from visionloop.services.converter.config import ConverterSettings
@@ -41,7 +40,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: ConverterSettings) -> Non
         await asyncio.to_thread(preload, builder.work_root)
         await asyncio.Event().wait()
 
-    on_evaluated = functools.update_wrapper(functools.partial(handlers.on_evaluated, ctx), handlers.on_evaluated)
+    on_evaluated = bound(handlers.on_evaluated, ctx)
     runtime.consume_batch(ModelEvaluated, on_evaluated, prepare=builder.prepare, max_records=1)
     runtime.background("warm-up", warm_up)
     runtime.produces(ModelConverted)

@@ -14,12 +14,11 @@ parallel.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from visionloop.contracts import ImageAccepted, ImageIngested, ImageRejected
 from visionloop.libs.bus import Runtime
-from visionloop.libs.service import Adapters, ServiceSpec
+from visionloop.libs.service import Adapters, ServiceSpec, bound
 from visionloop.services.dedup import handlers
 from visionloop.services.dedup.config import DedupSettings
 from visionloop.services.dedup.handlers import Context
@@ -28,7 +27,7 @@ from visionloop.services.dedup.handlers import Context
 def wire(runtime: Runtime, adapters: Adapters, config: DedupSettings) -> None:
     """Register dedup/quality's handler on the runtime."""
     ctx = Context(config=config, blobs=adapters.blobs)
-    runtime.consume(ImageIngested, functools.update_wrapper(functools.partial(handlers.on_ingested, ctx), handlers.on_ingested))
+    runtime.consume(ImageIngested, bound(handlers.on_ingested, ctx))
     runtime.produces(ImageAccepted, ImageRejected)
 
 

@@ -20,8 +20,6 @@ fleet; serves packages over HTTP.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -34,24 +32,19 @@ from visionloop.contracts import (
     ServerRelease,
 )
 from visionloop.libs.bus import Runtime
-from visionloop.libs.service import Adapters, ServiceSpec
+from visionloop.libs.service import Adapters, ServiceSpec, bound
 from visionloop.services.distributor import handlers
 from visionloop.services.distributor.api import package_server
 from visionloop.services.distributor.config import DistributorSettings
 from visionloop.services.distributor.releases import Releases
 
 
-def _bound(handler: Callable[..., Awaitable[None]], ctx: Releases) -> Callable[..., Awaitable[None]]:
-    """`handler` with the context bound, keeping its name and docstring (the AsyncAPI document's)."""
-    return functools.update_wrapper(functools.partial(handler, ctx), handler)
-
-
 def wire(runtime: Runtime, adapters: Adapters, config: DistributorSettings) -> FastAPI:
     """Register the distributor's handlers; return its package server."""
     ctx = Releases(runtime, config, adapters.blobs)
-    runtime.consume(ModelPackaged, _bound(handlers.on_packaged, ctx))
-    runtime.consume(DeviceStatus, _bound(handlers.on_device, ctx))
-    runtime.consume(ReleaseCommand, _bound(handlers.on_command, ctx))
+    runtime.consume(ModelPackaged, bound(handlers.on_packaged, ctx))
+    runtime.consume(DeviceStatus, bound(handlers.on_device, ctx))
+    runtime.consume(ReleaseCommand, bound(handlers.on_command, ctx))
     runtime.produces(ModelRegistered, EdgeRelease, ServerRelease)
     return package_server(runtime, adapters.blobs, config)
 

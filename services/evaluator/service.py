@@ -21,22 +21,15 @@ the results are written in the handler's transaction.
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from visionloop.contracts import ModelEvaluated, ModelRegistered, ModelTrained
 from visionloop.libs.bus import Runtime
-from visionloop.libs.service import Adapters, ServiceSpec
+from visionloop.libs.service import Adapters, ServiceSpec, bound
 from visionloop.services.evaluator import handlers
 from visionloop.services.evaluator.assess import Assessor, preload
 from visionloop.services.evaluator.config import EvaluatorSettings
 from visionloop.services.evaluator.handlers import Context
-
-
-def _bound(handler: Callable[..., Awaitable[None]], ctx: Context) -> Callable[..., Awaitable[None]]:
-    """`handler` with the context bound, keeping its name and docstring (the AsyncAPI document's)."""
-    return functools.update_wrapper(functools.partial(handler, ctx), handler)
 
 
 def wire(runtime: Runtime, adapters: Adapters, config: EvaluatorSettings) -> None:
@@ -49,9 +42,9 @@ def wire(runtime: Runtime, adapters: Adapters, config: EvaluatorSettings) -> Non
         await asyncio.to_thread(preload, assessor.work_dir)
         await asyncio.Event().wait()
 
-    runtime.consume_batch(ModelTrained, _bound(handlers.on_trained, ctx), prepare=assessor.prepare, max_records=1)
+    runtime.consume_batch(ModelTrained, bound(handlers.on_trained, ctx), prepare=assessor.prepare, max_records=1)
     runtime.background("warm-up", warm_up)
-    runtime.consume(ModelRegistered, _bound(handlers.on_registered, ctx))
+    runtime.consume(ModelRegistered, bound(handlers.on_registered, ctx))
     runtime.produces(ModelEvaluated)
 
 

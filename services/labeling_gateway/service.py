@@ -19,7 +19,6 @@ dashboard (dashboard.py), which follows `pipeline status`, `release edge`, `rele
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from visionloop.contracts import (
     TrainingRequested,
 )
 from visionloop.libs.bus import Runtime
-from visionloop.libs.service import Adapters, ServiceSpec
+from visionloop.libs.service import Adapters, ServiceSpec, bound
 from visionloop.services.labeling_gateway import api, dashboard, handlers, labelstudio, store
 from visionloop.services.labeling_gateway.auth import TokenCache
 from visionloop.services.labeling_gateway.config import GatewaySettings
@@ -81,7 +80,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: GatewaySettings) -> FastA
 
     for payload, handler in ((ImageUnrecognized, handlers.on_unrecognized), (ImageRecognized, handlers.on_recognized),
                              (LabelRejected, handlers.on_rejected), (LabelVerified, handlers.on_verified)):
-        runtime.consume(payload, functools.update_wrapper(functools.partial(handler, gw), handler))
+        runtime.consume(payload, bound(handler, gw))
     runtime.produces(LabelSubmitted, TrainingRequested)
     return app
 

@@ -15,14 +15,13 @@ of the manifest), stores the archive in the blob store and emits one `model pack
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 
 from visionloop.contracts import ModelConverted, ModelPackaged
 from visionloop.libs import signing
 from visionloop.libs.bus import Runtime
-from visionloop.libs.service import Adapters, ServiceSpec
+from visionloop.libs.service import Adapters, ServiceSpec, bound
 from visionloop.services.packager import handlers
 from visionloop.services.packager.config import PackagerSettings
 from visionloop.services.packager.handlers import Context
@@ -42,7 +41,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: PackagerSettings) -> None
     else:
         log.info("packager: signing with key %s (from %s)", signing.key_id(key), source)
     ctx = Context(config=config, key=key, blobs=adapters.blobs, counters=runtime.counters)
-    runtime.consume(ModelConverted, functools.update_wrapper(functools.partial(handlers.on_converted, ctx), handlers.on_converted))
+    runtime.consume(ModelConverted, bound(handlers.on_converted, ctx))
     runtime.produces(ModelPackaged)
 
 

@@ -24,14 +24,13 @@ flight finishes with the models it started with, so no image is dropped or decid
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from visionloop.contracts import ImageAccepted, ImageRecognized, ImageUnrecognized, ModelRegistered
 from visionloop.libs.bus import Runtime
 from visionloop.libs.library import SERVICE as LIBRARY
 from visionloop.libs.library import ModelLibrary
-from visionloop.libs.service import Adapters, ServiceSpec
+from visionloop.libs.service import Adapters, ServiceSpec, bound
 from visionloop.services.recognizer import handlers
 from visionloop.services.recognizer.config import RecognizerSettings
 from visionloop.services.recognizer.recognize import Models, Recognizer
@@ -54,7 +53,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: RecognizerSettings) -> No
     # Every instance must hear of every registration: a consumer group per instance.
     runtime.consume(
         ModelRegistered,
-        functools.update_wrapper(functools.partial(handlers.on_registered, models), handlers.on_registered),
+        bound(handlers.on_registered, models),
         group=f"{runtime.settings.topic_prefix}recognizer.model.registered.{runtime.settings.instance}",
     )
     runtime.produces(ImageRecognized, ImageUnrecognized)

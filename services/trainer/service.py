@@ -26,31 +26,30 @@ status topic.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from visionloop.contracts import LabelVerified, ModelEvaluated, ModelRegistered, ModelTrained, TrainingRequested
+from visionloop.contracts import (
+    LabelVerified,
+    ModelEvaluated,
+    ModelRegistered,
+    ModelTrained,
+    TrainingRequested,
+)
 from visionloop.libs.bus import Runtime
-from visionloop.libs.service import Adapters, ServiceSpec
+from visionloop.libs.service import Adapters, ServiceSpec, bound
 from visionloop.services.trainer import handlers
 from visionloop.services.trainer.config import TrainerSettings
 from visionloop.services.trainer.handlers import Context
 from visionloop.services.trainer.runs import RunWorker
 
 
-def _bound(handler: Callable[..., Awaitable[None]], ctx: Context) -> Callable[..., Awaitable[None]]:
-    """`handler` with the context bound, keeping its name and docstring (the AsyncAPI document's)."""
-    return functools.update_wrapper(functools.partial(handler, ctx), handler)
-
-
 def wire(runtime: Runtime, adapters: Adapters, config: TrainerSettings) -> None:
     """Register the trainer's handlers and its run worker on the runtime."""
     ctx = Context(config=config, blobs=adapters.blobs, counters=runtime.counters)
-    runtime.consume(LabelVerified, _bound(handlers.on_verified, ctx))
-    runtime.consume(TrainingRequested, _bound(handlers.on_requested, ctx))
-    runtime.consume(ModelEvaluated, _bound(handlers.on_evaluated, ctx))
-    runtime.consume(ModelRegistered, _bound(handlers.on_registered, ctx))
+    runtime.consume(LabelVerified, bound(handlers.on_verified, ctx))
+    runtime.consume(TrainingRequested, bound(handlers.on_requested, ctx))
+    runtime.consume(ModelEvaluated, bound(handlers.on_evaluated, ctx))
+    runtime.consume(ModelRegistered, bound(handlers.on_registered, ctx))
     runtime.produces(ModelTrained)
     runtime.background("runs", RunWorker(runtime, ctx))
 

@@ -21,12 +21,11 @@ the verifier keeps the last one per project for submissions that carry none.
 from __future__ import annotations
 
 import asyncio
-import functools
 from pathlib import Path
 
 from visionloop.contracts import LabelRejected, LabelSubmitted, LabelVerified
 from visionloop.libs.bus import Runtime
-from visionloop.libs.service import Adapters, ServiceSpec
+from visionloop.libs.service import Adapters, ServiceSpec, bound
 from visionloop.services.verifier import decide, handlers, store
 from visionloop.services.verifier.config import VerifierSettings
 from visionloop.services.verifier.handlers import Context
@@ -43,7 +42,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: VerifierSettings) -> None
                 runtime.gauges.update(decide.gauges(await store.calibration_report(runtime.pool, runtime.schema)))
             await asyncio.sleep(60)
 
-    runtime.consume(LabelSubmitted, functools.update_wrapper(functools.partial(handlers.on_submitted, ctx), handlers.on_submitted))
+    runtime.consume(LabelSubmitted, bound(handlers.on_submitted, ctx))
     runtime.produces(LabelVerified, LabelRejected)
     runtime.background("calibration-gauges", refresh_gauges)
 
