@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= $(or $(VL_VENV),$(HOME)/.local/share/visionloop/venv)
 VL := $(VENV)/bin/visionloop
 
-.PHONY: help setup demo demo-quick smoke up test doors contracts contracts-check bench-bus compose-check clean
+.PHONY: help setup demo demo-quick smoke up test test-slow test-all doors contracts contracts-check bench-bus compose-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -23,7 +23,13 @@ smoke: setup  ## start the embedded stack, push one sample image through, stop
 up: setup  ## set up and run every service on the embedded stack until Ctrl-C
 	$(VL) up
 
-test:  ## set up and run the whole test suite
+test:  ## set up and run the test suite without the slow real-stack tests (under 10 minutes on 2 vCPU)
+	./scripts/test.sh -m "not slow"
+
+test-slow:  ## the slow real-stack tests only (demo, benches, chaos, training, `up`); CI runs them after `make test`
+	./scripts/test.sh -m slow
+
+test-all:  ## every test in one run (what CI runs, in two parts)
 	./scripts/test.sh
 
 DOORS := ingest_hostile ingest_http ingest_inspect ingest_sources ingest_policy security fuzz_http fuzz_events \

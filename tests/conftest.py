@@ -13,6 +13,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -98,3 +99,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # no
     stats = terminalreporter.stats
     failed = len(stats.get("failed", [])) + len(stats.get("error", []))
     terminalreporter.write_line(f"doors: {len(stats.get('passed', []))} passed, {failed} failed")
+
+
+@pytest.fixture
+async def fake_bus(database_url: str) -> AsyncIterator[Any]:
+    """An in-memory bus (libs/bus/fake.py) whose runtimes get a schema each on the test database:
+    handler tests with their SQL and without Kafka. `fake_bus.pool` is the pool; the schemas are
+    dropped afterwards."""
+    from visionloop.libs.bus.fake import FakeBus
+
+    p = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    assert p is not None
+    bus = FakeBus()
+    bus.pool = p  # type: ignore[attr-defined]
+    yield bus
+    for runtime in bus.runtimes:
+        await p.execute(f'DROP SCHEMA IF EXISTS "{runtime.schema}" CASCADE')
+    await p.close()

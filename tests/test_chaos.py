@@ -18,16 +18,26 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from visionloop.bench.chaos import PROJECT, SOURCE, ChaosConfig, Truth, reconcile, run_chaos_bench
-from visionloop.contracts import Envelope, ImageAccepted, ImageHashes, ImageIngested, ImageRef, ImageSource, topic_of
+from visionloop.contracts import (
+    Envelope,
+    ImageAccepted,
+    ImageHashes,
+    ImageIngested,
+    ImageRef,
+    ImageSource,
+    topic_of,
+)
 from visionloop.contracts.topics import spec_for
 from visionloop.libs.bus import Runtime
 from visionloop.libs.embedded import EmbeddedBroker
 from visionloop.libs.kafka import client_kwargs, consumer_kwargs, ensure_named
 
 
+@pytest.mark.slow
 def test_reduced_chaos_loses_and_duplicates_nothing(database_url: str, tmp_path: Path) -> None:
     started = time.monotonic()
     result = run_chaos_bench(ChaosConfig.ci(), state=tmp_path / "chaos", database_url=database_url, plot=tmp_path / "chaos.png")

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
+from test_broker_restart import _spread
 
 from visionloop.contracts import Envelope, ImageAccepted
 from visionloop.libs.bus import Runtime
 from visionloop.libs.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedStack
 from visionloop.libs.infrawatch import Watch, Watched, tail
 from visionloop.libs.logthrottle import RepeatFilter, kind_of
-
-from test_broker_restart import _spread
 
 
 def _records(caplog: Any, text: str) -> list[str]:
@@ -100,6 +100,7 @@ async def test_a_killed_postgres_is_restarted_on_its_data_folder(tmp_path: Path,
         await asyncio.to_thread(postgres.stop)
 
 
+@pytest.mark.slow
 async def test_a_broker_down_is_said_about_once_per_10_s(settings, pool, tmp_path: Path) -> None:  # noqa: ANN001
     """Two services keep working against a broker that is gone for 25 s: what the log's handler
     writes stays within one line of a kind per 10 s (the filter counts what it leaves out)."""

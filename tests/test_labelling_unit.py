@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import math
 import random
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -28,20 +30,35 @@ from visionloop.contracts import (
     VerificationMethod,
 )
 from visionloop.libs import formats
-from visionloop.libs.boxes import clip, duplicate_problems, geometry_problem, iou, match, taxonomy_problems
+from visionloop.libs.boxes import (
+    clip,
+    duplicate_problems,
+    geometry_problem,
+    iou,
+    match,
+    taxonomy_problems,
+)
 from visionloop.services.labeling_gateway import auth
 from visionloop.services.labeling_gateway.actions import count_actions, same_boxes
 from visionloop.services.labeling_gateway.config import GatewaySettings, Policy
-from visionloop.services.labeling_gateway.labelstudio import ls_project_id, rectangle_names
-from visionloop.services.labeling_gateway.tasks import (
+from visionloop.services.labeling_gateway.decide import (
     Refusal,
     SubmitIn,
     annotate_tasks,
+    label_submitted,
     prepare_submission,
     reannotate_tasks,
     review_task,
 )
-from visionloop.services.verifier.calibrate import Calibration, Sample, calibrate, decide, score_samples, spot_checked
+from visionloop.services.labeling_gateway.labelstudio import ls_project_id, rectangle_names
+from visionloop.services.verifier.calibrate import (
+    Calibration,
+    Sample,
+    calibrate,
+    decide,
+    score_samples,
+    spot_checked,
+)
 from visionloop.services.verifier.config import Policy as VerifierPolicy
 from visionloop.services.verifier.config import VerifierSettings
 from visionloop.services.verifier.consensus import needed, vote
@@ -208,21 +225,47 @@ def test_action_counters() -> None:
     assert same_boxes(start[:1], [box(0.2, 0, 10, 10)]) and not same_boxes(start[:1], [box(2, 0, 10, 10)])
 
 
+def counter() -> Callable[[str], str]:
+    """Ids `t-1`, `g-2`, ... in the order asked: decisions take their ids from the caller."""
+    n = itertools.count(1)
+    return lambda prefix: f"{prefix}-{next(n)}"
+
+
 def test_tasks_from_images() -> None:
     policy = Policy(consensus_labellers=3)
-    slots = annotate_tasks("p", "i" * 64, uncertainty=0.7, detections=[det(0, 0, 1, 1)], model=ModelRef(model_id="m", version=1), policy=policy)
-    assert len(slots) == 3 and len({s.task_id for s in slots}) == 3 and len({s.group_id for s in slots}) == 1
+    slots = annotate_tasks("p", "i" * 64, uncertainty=0.7, detections=[det(0, 0, 1, 1)], model=ModelRef(model_id="m", version=1), policy=policy,
+                           new_id=counter())
+    assert [s.task_id for s in slots] == ["t-1", "t-3", "t-4"] and {s.group_id for s in slots} == {"g-2"}
     assert all(s.group_size == 3 and s.priority == 0.7 and s.kind == "annotate" for s in slots)
-    review = review_task("p", "i" * 64, uncertainty=0.2, prelabels=[], model=ModelRef(model_id="m", version=1), policy=policy)
+    review = review_task("p", "i" * 64, uncertainty=0.2, prelabels=[], model=ModelRef(model_id="m", version=1), policy=policy, new_id=counter())
     assert (review.kind, review.state, review.group_size) == ("review", "verifying", 1)
-    assert review_task("p", "i", uncertainty=0, prelabels=[], model=ModelRef(model_id="m", version=1), policy=Policy(auto_accept=False)).state == "queued"
+    assert review_task("p", "i", uncertainty=0, prelabels=[], model=ModelRef(model_id="m", version=1), policy=Policy(auto_accept=False),
+                       new_id=counter()).state == "queued"
     again = reannotate_tasks("p", "i", rejected_boxes=[box(0, 0, 1, 1)], reason=LabelRejectReason.REVIEWER_REJECTED, message="no",
-                             issues=[], priority=0.5, uncertainty=0.5, parent_task="t", model=None, policy=Policy())
+                             issues=[], priority=0.5, uncertainty=0.5, parent_task="t", model=None, policy=Policy(), new_id=counter())
     assert again[0].start_boxes == [] and again[0].issues[0]["reason"] == "reviewer_rejected"
     fix = reannotate_tasks("p", "i", rejected_boxes=[box(0, 0, 1, 1)], reason=LabelRejectReason.BOX_TOO_SMALL, message="small",
                            issues=[{"index": 0, "reason": "box_too_small", "message": "m"}], priority=0.5, uncertainty=None,
-                           parent_task="t", model=None, policy=Policy())
+                           parent_task="t", model=None, policy=Policy(), new_id=counter())
     assert fix[0].start_boxes == [box(0, 0, 1, 1)] and len(fix[0].issues) == 2
+
+
+def test_one_builder_makes_every_label_submitted() -> None:
+    """Its rules, the same for people, imports, Label Studio and a model's offer."""
+    image = ImageRef(image_id="c" * 64, blob_uri="file:///x/" + "c" * 64, width=10, height=10, format="PNG", byte_size=10)
+    model = ModelRef(model_id="m", version=1)
+    now = datetime.now(UTC)
+    common = {"task_id": "t", "kind": TaskKind.ANNOTATE, "image": image, "submitted_at": now, "class_names": ["car"]}
+    person = label_submitted(source=LabelSourceKind.GATEWAY, submission_id="s1", boxes=[box(0, 0, 1, 1)], labeller="x" * 200,
+                             role="annotator", prelabel_model=model, **common)
+    assert len(person.labeller.user_id) == 128 and person.prelabel_model is None  # no pre-labels, no model
+    assert person.actions == LabelActions(boxes_drawn=1)
+    offer = label_submitted(source=LabelSourceKind.PRELABEL, submission_id="pre-t", boxes=[], labeller="model:m@v1", role="model",
+                            prelabel_model=model, uncertainty=0.2, **common)
+    assert offer.prelabel_model == model and offer.actions == LabelActions() and offer.uncertainty == 0.2  # "nothing there" is a claim
+    imported = label_submitted(source=LabelSourceKind.IMPORT, submission_id="import-1", boxes=[box(0, 0, 1, 1)] * 2, labeller="admin",
+                               role="admin", for_test_set=True, **common)
+    assert imported.for_test_set and imported.actions.boxes_drawn == 2 and imported.source is LabelSourceKind.IMPORT
 
 
 def _submit(**body: object) -> SubmitIn:

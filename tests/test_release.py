@@ -116,6 +116,7 @@ async def _release_devices(pool: Any, settings: Any) -> dict[str, str]:
     return {r["device_id"]: r["state"] for r in rows}
 
 
+@pytest.mark.slow
 async def test_a_passing_candidate_reaches_twenty_agents_and_the_recognizer(settings, pool) -> None:  # noqa: ANN001
     distributor = DistributorSettings(public_url=PUBLIC, stages=[10.0, 50.0, 100.0])
     async with Services(settings, pool, distributor=distributor, recognizer=RecognizerSettings(batch_max=8, library_refresh_s=300)) as loop, \
@@ -208,6 +209,7 @@ async def _package(settings: Any, blobs: Any, version: int) -> ModelPackaged:
     )
 
 
+@pytest.mark.slow
 async def test_canary_failures_stop_the_rollout_and_roll_back(settings, pool) -> None:  # noqa: ANN001
     canary = ["dev-00", "dev-01"]
     distributor = DistributorSettings(public_url=PUBLIC, stages=[10.0, 100.0], canary_devices=canary, max_failure_rate=0.4)

@@ -99,6 +99,7 @@ def _of(messages: list[dict[str, Any]], event_type: str, project: str) -> list[d
     return [m for m in messages if m.get("event_type") == event_type and m.get("project") == project]
 
 
+@pytest.mark.slow
 async def test_nth_label_trains_once_then_gate_passes_fails_and_finetune_adds_a_class(settings, pool) -> None:  # noqa: ANN001
     async with Services(settings, pool, trainer=_trainer(), evaluator=_evaluator()) as loop, \
             Collector(settings, topic_of(ModelTrained, settings.topic_prefix), topic_of(ModelEvaluated, settings.topic_prefix)) as out:
@@ -186,6 +187,7 @@ async def _count_is(pool: Any, settings: Any, project: str, n: int) -> bool:
     return await _samples(pool, settings, project) == n
 
 
+@pytest.mark.slow
 async def test_crashed_and_hung_runs_fail_and_the_next_trigger_trains(settings, pool) -> None:  # noqa: ANN001
     config = _trainer(min_new_images=1000, keep_runs=1, projects={"slow": {"time_limit_s": 2.0}})
     status_topic = topic_of(PipelineStatus, settings.topic_prefix)
@@ -255,6 +257,7 @@ def _no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
+@pytest.mark.slow
 async def test_a_run_interrupted_by_a_trainer_stop_is_trained_by_the_next_trainer(settings, pool) -> None:  # noqa: ANN001
     import psutil
 

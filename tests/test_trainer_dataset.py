@@ -14,6 +14,7 @@ from visionloop.services.trainer.dataset import (
     assign_splits,
     label_hash,
     merge_taxonomy,
+    exclusions,
     near_test_duplicates,
     reserved_for_test,
     version_of,
@@ -61,9 +62,13 @@ def test_near_duplicates_of_test_images_are_found_and_others_are_not() -> None:
     candidates = [(f"near{i}", h.phash_hex, h.dhash_hex) for i, h in enumerate(near)]
     candidates += [("bright", brighter.phash_hex, brighter.dhash_hex)]
     candidates += [(f"other{i}", h.phash_hex, h.dhash_hex) for i, h in enumerate(other)]
-    found = near_test_duplicates(candidates, [(h.phash_hex, h.dhash_hex) for h in test], radius=16)
-    assert found == {"near0", "near1", "near2", "bright"}
-    assert near_test_duplicates(candidates, [], radius=16) == set()
+    found = near_test_duplicates(candidates, [(f"test{i}", h.phash_hex, h.dhash_hex) for i, h in enumerate(test)], radius=16)
+    assert set(found) == {"near0", "near1", "near2", "bright"}
+    assert [found[f"near{i}"][0] for i in range(3)] == ["test0", "test1", "test2"] and found["bright"][0] == "test4"
+    assert all(0 <= distance <= 16 for _, distance in found.values())
+    assert exclusions(found)[0] == {"image_id": "bright", "reason": "near_test_duplicate", "test_image_id": "test4",
+                                    "distance": found["bright"][1]}
+    assert near_test_duplicates(candidates, [], radius=16) == {}
 
 
 def _encode(image) -> bytes:  # noqa: ANN001

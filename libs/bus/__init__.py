@@ -31,7 +31,8 @@ transaction, retries, dead letter) without holding back the others.
 
 The package: `unit.py` (what a handler works with), `parse.py` (is it an event? the dead letter),
 `consume.py` and `batch.py` (the consumer policy), `outbox.py` (publishing), `epoch.py` (a
-broker that lost its topics), `runtime.py` (wiring and lifecycle).
+broker that lost its topics), `runtime.py` (wiring and lifecycle), `fake.py` (an in-memory
+stand-in for the runtime and the broker, for handler tests).
 """
 
 from visionloop.libs.bus.parse import dead_letter, parse_event

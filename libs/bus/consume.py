@@ -16,8 +16,14 @@ from faststream.kafka import KafkaMessage
 
 from visionloop.contracts import SYSTEM_PROJECT, DeadLetterReason, Envelope
 from visionloop.libs.bus.parse import dead_letter, parse_event
-from visionloop.libs.bus.unit import INFRASTRUCTURE_ERRORS, Handler, PermanentError, Subscription, Unit
-from visionloop.libs.db import quote_ident
+from visionloop.libs.bus.unit import (
+    INFRASTRUCTURE_ERRORS,
+    Handler,
+    PermanentError,
+    Subscription,
+    Unit,
+)
+from visionloop.libs.db import quote_ident, quote_literal
 from visionloop.libs.settings import Settings
 
 if TYPE_CHECKING:
@@ -37,7 +43,6 @@ class Consuming:
     counters: Counter[str]
     outbox: "Outbox"
     epoch: "Epoch"
-    _releasing: set[asyncio.Future[None]]
 
     async def _on_message(self, sub: Subscription, message: KafkaMessage) -> None:
         record = message.raw_message
@@ -106,45 +111,26 @@ class Consuming:
         """One attempt in one transaction; False when the inbox says it was handled already."""
         assert self.pool is not None, "consumers need a database (inbox)"
         handler = handler or sub.handler
-        conn = await self.pool.acquire()
-        committed = False
-        try:
-            unit: Unit[Any] = Unit(conn=conn, runtime=self, event=event)
-            async with conn.transaction():
-                fresh = await conn.fetchval(
-                    f"INSERT INTO {quote_ident(self.schema)}.inbox (consumer_group, event_id) "
-                    "VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",
-                    sub.group,
-                    event.event_id,
-                )
-                if not fresh:
-                    return False
+        unit: Unit[Any]
+        async with self.pool.acquire() as conn:
+            unit = Unit(conn=conn, runtime=self, event=event)
+            # BEGIN and the inbox row in one round trip (the simple protocol takes no parameters:
+            # the group is quoted as a literal, the event id is a UUID).
+            status = await conn.execute(
+                f"BEGIN; INSERT INTO {quote_ident(self.schema)}.inbox (consumer_group, event_id) "
+                f"VALUES ({quote_literal(sub.group)}, '{event.event_id}'::uuid) ON CONFLICT DO NOTHING"
+            )
+            try:
+                if status != "INSERT 0 1":
+                    return False  # handled already (the rollback below ends the transaction)
                 await handler(event, unit)
                 await self.outbox.store(conn, unit.emitted)
-            committed = True
-        finally:
-            if committed:
-                # The connection's reset for the pool (a round trip) overlaps the publish and
-                # the offset commit instead of preceding them.
-                self._release_later(conn)
-            else:
-                await self.pool.release(conn)
+                await conn.execute("COMMIT")
+            finally:
+                if conn.is_in_transaction() and not conn.is_closed():
+                    await conn.execute("ROLLBACK")
         await self.outbox.publish_after_commit(unit.emitted)
         return True
-
-    def _release_later(self, conn: asyncpg.Connection) -> None:
-        assert self.pool is not None
-        pool = self.pool
-
-        async def release() -> None:
-            try:
-                await pool.release(conn)
-            except Exception as exc:  # asyncpg has closed it; the pool opens a fresh one
-                log.warning("%s: resetting a database connection failed: %s", self.service, exc)
-
-        task = asyncio.ensure_future(release())
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
 
     async def _dead_letter(
         self,

@@ -12,16 +12,30 @@ from typing import Any
 
 import asyncpg
 from faststream import AckPolicy
-from faststream.kafka import KafkaBroker, KafkaMessage
-from faststream.kafka import Topic
+from faststream.kafka import KafkaBroker, KafkaMessage, Topic
 
-from visionloop.contracts import SYSTEM_PROJECT, DeadLetter, Envelope, Payload, PipelineStatus, StatusKind
+from visionloop.contracts import (
+    SYSTEM_PROJECT,
+    DeadLetter,
+    Envelope,
+    Payload,
+    PipelineStatus,
+    StatusKind,
+)
 from visionloop.contracts.topics import TOPICS, TopicSpec, spec_for
 from visionloop.libs import kafka
 from visionloop.libs.bus.batch import _BATCH_POLL_MS, Batching, _linger
 from visionloop.libs.bus.epoch import Epoch
 from visionloop.libs.bus.outbox import LOG_EVERY_S, Outbox
-from visionloop.libs.bus.unit import BatchHandler, BatchPrepare, Handler, Outgoing, P, Subscription, Unit
+from visionloop.libs.bus.unit import (
+    BatchHandler,
+    BatchPrepare,
+    Handler,
+    Outgoing,
+    P,
+    Subscription,
+    Unit,
+)
 from visionloop.libs.db import BUS_MIGRATIONS, Migration, discover, migrate
 from visionloop.libs.settings import Settings
 
@@ -62,9 +76,9 @@ class Runtime(Batching):
         self._migrations = discover("bus", BUS_MIGRATIONS) + list(migrations)
         self._subscriptions: list[Subscription] = []
         self._publishers: dict[type[Payload], Any] = {}
-        self._releasing: set[asyncio.Future[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        self._on_start: list[Callable[[], Any]] = []
         self._stop_listening: Callable[[], None] | None = None
         self.gauges: dict[str, float] = {}
         """Current values a service reports in every heartbeat (queue depth, calibration...)."""
@@ -138,6 +152,12 @@ class Runtime(Batching):
         `work` should loop; an exception ends it and is logged, and it is restarted after a pause.
         """
         self._background.append((name, work))
+
+    def on_start(self, hook: Callable[[], Any]) -> None:
+        """Call `hook()` once in `start()`, before consuming: work with effects (reading a key,
+        creating a file) that wiring must not do, since wiring also runs to list what a service
+        consumes (`visionloop status`, the AsyncAPI document)."""
+        self._on_start.append(hook)
 
     def consume_batch(
         self,
@@ -215,6 +235,10 @@ class Runtime(Batching):
             await migrate(self.pool, self.schema, self._migrations)
         await kafka.ensure_topics(self.settings, self.specs())
         self._stop_listening = kafka.on_connection_lost(self.epoch.connection_lost)
+        for hook in self._on_start:
+            done = hook()
+            if asyncio.iscoroutine(done):
+                await done
         await self.outbox.start()
         if self.pool is not None:
             await self.epoch.check(clients_running=False)
@@ -253,8 +277,6 @@ class Runtime(Batching):
             await asyncio.wait_for(self.status(StatusKind.STOPPED), timeout=5)
         self.epoch.stop()
         await self.broker.stop()
-        if self._releasing:
-            await asyncio.wait(set(self._releasing), timeout=10)
         await self.outbox.stop()
 
     # -- emitting outside a handler (HTTP endpoints, timers) ---------------------------------------

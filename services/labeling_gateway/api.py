@@ -19,10 +19,10 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+
 from visionloop.contracts import (
     ImageRef,
     LabelActions,
-    Labeller,
     LabelSourceKind,
     LabelSubmitted,
     ModelRef,
@@ -36,6 +36,12 @@ from visionloop.services.labeling_gateway import datasets, store
 from visionloop.services.labeling_gateway.actions import count_actions
 from visionloop.services.labeling_gateway.auth import Principal, Role, signature_valid
 from visionloop.services.labeling_gateway.config import GatewaySettings
+from visionloop.services.labeling_gateway.decide import (
+    Refusal,
+    SubmitIn,
+    label_submitted,
+    prepare_submission,
+)
 from visionloop.services.labeling_gateway.http import (
     Gateway,
     RefusalAnswer,
@@ -44,7 +50,6 @@ from visionloop.services.labeling_gateway.http import (
     read_json,
     role_extra,
 )
-from visionloop.services.labeling_gateway.tasks import Refusal, SubmitIn, prepare_submission
 
 log = logging.getLogger(__name__)
 
@@ -546,15 +551,14 @@ def _label_submitted(row: Any, submission_id: str, task_id: str, boxes: list[Any
                      duration: float, actions: Any, classes: list[str]) -> LabelSubmitted:
     """A person's answer to a held task, as the verifier receives it."""
     prelabels = store.detections_from(row["start_boxes"])
-    return LabelSubmitted(
-        submission_id=submission_id, task_id=task_id, task_kind=TaskKind(row["kind"]), image=image_ref(row), boxes=boxes,
-        decision=decision, labeller=Labeller(user_id=principal.user_id, role=principal.role.label), source=LabelSourceKind.GATEWAY,
-        opened_at=row["leased_at"], submitted_at=now, duration_s=duration, actions=actions,
-        prelabel_model=ModelRef.model_validate_json(row["prelabel_model"]) if row["prelabel_model"] and prelabels else None,
-        prelabels=prelabels, uncertainty=row["uncertainty"],
+    model = ModelRef.model_validate_json(row["prelabel_model"]) if row["prelabel_model"] else None
+    return label_submitted(
+        source=LabelSourceKind.GATEWAY, submission_id=submission_id, task_id=task_id, kind=TaskKind(row["kind"]),
+        image=image_ref(row), boxes=boxes, labeller=principal.user_id, role=principal.role.label, submitted_at=now,
+        class_names=classes, prelabels=prelabels, prelabel_model=model, actions=actions,
+        decision=decision, opened_at=row["leased_at"], duration_s=duration, uncertainty=row["uncertainty"],
         consensus_group=row["group_id"] if row["group_size"] > 1 else None,
         consensus_size=row["group_size"] if row["group_size"] > 1 else None,
-        class_names=classes,
     )
 
 

@@ -60,10 +60,10 @@ from visionloop.libs.settings import Settings
 from visionloop.services.labeling_gateway import economy_store, store
 from visionloop.services.labeling_gateway.api import ProjectPath
 from visionloop.services.labeling_gateway.auth import Principal, Role
+from visionloop.services.labeling_gateway.decide import Refusal
 from visionloop.services.labeling_gateway.economy import EconomyOut, assemble
 from visionloop.services.labeling_gateway.http import Gateway, RefusalAnswer, guard, role_extra
 from visionloop.services.labeling_gateway.svg import economy_plots
-from visionloop.services.labeling_gateway.tasks import Refusal
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,7 @@ from pydantic import BaseModel, Field
 from visionloop.contracts import (
     Box,
     ImageRef,
-    LabelActions,
-    Labeller,
     LabelSourceKind,
-    LabelSubmitted,
     TaskKind,
 )
 from visionloop.contracts.envelope import utcnow
@@ -39,7 +36,7 @@ from visionloop.libs.boxes import clip, geometry_problem
 from visionloop.libs.formats import FormatError, LabelledImage
 from visionloop.services.labeling_gateway import store
 from visionloop.services.labeling_gateway.auth import Principal, sign
-from visionloop.services.labeling_gateway.tasks import MAX_ISSUES_SHOWN, Refusal
+from visionloop.services.labeling_gateway.decide import MAX_ISSUES_SHOWN, Refusal, label_submitted
 
 if TYPE_CHECKING:
     from visionloop.services.labeling_gateway.http import Gateway
@@ -514,11 +511,10 @@ async def _submit_items(
                     duration_s=None, for_test_set=for_test,
                 ))
                 unit.emit(
-                    LabelSubmitted(
-                        submission_id=submission_id, task_id=import_id, task_kind=TaskKind.ANNOTATE, image=ref,
-                        boxes=item.boxes, labeller=Labeller(user_id=principal.user_id, role=principal.role.label),
-                        source=LabelSourceKind.IMPORT, submitted_at=now, actions=LabelActions(boxes_drawn=len(item.boxes)),
-                        for_test_set=for_test, class_names=taxonomy,
+                    label_submitted(
+                        source=LabelSourceKind.IMPORT, submission_id=submission_id, task_id=import_id, kind=TaskKind.ANNOTATE,
+                        image=ref, boxes=item.boxes, labeller=principal.user_id, role=principal.role.label, submitted_at=now,
+                        class_names=taxonomy, for_test_set=for_test,
                     ),
                     project=project,
                     correlation_id=ref.image_id,

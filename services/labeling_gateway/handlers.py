@@ -5,17 +5,16 @@ gateway (`http.Gateway`) is the context; the wiring binds it."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from visionloop.contracts import (
     Envelope,
     ImageRecognized,
     ImageUnrecognized,
-    Labeller,
     LabelRejected,
     LabelRejectReason,
     LabelSourceKind,
-    LabelSubmitted,
     LabelVerified,
     ModelRef,
     TaskKind,
@@ -23,15 +22,21 @@ from visionloop.contracts import (
 from visionloop.contracts.envelope import utcnow
 from visionloop.libs.bus import Unit
 from visionloop.services.labeling_gateway import economy_store, store
-from visionloop.services.labeling_gateway.http import Gateway
-from visionloop.services.labeling_gateway.tasks import (
+from visionloop.services.labeling_gateway.decide import (
     annotate_tasks,
+    label_submitted,
     reannotate_tasks,
     review_task,
     usable,
 )
+from visionloop.services.labeling_gateway.http import Gateway
 
 SERVICE = "labeling-gateway"
+
+
+def new_id(prefix: str) -> str:
+    """A fresh task (`t`) or group (`g`) id."""
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 async def on_unrecognized(ctx: Gateway, event: Envelope[ImageUnrecognized], unit: Unit[Any]) -> None:
@@ -46,7 +51,7 @@ async def on_unrecognized(ctx: Gateway, event: Envelope[ImageUnrecognized], unit
         return
     tasks = annotate_tasks(
         project, payload.image.image_id, uncertainty=payload.uncertainty, detections=payload.detections,
-        model=payload.recognition.model if payload.recognition else None, policy=ctx.config.policy(project),
+        model=payload.recognition.model if payload.recognition else None, policy=ctx.config.policy(project), new_id=new_id,
     )
     await store.insert_tasks(unit.conn, s, tasks)
     ctx.runtime.counters["tasks_created"] += len(tasks)
@@ -63,7 +68,7 @@ async def on_recognized(ctx: Gateway, event: Envelope[ImageRecognized], unit: Un
     policy = ctx.config.policy(project)
     task = review_task(
         project, payload.image.image_id, uncertainty=payload.recognition.uncertainty,
-        prelabels=payload.prelabels, model=payload.recognition.model, policy=policy,
+        prelabels=payload.prelabels, model=payload.recognition.model, policy=policy, new_id=new_id,
     )
     await store.insert_tasks(unit.conn, s, [task])
     ctx.runtime.counters["tasks_created"] += 1
@@ -104,7 +109,7 @@ async def on_rejected(ctx: Gateway, event: Envelope[LabelRejected], unit: Unit[A
         message=payload.message, issues=issues, priority=task["priority"] if task else 1.0,
         uncertainty=task["uncertainty"] if task else None, parent_task=sub["task_id"],
         model=ModelRef.model_validate_json(model_row) if model_row else None,
-        policy=ctx.config.policy(project),
+        policy=ctx.config.policy(project), new_id=new_id,
     )
     await store.insert_tasks(unit.conn, s, tasks)
     ctx.runtime.counters["tasks_reannotate"] += len(tasks)
@@ -136,20 +141,12 @@ async def _offer_to_verifier(unit: Unit[Any], payload: ImageRecognized, project:
     s = unit.schema
     classes = await store.classes(unit.conn, s, project)
     now = utcnow()
-    offered = LabelSubmitted(
-        submission_id=f"pre-{task.task_id}",
-        task_id=task.task_id,
-        task_kind=TaskKind.REVIEW,
-        image=payload.image,
-        boxes=list(payload.prelabels),
-        labeller=Labeller(user_id=f"model:{payload.recognition.model.model_id}@v{payload.recognition.model.version}"[:128], role="model"),
-        source=LabelSourceKind.PRELABEL,
-        submitted_at=now,
-        prelabel_model=payload.recognition.model,
-        prelabel_classes=usable(payload.class_names),
-        prelabels=list(payload.prelabels),
-        uncertainty=payload.recognition.uncertainty,
-        class_names=classes,
+    model = payload.recognition.model
+    offered = label_submitted(
+        source=LabelSourceKind.PRELABEL, submission_id=f"pre-{task.task_id}", task_id=task.task_id, kind=TaskKind.REVIEW,
+        image=payload.image, boxes=payload.prelabels, labeller=f"model:{model.model_id}@v{model.version}", role="model",
+        submitted_at=now, class_names=classes, prelabels=payload.prelabels, prelabel_model=model,
+        prelabel_classes=usable(payload.class_names), uncertainty=payload.recognition.uncertainty,
     )
     await store.insert_submission(unit.conn, s, store.SubmissionRow(
         submission_id=offered.submission_id, task_id=task.task_id, project=project, image_id=payload.image.image_id,

@@ -23,9 +23,15 @@ from visionloop.libs.blob import BlobError, BlobStore
 from visionloop.libs.bus import INFRASTRUCTURE_ERRORS, Runtime
 from visionloop.libs.db import quote_ident
 from visionloop.services.labeling_gateway import store
-from visionloop.services.labeling_gateway.auth import Principal, Role, TokenCache, authorize, credentials
+from visionloop.services.labeling_gateway.auth import (
+    Principal,
+    Role,
+    TokenCache,
+    authorize,
+    credentials,
+)
 from visionloop.services.labeling_gateway.config import GatewaySettings
-from visionloop.services.labeling_gateway.tasks import Refusal
+from visionloop.services.labeling_gateway.decide import Refusal
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,6 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from visionloop.contracts import (
-    LabelActions,
-    Labeller,
     LabelSourceKind,
     LabelSubmitted,
     ModelRef,
@@ -48,9 +46,17 @@ from visionloop.libs.formats import FormatError
 from visionloop.services.labeling_gateway import ls_store, sealed, store
 from visionloop.services.labeling_gateway.actions import count_actions
 from visionloop.services.labeling_gateway.auth import Principal, Role
+from visionloop.services.labeling_gateway.decide import Refusal, label_submitted
 from visionloop.services.labeling_gateway.fetch import Fetcher, FetchError, Origin
-from visionloop.services.labeling_gateway.http import Gateway, body_doc, guard, parse_json, read_body, role_extra, validate
-from visionloop.services.labeling_gateway.tasks import Refusal
+from visionloop.services.labeling_gateway.http import (
+    Gateway,
+    body_doc,
+    guard,
+    parse_json,
+    read_body,
+    role_extra,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -376,20 +382,13 @@ class LabelStudio:
         completed_by = annotation.get("completed_by")
         if isinstance(completed_by, dict):
             completed_by = completed_by.get("email") or completed_by.get("id")
-        return LabelSubmitted(
-            submission_id=f"ls-{ls_project}-{annotation.get('id', 'x')}-{webhook_id}",
-            task_id=f"ls-{ls_project}-{task.get('id', 'x')}",
-            task_kind=TaskKind.ANNOTATE,
-            image=ref,
-            boxes=boxes,
-            labeller=Labeller(user_id=f"label-studio:{completed_by if completed_by is not None else 'unknown'}"[:128], role="annotator"),
-            source=LabelSourceKind.LABEL_STUDIO,
-            submitted_at=utcnow(),
+        return label_submitted(
+            source=LabelSourceKind.LABEL_STUDIO, submission_id=f"ls-{ls_project}-{annotation.get('id', 'x')}-{webhook_id}",
+            task_id=f"ls-{ls_project}-{task.get('id', 'x')}", kind=TaskKind.ANNOTATE, image=ref, boxes=boxes,
+            labeller=f"label-studio:{completed_by if completed_by is not None else 'unknown'}", role="annotator",
+            submitted_at=utcnow(), class_names=classes, prelabels=prelabels, prelabel_model=model,
+            actions=count_actions(prelabels, boxes) if prelabels else None,
             duration_s=float(lead) if isinstance(lead, int | float) and lead >= 0 else None,
-            actions=count_actions(prelabels, boxes) if prelabels else LabelActions(boxes_drawn=len(boxes)),
-            prelabel_model=model if prelabels else None,
-            prelabels=prelabels,
-            class_names=classes,
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +18,7 @@ import asyncpg
 from visionloop.contracts import Box, Detection, ImageRef, ModelRef
 from visionloop.services.labeling_gateway import auth
 from visionloop.services.labeling_gateway.auth import Principal, Role
+from visionloop.services.labeling_gateway.decide import NewTask
 
 ACTIVE_STATES = ("verifying", "queued", "submitted")
 """States of a task that is not finished: an image has at most one active task group."""
@@ -237,25 +238,6 @@ async def prelabels_for(conn: asyncpg.Connection, s: str, project: str, image_id
 
 
 # -- tasks -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class NewTask:
-    """A task to create (one slot of a group when several people label it)."""
-
-    project: str
-    image_id: str
-    kind: str
-    state: str
-    priority: float
-    uncertainty: float | None = None
-    start_boxes: Sequence[Box] = ()
-    prelabel_model: ModelRef | None = None
-    issues: list[dict[str, Any]] = field(default_factory=list)
-    group_id: str | None = None
-    group_size: int = 1
-    parent_task: str | None = None
-    task_id: str = field(default_factory=lambda: f"t-{uuid.uuid4().hex}")
 
 
 async def insert_tasks(conn: asyncpg.Connection, s: str, tasks: Sequence[NewTask]) -> None:

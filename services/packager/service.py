@@ -30,17 +30,22 @@ log = logging.getLogger(__name__)
 
 
 def wire(runtime: Runtime, adapters: Adapters, config: PackagerSettings) -> None:
-    """Register the packager's handler; load (or, on the embedded stack, create) the signing key."""
+    """Register the packager's handler; the signing key is loaded when the runtime starts."""
     settings = runtime.settings
-    key, source = config.load_key(Path(settings.state_dir), embedded=settings.kafka_embedded or settings.embedded_kafka)
-    if key is None:
-        log.warning(
-            "packager: no signing key configured (VL_PACKAGER_SIGNING_KEY_FILE): every model converted "
-            "event will be dead-lettered with signing_key_missing"
-        )
-    else:
-        log.info("packager: signing with key %s (from %s)", signing.key_id(key), source)
-    ctx = Context(config=config, key=key, blobs=adapters.blobs, counters=runtime.counters)
+    ctx = Context(config=config, key=None, blobs=adapters.blobs, counters=runtime.counters)
+
+    def load_key() -> None:
+        """Read (or, on the embedded stack, create) the signing key, at start and not at wiring."""
+        ctx.key, source = config.load_key(Path(settings.state_dir), embedded=settings.kafka_embedded or settings.embedded_kafka)
+        if ctx.key is None:
+            log.warning(
+                "packager: no signing key configured (VL_PACKAGER_SIGNING_KEY_FILE): every model converted "
+                "event will be dead-lettered with signing_key_missing"
+            )
+        else:
+            log.info("packager: signing with key %s (from %s)", signing.key_id(ctx.key), source)
+
+    runtime.on_start(load_key)
     runtime.consume(ModelConverted, bound(handlers.on_converted, ctx))
     runtime.produces(ModelPackaged)
 

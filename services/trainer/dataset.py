@@ -54,24 +54,34 @@ def reserved_for_test(image_id: str, fraction: float) -> bool:
 
 
 def near_test_duplicates(
-    candidates: Sequence[tuple[str, str | None, str | None]], test: Sequence[tuple[str | None, str | None]], radius: int
-) -> set[str]:
-    """Ids of `candidates` (id, pHash hex, dHash hex) within `radius` summed bits of any test image."""
-    test_pairs = [(p, d) for p, d in test if p and d]
+    candidates: Sequence[tuple[str, str | None, str | None]], test: Sequence[tuple[str, str | None, str | None]], radius: int
+) -> dict[str, tuple[str, int]]:
+    """`candidates` (id, pHash hex, dHash hex) within `radius` summed bits of a test image (id, pHash,
+    dHash): each one's nearest test image and the distance, by candidate id."""
+    test_items = [(i, p, d) for i, p, d in test if p and d]
     cands = [(i, p, d) for i, p, d in candidates if p and d]
-    if not test_pairs or not cands:
-        return set()
-    t = np.array([[int(p, 16), int(d, 16)] for p, d in test_pairs], dtype=np.uint64)
-    near: set[str] = set()
+    if not test_items or not cands:
+        return {}
+    t = np.array([[int(p, 16), int(d, 16)] for _, p, d in test_items], dtype=np.uint64)
+    near: dict[str, tuple[str, int]] = {}
     for start in range(0, len(cands), 512):
         chunk = cands[start:start + 512]
         c = np.array([[int(p, 16), int(d, 16)] for _, p, d in chunk], dtype=np.uint64)
         x = c[:, None, :] ^ t[None, :, :]
         distance = _popcount(x).sum(axis=2)
-        for (image_id, _, _), row in zip(chunk, distance.min(axis=1), strict=True):
-            if row <= radius:
-                near.add(image_id)
+        for (image_id, _, _), row in zip(chunk, distance, strict=True):
+            nearest = int(row.argmin())
+            if row[nearest] <= radius:
+                near[image_id] = (test_items[nearest][0], int(row[nearest]))
     return near
+
+
+def exclusions(near: dict[str, tuple[str, int]]) -> list[dict[str, Any]]:
+    """What a dataset version left out and why, as it is recorded and shown."""
+    return [
+        {"image_id": image_id, "reason": "near_test_duplicate", "test_image_id": test_id, "distance": distance}
+        for image_id, (test_id, distance) in sorted(near.items())
+    ]
 
 
 def _popcount(x: np.ndarray) -> np.ndarray:

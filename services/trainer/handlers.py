@@ -104,9 +104,15 @@ async def on_requested(ctx: Context, event: Envelope[TrainingRequested], unit: U
 
 
 async def on_evaluated(ctx: Context, event: Envelope[ModelEvaluated], unit: Unit[Any]) -> None:
-    """Remember which of its models passed the gate (the champion fine-tuning starts from)."""
-    ref = event.payload.lineage.model
-    await store.mark_passed(unit.conn, unit.schema, event.project, ref.model_id, ref.version, event.payload.passed)
+    """Remember the gate's verdict on its model: which passed (the champion fine-tuning starts
+    from), the test set's figures and the reasons of a failure (`visionloop trainer runs`)."""
+    evaluated = event.payload
+    ref = evaluated.lineage.model
+    await store.mark_passed(
+        unit.conn, unit.schema, event.project, ref.model_id, ref.version, evaluated.passed,
+        map50_95=evaluated.candidate.map50_95, map50=evaluated.candidate.map50,
+        failures=[f.model_dump(mode="json", exclude_none=True) for f in evaluated.failures],
+    )
 
 
 async def on_registered(ctx: Context, event: Envelope[ModelRegistered], unit: Unit[Any]) -> None:

@@ -26,7 +26,7 @@ from visionloop.libs.formats import LabelledImage, file_name_for, write_yolo
 from visionloop.libs.manifest import Member, manifest
 from visionloop.services.trainer import decide, pretrained, store
 from visionloop.services.trainer.config import Policy
-from visionloop.services.trainer.dataset import assign_splits, near_test_duplicates, version_of
+from visionloop.services.trainer.dataset import assign_splits, exclusions, near_test_duplicates, version_of
 from visionloop.services.trainer.handlers import Context
 
 log = logging.getLogger("visionloop.services.trainer.service")
@@ -180,9 +180,13 @@ class RunWorker:
         test_members = [Member(json.loads(r["image"]), json.loads(r["boxes"]), r["label_hash"], "test") for r in test_rows]
         near = near_test_duplicates(
             [(r["image_id"], r["phash"], r["dhash"]) for r in rows if r["role"] == "train"],
-            [(r["phash"], r["dhash"]) for r in test_rows],
+            [(r["image_id"], r["phash"], r["dhash"]) for r in test_rows],
             policy.near_duplicate_radius,
         )
+        if near:
+            log.info("trainer: %s run %s leaves out %d training image(s) as near duplicates of test images: %s",
+                     project, run_id, len(near), ", ".join(f"{i[:12]} (~{t[:12]}, {d} bits)" for i, (t, d) in sorted(near.items())[:10])
+                     + (" ..." if len(near) > 10 else ""))
         train_rows = [r for r in rows if r["role"] == "train" and r["image_id"] not in near]
         members = assign_splits([(json.loads(r["image"]), json.loads(r["boxes"]), r["label_hash"]) for r in train_rows], policy.val_fraction)
         test_ref: DatasetRef | None = None
@@ -196,7 +200,7 @@ class RunWorker:
         async with self.pool.acquire() as conn, conn.transaction():
             await store.record_snapshot(
                 conn, self.s, run_id=run_id, project=project, version=version, uri=blob.uri, class_names=class_names,
-                train_images=train_n, val_images=len(members) - train_n, excluded_near_test=len(near),
+                train_images=train_n, val_images=len(members) - train_n, excluded=exclusions(near),
                 snapshot_seq=max((r["seq"] for r in rows), default=0), test_version=test_ref.version if test_ref else None,
                 test_images=test_ref.images if test_ref else 0, test_uri=test_ref.uri if test_ref else None,
             )

@@ -81,7 +81,7 @@ async def samples(conn: Conn, s: str, project: str) -> list[asyncpg.Record]:
 
 
 async def record_snapshot(conn: Conn, s: str, *, run_id: str, project: str, version: str, uri: str, class_names: list[str],
-                          train_images: int, val_images: int, excluded_near_test: int, snapshot_seq: int,
+                          train_images: int, val_images: int, excluded: list[dict[str, Any]], snapshot_seq: int,
                           test_version: str | None, test_images: int, test_uri: str | None) -> None:
     """A run's frozen dataset version and test set, and the run pointing at them."""
     if test_version is not None:
@@ -90,9 +90,10 @@ async def record_snapshot(conn: Conn, s: str, *, run_id: str, project: str, vers
             test_version, project, test_images, test_uri,
         )
     await conn.execute(
-        f"""INSERT INTO {s}.dataset_versions (version, project, class_names, train_images, val_images, excluded_near_test, test_set_version, uri)
-            VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING""",
-        version, project, json.dumps(class_names), train_images, val_images, excluded_near_test, test_version, uri,
+        f"""INSERT INTO {s}.dataset_versions (version, project, class_names, train_images, val_images, excluded_near_test,
+                                                  test_set_version, uri, excluded)
+            VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7, $8, $9::jsonb) ON CONFLICT DO NOTHING""",
+        version, project, json.dumps(class_names), train_images, val_images, len(excluded), test_version, uri, json.dumps(excluded),
     )
     await conn.execute(
         f"UPDATE {s}.runs SET snapshot_seq = $2, dataset_version = $3, test_set_version = $4 WHERE run_id = $1",
@@ -110,9 +111,13 @@ async def champion(conn: Conn, s: str, project: str) -> asyncpg.Record | None:
     )
 
 
-async def mark_passed(conn: Conn, s: str, project: str, model_id: str, version: int, passed: bool) -> None:
+async def mark_passed(conn: Conn, s: str, project: str, model_id: str, version: int, passed: bool, *,
+                      map50_95: float | None = None, map50: float | None = None, failures: list[dict[str, Any]] | None = None) -> None:
+    """The gate's verdict on a model, with the test set's figures and the reasons it failed."""
     await conn.execute(
-        f"UPDATE {s}.models SET passed = $3 WHERE model_id = $1 AND version = $2 AND project = $4", model_id, version, passed, project,
+        f"""UPDATE {s}.models SET passed = $3, map50_95 = $5, map50 = $6, gate_failures = $7::jsonb, evaluated_at = now()
+            WHERE model_id = $1 AND version = $2 AND project = $4""",
+        model_id, version, passed, project, map50_95, map50, json.dumps(failures or []),
     )
 
 
@@ -238,9 +243,13 @@ async def runs_report(pool: asyncpg.Pool, schema: str, project: str | None = Non
     """Recent runs, newest first (the CLI and dashboards)."""
     s = quote_ident(schema)
     rows = await pool.fetch(
-        f"""SELECT run_id, project, status, reason, error, attempts, epoch, dataset_version, test_set_version,
-                   model_id, version, triggers, base_checkpoint, created_at, started_at, finished_at
-            FROM {s}.runs WHERE $1::text IS NULL OR project = $1 ORDER BY created_at DESC LIMIT $2""",
+        f"""SELECT r.run_id, r.project, r.status, r.reason, r.error, r.attempts, r.epoch, r.dataset_version, r.test_set_version,
+                   r.model_id, r.version, r.triggers, r.base_checkpoint, r.created_at, r.started_at, r.finished_at,
+                   m.passed AS gate_passed, m.map50_95, m.map50, m.gate_failures,
+                   d.train_images, d.val_images, d.excluded
+            FROM {s}.runs r LEFT JOIN {s}.models m ON m.model_id = r.model_id AND m.version = r.version
+            LEFT JOIN {s}.dataset_versions d ON d.version = r.dataset_version
+            WHERE $1::text IS NULL OR r.project = $1 ORDER BY r.created_at DESC LIMIT $2""",
         project, limit,
     )
     out = []
@@ -248,6 +257,8 @@ async def runs_report(pool: asyncpg.Pool, schema: str, project: str | None = Non
         row = dict(r)
         row["triggers"] = json.loads(row["triggers"])
         row["base_checkpoint"] = json.loads(row["base_checkpoint"]) if row["base_checkpoint"] else None
+        row["gate_failures"] = json.loads(row["gate_failures"]) if row["gate_failures"] else []
+        row["excluded"] = json.loads(row["excluded"]) if row["excluded"] else []
         for key in ("created_at", "started_at", "finished_at"):
             row[key] = row[key].isoformat() if row[key] else None
         out.append(row)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -176,3 +177,26 @@ def report_table(title: str, *columns: str, **options: Any) -> Table:
     for column in columns:
         found.add_column(column, overflow="fold")
     return found
+
+
+def show_rows(
+    rows: Sequence[Any],
+    *,
+    json_output: bool,
+    title: str,
+    columns: Sequence[str],
+    cells: Callable[[Any], Sequence[str]],
+    empty: str,
+    as_json: Callable[[Any], Any] | None = None,
+) -> None:
+    """What a listing command prints: one JSON array with `--json` (each row through `as_json`),
+    else a report table of `cells(row)` per row, and `empty` (on stderr) when there is none."""
+    if json_output:
+        out.print(json.dumps([as_json(r) for r in rows] if as_json else list(rows)), highlight=False, soft_wrap=True, markup=False)
+        return
+    table = report_table(title, *columns)
+    for row in rows:
+        table.add_row(*cells(row))
+    out.print(table)
+    if not rows:
+        console.print(empty)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +19,7 @@ from visionloop.cli.common import (
     library_app,
     out,
     release_app,
-    report_table,
+    show_rows,
     trainer_app,
 )
 
@@ -81,27 +80,45 @@ def trainer_runs(
     json_output: Annotated[bool, typer.Option("--json", help="One JSON array instead of a table.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Training runs, newest first: status, reason of a failure, epoch, dataset version, model."""
+    """Training runs, newest first: status (and reason of a failure), epoch, dataset version and what
+    it left out, the model, its test-set mAP50-95 and the gate's verdict with its reasons."""
     from visionloop.services.trainer.store import runs_report
 
     settings = _attach(_settings(config))
     rows = _read_report(settings, "trainer", "runs", lambda pool, schema: runs_report(pool, schema, project, limit))
-    if json_output:
-        out.print(json.dumps(rows), highlight=False, soft_wrap=True, markup=False)
-        return
-    table = report_table(
-        f"training runs{f' — {project}' if project else ''}",
-        "run", "project", "status", "reason", "epoch", "dataset", "model", "started", "finished",
+    show_rows(
+        rows, json_output=json_output, title=f"training runs{f' — {project}' if project else ''}",
+        columns=("run", "project", "status", "epoch", "dataset", "left out", "model", "test mAP50-95", "gate", "started", "finished"),
+        cells=_run_cells,
+        empty="no runs yet: they start when enough labels are verified, or with `visionloop trainer request PROJECT`",
     )
-    for r in rows:
-        table.add_row(
-            r["run_id"], r["project"], r["status"], r["reason"] or "-", str(r["epoch"] or "-"),
-            (r["dataset_version"] or "-")[:15], f"{r['model_id']} v{r['version']}" if r["model_id"] else "-",
-            (r["started_at"] or "-")[:19], (r["finished_at"] or "-")[:19],
-        )
-    out.print(table)
-    if not rows:
-        console.print("no runs yet: they start when enough labels are verified, or with `visionloop trainer request PROJECT`")
+
+
+def _run_cells(r: dict[str, Any]) -> tuple[str, ...]:
+    status = r["status"] + (f" ({r['reason']})" if r["reason"] else "")
+    dataset = "-" if not r["dataset_version"] else f"{r['dataset_version'][:15]} ({r['train_images']} train, {r['val_images']} val)"
+    left_out = "-" if not r["dataset_version"] else (f"{len(r['excluded'])} near test images" if r["excluded"] else "none")
+    return (
+        r["run_id"], r["project"], status, str(r["epoch"] or "-"), dataset, left_out,
+        f"{r['model_id']} v{r['version']}" if r["model_id"] else "-",
+        f"{r['map50_95']:.3f}" if r["map50_95"] is not None else "-", gate_cell(r),
+        (r["started_at"] or "-")[:19], (r["finished_at"] or "-")[:19],
+    )
+
+
+def gate_cell(r: dict[str, Any]) -> str:
+    """The gate's verdict on a run's model: passed, failed with each reason's numbers, or pending."""
+    if not r["model_id"]:
+        return "-"
+    if r["gate_passed"] is None:
+        return "not judged yet"
+    if r["gate_passed"]:
+        return "passed"
+    reasons = []
+    for f in r["gate_failures"]:
+        figures = f" {f['value']:.3f} vs {f['threshold']:.3f}" if f.get("value") is not None and f.get("threshold") is not None else ""
+        reasons.append(f"{f['reason']}{f' ({figures.strip()})' if figures else ''}")
+    return "FAILED: " + ("; ".join(reasons) or "no reason given")
 
 
 # -- releases and keys ------------------------------------------------------------------------------
@@ -119,22 +136,20 @@ def releases(
 
     settings = _attach(_settings(config))
     rows = _read_report(settings, "distributor", "releases", lambda pool, schema: releases_report(pool, schema, fleet, limit))
-    if json_output:
-        out.print(json.dumps(rows), highlight=False, soft_wrap=True, markup=False)
-        return
-    table = report_table(
-        f"releases{f' — fleet {fleet}' if fleet else ''}",
-        "release", "fleet", "target", "model", "stage", "status", "devices", "reason", "updated",
+    show_rows(
+        rows, json_output=json_output, title=f"releases{f' — fleet {fleet}' if fleet else ''}",
+        columns=("release", "fleet", "target", "model", "stage", "status", "devices", "reason", "updated"),
+        cells=_release_cells,
+        empty="no releases yet: a model that passes the gate is converted, packaged and released by the loop",
     )
-    for r in rows:
-        stages = r["stages"]
-        stage = f"{r['stage_index'] + 1}/{len(stages)} ({stages[r['stage_index']]:.0f}%)"
-        devices = ", ".join(f"{k} {v}" for k, v in sorted(r["devices"].items())) or "-"
-        table.add_row(r["release_id"], r["fleet"], r["target"], f"{r['model_id']} v{r['version']}", stage, r["status"], devices,
-                      r["reason"] or "-", r["updated_at"][:19])
-    out.print(table)
-    if not rows:
-        console.print("no releases yet: a model that passes the gate is converted, packaged and released by the loop")
+
+
+def _release_cells(r: dict[str, Any]) -> tuple[str, ...]:
+    stages = r["stages"]
+    stage = f"{r['stage_index'] + 1}/{len(stages)} ({stages[r['stage_index']]:.0f}%)"
+    devices = ", ".join(f"{k} {v}" for k, v in sorted(r["devices"].items())) or "-"
+    return (r["release_id"], r["fleet"], r["target"], f"{r['model_id']} v{r['version']}", stage, r["status"], devices,
+            r["reason"] or "-", r["updated_at"][:19])
 
 
 @app.command()
@@ -316,33 +331,25 @@ def library_list(
             await pool.close()
 
     entries = asyncio.run(main())
-    if json_output:
-        rows = [
-            {
-                "model_id": e.model_id, "version": e.version, "target": e.target.value, "project": e.project,
-                "domain": e.domain, "class_names": e.class_names, "input_size": e.input_size,
-                "precision": e.precision.value, "aliases": sorted(e.aliases), "artifact_uri": e.artifact_uri,
-                "artifact_sha256": e.artifact_sha256, "dataset_version": e.dataset_version,
-                "parent": e.parent.model_dump() if e.parent else None,
-                "metrics": e.metrics.model_dump() if e.metrics else None,
-                "registered_at": e.registered_at.isoformat(),
-            }
-            for e in entries
-        ]
-        out.print(json.dumps(rows), highlight=False, soft_wrap=True, markup=False)
-        return
-    table = report_table(
-        f"model library{f' — project {project}' if project else ''}",
-        "project", "model", "version", "target", "domain", "aliases", "classes", "input", "precision", "mAP50-95", "sha256", "registered",
-    )
-    for e in entries:
-        table.add_row(
+    show_rows(
+        entries, json_output=json_output, title=f"model library{f' — project {project}' if project else ''}",
+        columns=("project", "model", "version", "target", "domain", "aliases", "classes", "input", "precision", "mAP50-95",
+                 "sha256", "registered"),
+        cells=lambda e: (
             e.project, e.model_id, str(e.version), e.target.value,
             ", ".join(f"{k}={v}" for k, v in e.domain.items()) or "(all)",
             ", ".join(sorted(e.aliases)) or "-", ", ".join(e.class_names), str(e.input_size), e.precision.value,
             f"{e.metrics.map50_95:.3f}" if e.metrics else "-", e.artifact_sha256[:12],
             e.registered_at.strftime("%Y-%m-%d %H:%M"),
-        )
-    out.print(table)
-    if not entries:
-        console.print("the library is empty: `visionloop library add MODEL.onnx --project P --alias production`")
+        ),
+        as_json=lambda e: {
+            "model_id": e.model_id, "version": e.version, "target": e.target.value, "project": e.project,
+            "domain": e.domain, "class_names": e.class_names, "input_size": e.input_size,
+            "precision": e.precision.value, "aliases": sorted(e.aliases), "artifact_uri": e.artifact_uri,
+            "artifact_sha256": e.artifact_sha256, "dataset_version": e.dataset_version,
+            "parent": e.parent.model_dump() if e.parent else None,
+            "metrics": e.metrics.model_dump() if e.metrics else None,
+            "registered_at": e.registered_at.isoformat(),
+        },
+        empty="the library is empty: `visionloop library add MODEL.onnx --project P --alias production`",
+    )

@@ -50,6 +50,7 @@ from visionloop.demo.dataset import fit_rounds, world_for
 from visionloop.demo.effort import Actions
 from visionloop.demo.wait import wait_until
 from visionloop.demo.progress import Step
+from visionloop.demo.sizes import WorldSize
 from visionloop.demo.world import Item, ItemKind, publish
 
 log = logging.getLogger(__name__)
@@ -61,30 +62,9 @@ auto-accept); pre-labels reviewed, and auto-accepted where calibration allows (t
 
 
 @dataclass(frozen=True)
-class DemoConfig:
-    """The scenario's size; `quick()` is the CI-sized one."""
+class DemoConfig(WorldSize):
+    """The scenario's size (`WorldSize`, the demo's defaults) and its arm; `quick()` is the CI-sized one."""
 
-    seed: int = 7
-    rounds: tuple[int, int, int] = (200, 150, 150)
-    test_images: int = 48
-    new_class_test_images: int = 16
-    width: int = 192
-    height: int = 144
-    objects: tuple[int, int] = (1, 3)
-    size: tuple[float, float] | None = None
-    """Object sides as fractions of the shorter image side; None: the world's own (`object_size`)."""
-    imgsz: int = 160
-    epochs: int = 40
-    finetune_epochs: int = 20
-    batch: int = 16
-    agents: int = 5
-    waves: int = 3
-    """Each round's images arrive in this many waves; people work each wave before the next comes
-    (so calibration learned from the first wave's reviews can auto-accept the next wave's pre-labels)."""
-    exact_dup_rate: float = 0.05
-    near_dup_rate: float = 0.05
-    low_res_rate: float = 0.03
-    corrupt_rate: float = 0.03
     timeout_s: float = 900.0
     arm: str = "loop"
     """`loop`: the loop as it is. `manual` (an arm of `visionloop bench loop`): released models never

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from visionloop.bench import PLOTS
+from visionloop.demo.sizes import WorldSize
 
 STATE = Path(".visionloop") / "bench" / "chaos"
 PLOT = PLOTS / "chaos.png"
@@ -35,28 +36,22 @@ class ChaosStalled(Exception):
 
 
 @dataclass(frozen=True)
-class ChaosConfig:
-    """The scenario's size and the monkey's plan; `ci()` is the reduced run of the test suite."""
+class ChaosConfig(WorldSize):
+    """The scenario's size (`WorldSize`, with smaller defaults than the demo's) and the monkey's plan;
+    `ci()` is the reduced run of the test suite."""
 
     seed: int = 11
     rounds: tuple[int, ...] = (420, 300, 300)
-    """Images submitted per round (the third, if any, adds a class)."""
-    waves: int = 3
     test_images: int = 20
     new_class_test_images: int = 8
     width: int = 160
     height: int = 120
-    objects: tuple[int, int] = (1, 3)
-    size: tuple[float, float] = (0.22, 0.45)
+    size: tuple[float, float] | None = (0.22, 0.45)
     imgsz: int = 128
     epochs: int = 8
     finetune_epochs: int = 3
     batch: int = 8
     agents: int = 3
-    exact_dup_rate: float = 0.05
-    near_dup_rate: float = 0.05
-    low_res_rate: float = 0.03
-    corrupt_rate: float = 0.03
     noise_px: float = 2.0
     run_services: tuple[str, ...] | None = None
     """Services started (None: all ten)."""

@@ -1,5 +1,7 @@
-"""The gateway's decisions, pure: which tasks an image becomes, and whether a submission is
-acceptable (and as which canonical boxes).
+"""The gateway's decisions, pure (no I/O, no clock, no random ids: they are passed in): which
+tasks an image becomes, whether a submission is acceptable (and as which canonical boxes), and
+the one builder of the `label submitted` event every path (people, imports, Label Studio, a
+model's pre-labels) sends to the verifier.
 
 - An unrecognised image becomes an *annotate* task that starts from whatever the model found.
 - A recognised image becomes a *review* task carrying the pre-labels; with auto-accept on, the
@@ -15,17 +17,52 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from visionloop.contracts import Box, Detection, LabelRejectReason, ModelRef, ReviewDecision
+from visionloop.contracts import (
+    Box,
+    Detection,
+    ImageRef,
+    LabelActions,
+    Labeller,
+    LabelRejectReason,
+    LabelSourceKind,
+    LabelSubmitted,
+    ModelRef,
+    ReviewDecision,
+    TaskKind,
+)
 from visionloop.libs.boxes import clip, geometry_problem
 from visionloop.services.labeling_gateway.actions import same_boxes
 from visionloop.services.labeling_gateway.config import Policy
-from visionloop.services.labeling_gateway.store import NewTask
+
+NewId = Callable[[str], str]
+"""A fresh id with the given prefix (`t` for tasks, `g` for groups): the caller's, so that
+decisions stay pure."""
+
+
+@dataclass
+class NewTask:
+    """A task to create (one slot of a group when several people label it)."""
+
+    task_id: str
+    project: str
+    image_id: str
+    kind: str
+    state: str
+    priority: float
+    uncertainty: float | None = None
+    start_boxes: Sequence[Box] = ()
+    prelabel_model: ModelRef | None = None
+    issues: list[dict[str, Any]] = field(default_factory=list)
+    group_id: str | None = None
+    group_size: int = 1
+    parent_task: str | None = None
 
 MAX_ISSUES_SHOWN = 50
 """Problems listed in one refusal's details (the count is always given)."""
@@ -39,10 +76,12 @@ def annotate_tasks(
     detections: Sequence[Detection],
     model: ModelRef | None,
     policy: Policy,
+    new_id: NewId,
 ) -> list[NewTask]:
     """An unrecognised image: draw every box, starting from what the model found."""
     return _group(
         NewTask(
+            task_id=new_id("t"),
             project=project,
             image_id=image_id,
             kind="annotate",
@@ -53,6 +92,7 @@ def annotate_tasks(
             prelabel_model=model if detections else None,
         ),
         policy.consensus_labellers,
+        new_id,
     )
 
 
@@ -64,6 +104,7 @@ def review_task(
     prelabels: Sequence[Detection],
     model: ModelRef,
     policy: Policy,
+    new_id: NewId,
 ) -> NewTask:
     """A recognised image: a person accepts, corrects or rejects the pre-labels.
 
@@ -71,6 +112,7 @@ def review_task(
     always one person's decision; consensus is for drawing boxes.
     """
     return NewTask(
+        task_id=new_id("t"),
         project=project,
         image_id=image_id,
         kind="review",
@@ -95,6 +137,7 @@ def reannotate_tasks(
     parent_task: str | None,
     model: ModelRef | None,
     policy: Policy,
+    new_id: NewId,
 ) -> list[NewTask]:
     """A rejected submission: label the image again, starting from the rejected boxes.
 
@@ -104,6 +147,7 @@ def reannotate_tasks(
     shown = [{"index": None, "reason": reason.value, "message": message}, *issues][:MAX_ISSUES_SHOWN]
     return _group(
         NewTask(
+            task_id=new_id("t"),
             project=project,
             image_id=image_id,
             kind="reannotate",
@@ -116,21 +160,19 @@ def reannotate_tasks(
             parent_task=parent_task,
         ),
         policy.consensus_labellers,
+        new_id,
     )
 
 
-def _group(task: NewTask, size: int) -> list[NewTask]:
+def _group(task: NewTask, size: int, new_id: NewId) -> list[NewTask]:
     """`size` slots of one task, one per labeller, sharing a group id (one slot when 1)."""
     if size <= 1:
         return [task]
-    group_id = f"g-{uuid.uuid4().hex}"
-    slots = []
-    for _ in range(size):
-        slot = NewTask(**{**task.__dict__, "task_id": f"t-{uuid.uuid4().hex}"})
-        slot.group_id = group_id
-        slot.group_size = size
-        slots.append(slot)
-    return slots
+    group_id = new_id("g")
+    return [
+        NewTask(**{**task.__dict__, "task_id": task.task_id if n == 0 else new_id("t"), "group_id": group_id, "group_size": size})
+        for n in range(size)
+    ]
 
 
 # -- submissions -------------------------------------------------------------------------------------
@@ -299,3 +341,41 @@ def usable(class_names: list[str]) -> list[str]:
     """A model's class names that can be taxonomy names (a project first seen through a model
     starts with its classes)."""
     return [c for c in class_names if 0 < len(c) <= 64 and c.isprintable()]
+
+
+# -- the event the verifier receives ------------------------------------------------------------------
+
+def label_submitted(
+    *,
+    source: LabelSourceKind,
+    submission_id: str,
+    task_id: str,
+    kind: TaskKind,
+    image: ImageRef,
+    boxes: Sequence[Box],
+    labeller: str,
+    role: str,
+    submitted_at: datetime,
+    class_names: list[str] | None,
+    prelabels: Sequence[Detection] = (),
+    prelabel_model: ModelRef | None = None,
+    actions: LabelActions | None = None,
+    **extra: Any,
+) -> LabelSubmitted:
+    """The one builder of `label submitted`, for every source.
+
+    Its rules: the labeller id is cut to the contract's 128 characters; the pre-labels' model
+    travels only with pre-labels (or with the model's own offer, which may hold none); a person
+    or file that gave no action counts drew every box, a model's offer counts none. `extra`:
+    the contract's optional fields (decision, opened_at, duration_s, uncertainty, consensus,
+    prelabel_classes, for_test_set).
+    """
+    offer = source is LabelSourceKind.PRELABEL
+    if actions is None:
+        actions = LabelActions() if offer else LabelActions(boxes_drawn=len(boxes))
+    return LabelSubmitted(
+        submission_id=submission_id, task_id=task_id, task_kind=kind, image=image, boxes=list(boxes),
+        labeller=Labeller(user_id=labeller[:128], role=role), source=source, submitted_at=submitted_at,
+        actions=actions, prelabels=list(prelabels),
+        prelabel_model=prelabel_model if (prelabels or offer) else None, class_names=class_names, **extra,
+    )
