@@ -55,6 +55,7 @@ from visionloop.contracts.model import (
     ModelEvaluated,
     ModelPackaged,
     ModelRegistered,
+    ModelRejudgeRequested,
     ModelTrained,
     Parity,
     Precision,

@@ -113,6 +113,16 @@ class ModelEvaluated(Payload):
     test_set: DatasetRef | None = Field(default=None, description="The frozen test set it was measured on.")
 
 
+class ModelRejudgeRequested(Payload):
+    """Ask the evaluator to judge a model it gated before again, under the project's gate settings
+    as they are now (`visionloop evaluator rejudge`): no retraining; a pass releases it as usual."""
+
+    event_type = "rejudge.requested"
+
+    model: ModelRef
+    requested_by: str = Field(default="unknown", max_length=128)
+
+
 class Precision(StrEnum):
     """Numeric precision of an exported artifact."""
 

@@ -26,6 +26,7 @@ from visionloop.contracts.model import (
     ModelEvaluated,
     ModelPackaged,
     ModelRegistered,
+    ModelRejudgeRequested,
     ModelTrained,
 )
 from visionloop.contracts.release import DeviceStatus, EdgeRelease, ReleaseCommand, ServerRelease
@@ -79,6 +80,8 @@ _SPECS: list[TopicSpec] = [
     TopicSpec(TrainingRequested, "project", _project, 1, "Commands to train now."),
     TopicSpec(ModelTrained, "model_id", _model_id, 1, "Finished training runs (candidates)."),
     TopicSpec(ModelEvaluated, "model_id", _model_id, 1, "Candidates gated on the frozen test set."),
+    TopicSpec(ModelRejudgeRequested, "model_id", lambda e: e.payload.model.model_id, 1,
+              "Commands to judge a gated model again under the current gate settings."),
     TopicSpec(ModelConverted, "model_id", _model_id, 1, "Exported ONNX artifacts."),
     TopicSpec(ModelPackaged, "model_id", _model_id, 1, "Signed packages."),
     TopicSpec(ModelRegistered, "model_id", _model_id, 1, "Model library entries and alias moves."),

@@ -6,7 +6,7 @@ writes only the topics it produces (its events, its heartbeats, its dead letters
 the topics it consumes, in its own consumer groups. Outside the services: upstream systems write
 the submit topic only; devices write their status topic (and their dead letters) and read the
 release topics in groups named `<prefix>edge-agent.<fleet>.<device>`; operators' commands
-(`visionloop trainer request`, `visionloop release ...`) write the training and release-command
+(`visionloop trainer request`, `visionloop release ...`, `visionloop evaluator rejudge`) write the training, release-command and rejudge
 topics. Every principal may describe what it touches (clients ask for metadata). Every service
 also writes and reads the broker-epoch topic (`libs/bus/epoch.py`).
 
@@ -21,7 +21,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from visionloop.contracts import DeadLetter, DeviceStatus, EdgeRelease, ImageSubmitted, ReleaseCommand, ServerRelease, TrainingRequested
+from visionloop.contracts import (
+    DeadLetter,
+    DeviceStatus,
+    EdgeRelease,
+    ImageSubmitted,
+    ModelRejudgeRequested,
+    ReleaseCommand,
+    ServerRelease,
+    TrainingRequested,
+)
 from visionloop.libs.kafka import EPOCH_TOPIC
 from visionloop.libs.settings import Settings
 
@@ -86,7 +95,7 @@ def outside_acls(settings: Settings) -> list[Acl]:
         _rules(f"{PRINCIPAL_PREFIX}upstream", {topic(ImageSubmitted)}, set(), set())
         + _rules(f"{PRINCIPAL_PREFIX}device", {topic(DeviceStatus), topic(DeadLetter)}, {topic(EdgeRelease), topic(ServerRelease)},
                  {f"{settings.topic_prefix}edge-agent."}, group_pattern="PREFIXED")
-        + _rules(f"{PRINCIPAL_PREFIX}operator", {topic(TrainingRequested), topic(ReleaseCommand)}, set(), set())
+        + _rules(f"{PRINCIPAL_PREFIX}operator", {topic(TrainingRequested), topic(ReleaseCommand), topic(ModelRejudgeRequested)}, set(), set())
     )
 
 

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import tempfile
 import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -49,6 +51,7 @@ class FakeSettings:
 
     topic_prefix: str = ""
     instance: str = "test"
+    state_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="vl-fake-")))
 
     def topic(self, name: str) -> str:
         """The topic's full name."""

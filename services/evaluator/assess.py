@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from visionloop.contracts import Box, Envelope, Metrics, ModelRef, ModelTrained
+from visionloop.contracts import Box, Envelope, Metrics, ModelRef, ModelRejudgeRequested, ModelTrained
 from visionloop.libs.blob import BlobStore
 from visionloop.libs.bus import Runtime
 from visionloop.libs.db import quote_ident
@@ -56,18 +56,59 @@ class Assessor:
         out: list[Any] = []
         for event in events:
             try:
-                out.append(await self.assess(event))
+                out.append(await self.assess(event.payload, event.project))
             except Exception as exc:  # noqa: BLE001 - handed back to the bus
                 log.exception("evaluating %s failed", event.payload.lineage.model)
                 out.append(exc)
         return out
 
-    async def assess(self, event: Envelope[ModelTrained]) -> Assessment:
-        t, project = event.payload, event.project
+    async def prepare_rejudge(self, events: list[Envelope[ModelRejudgeRequested]]) -> list[Any]:
+        """Each requested model's (project, `model trained`, new assessment); None for a model this
+        evaluator never gated; or the exception for the bus."""
+        pool, s = self.runtime.pool, quote_ident(self.runtime.schema)
+        assert pool is not None
+        out: list[Any] = []
+        for event in events:
+            try:
+                known = await store.trained_of(pool, s, event.payload.model)
+                out.append(None if known is None else (*known, await self.rejudge(known[1], known[0])))
+            except Exception as exc:  # noqa: BLE001 - handed back to the bus
+                log.exception("judging %s again failed", event.payload.model)
+                out.append(exc)
+        return out
+
+    async def rejudge(self, t: ModelTrained, project: str) -> Assessment:
+        """The gate again on the figures already measured (the candidate's and the champion's on this
+        test set version; its report kept); a figure not at hand is measured, as for a new candidate."""
+        pool, s = self.runtime.pool, quote_ident(self.runtime.schema)
+        assert pool is not None
         if (none := decide.without_test_set(t, project)) is not None:
             return none
         assert t.test_set is not None
-        policy = self.config.policy(project)
+        version = t.test_set.version
+        candidate = await store.stored_metrics(pool, s, t.lineage.model, version)
+        champ = await store.champion_of(pool, s, project, t.lineage.model)
+        champ_ref = ModelRef(model_id=champ["model_id"], version=champ["version"]) if champ else None
+        champ_metrics = await store.stored_metrics(pool, s, champ_ref, version) if champ_ref else None
+        if candidate is None or (champ_ref is not None and champ_metrics is None):
+            return await self.assess(t, project)
+        failures = gate(candidate, champ_metrics, await self.policy(project))
+        return Assessment(candidate=candidate, failures=failures, test_set_version=version, champion=champ_metrics,
+                          champion_ref=champ_ref, report_uri=await store.report_of(pool, s, t.lineage.model, version))
+
+    async def policy(self, project: str) -> Policy:
+        """The project's policy: the environment's and the config file's, with the changes made at
+        run time (`visionloop evaluator set`, read at every evaluation)."""
+        pool, s = self.runtime.pool, quote_ident(self.runtime.schema)
+        overrides = await store.gate_overrides(pool, s, project) if pool is not None else {}
+        return decide.with_overrides(self.config.policy(project), overrides)
+
+    async def assess(self, t: ModelTrained, project: str) -> Assessment:
+        """Measure a candidate on its frozen test set (and the champion when needed) and gate it."""
+        if (none := decide.without_test_set(t, project)) is not None:
+            return none
+        assert t.test_set is not None
+        policy = await self.policy(project)
         loop = asyncio.get_running_loop()
         started = loop.time()
         tests = await self.test_set(t)

@@ -1,11 +1,16 @@
 """The evaluator's decisions, pure (the gate itself is `gate.py`): what a candidate without a
-test set gets, the classes its metrics are averaged over, which measurements are stored, and the
-`model evaluated` event."""
+test set gets, the classes its metrics are averaged over, which measurements are stored, the
+`model evaluated` event, and the gate settings a project has once its run-time changes
+(`visionloop evaluator set`) are applied."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
 
 from visionloop.contracts import (
     GateFailure,
@@ -15,6 +20,41 @@ from visionloop.contracts import (
     ModelRef,
     ModelTrained,
 )
+from visionloop.services.evaluator.config import Policy
+
+SETTABLE = tuple(name for name in Policy.model_fields if name not in ("device", "batch"))
+"""What `visionloop evaluator set` may change per project: the gate and how candidates are
+measured (not where: `device` and `batch` are the process's)."""
+
+
+class SettingRefused(ValueError):
+    """A run-time gate setting that cannot be applied; `reason` is its code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def with_overrides(policy: Policy, overrides: Mapping[str, Any]) -> Policy:
+    """`policy` (from the environment and the config file) with a project's run-time changes."""
+    return Policy.model_validate({**policy.model_dump(), **overrides})
+
+
+def changed_overrides(policy: Policy, stored: Mapping[str, Any], pairs: Mapping[str, str], unset: Sequence[str] = ()) -> dict[str, Any]:
+    """The project's run-time settings after setting `pairs` (name -> text) and removing `unset`;
+    refused with a reason for an unknown name (with the close matches) or a value out of range."""
+    for name in [*pairs, *unset]:
+        if name not in SETTABLE:
+            close = difflib.get_close_matches(name, SETTABLE, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"settable: {', '.join(SETTABLE)}"
+            raise SettingRefused("unknown_setting", f"{name!r} is not a gate setting; {hint}")
+    merged = {k: v for k, v in stored.items() if k not in unset} | dict(pairs)
+    try:
+        checked = with_overrides(policy, merged)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise SettingRefused("invalid_value", problems) from None
+    return {name: getattr(checked, name) for name in merged}
 
 
 @dataclass

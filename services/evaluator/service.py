@@ -16,6 +16,10 @@ side, and a report (JSON plus PR-curve and per-class PNGs) in the blob store.
 
 Measuring runs in the batch consumer's `prepare` step, outside any database transaction; only
 the results are written in the handler's transaction.
+
+A project's gate settings may be changed at run time (`visionloop evaluator set`: the
+`gate_settings` table, read at every evaluation), and `rejudge requested` (`visionloop evaluator
+rejudge`) judges a gated model again under them, on the figures already measured.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from visionloop.contracts import ModelEvaluated, ModelRegistered, ModelTrained
+from visionloop.contracts import ModelEvaluated, ModelRegistered, ModelRejudgeRequested, ModelTrained
 from visionloop.libs.bus import Runtime
 from visionloop.libs.service import Adapters, ServiceSpec, bound
 from visionloop.services.evaluator import handlers
@@ -44,6 +48,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: EvaluatorSettings) -> Non
 
     runtime.consume_batch(ModelTrained, bound(handlers.on_trained, ctx), prepare=assessor.prepare, max_records=1)
     runtime.background("warm-up", warm_up)
+    runtime.consume_batch(ModelRejudgeRequested, bound(handlers.on_rejudge, ctx), prepare=assessor.prepare_rejudge, max_records=1)
     runtime.consume(ModelRegistered, bound(handlers.on_registered, ctx))
     runtime.produces(ModelEvaluated)
 

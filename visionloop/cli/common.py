@@ -45,6 +45,8 @@ verifier_app = typer.Typer(help="The verifier: auto-accept calibration.", no_arg
 app.add_typer(verifier_app, name="verifier")
 trainer_app = typer.Typer(help="The trainer: ask for a run, list runs.", no_args_is_help=True)
 app.add_typer(trainer_app, name="trainer")
+evaluator_app = typer.Typer(help="The evaluator: gate settings per project at run time, judge a model again.", no_args_is_help=True)
+app.add_typer(evaluator_app, name="evaluator")
 release_app = typer.Typer(help="Releases: promote, pause, resume or roll back a rollout.", no_args_is_help=True)
 app.add_typer(release_app, name="release")
 keys_app = typer.Typer(help="Package signing keys (Ed25519).", no_args_is_help=True)
