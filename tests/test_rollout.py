@@ -26,8 +26,14 @@ def test_failures_above_the_rate_roll_back_or_pause() -> None:
 
 
 def test_a_stage_that_addresses_no_known_device_moves_on() -> None:
-    assert decide(StageView(addressed=0, activated=0, failed=0), last=False, **RULES) is Step.ADVANCE
-    assert decide(StageView(addressed=0, activated=0, failed=0), last=True, **RULES) is Step.COMPLETE
+    assert decide(StageView(addressed=0, activated=0, failed=0, fleet=5), last=False, **RULES) is Step.ADVANCE
+    assert decide(StageView(addressed=0, activated=0, failed=0, fleet=5), last=True, **RULES) is Step.COMPLETE
+
+
+def test_a_release_to_a_fleet_without_devices_waits_for_the_first() -> None:
+    """Issue 18, item 7: never "completed 3/3 (100%)" on nobody."""
+    assert decide(StageView(addressed=0, activated=0, failed=0, fleet=0), last=False, **RULES) is Step.WAIT
+    assert decide(StageView(addressed=0, activated=0, failed=0, fleet=0), last=True, **RULES) is Step.WAIT
 
 
 def test_the_canary_group_is_the_first_stage_only() -> None:

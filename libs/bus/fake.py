@@ -53,9 +53,15 @@ class FakeSettings:
     instance: str = "test"
     state_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="vl-fake-")))
 
+    schema_prefix: str = field(default_factory=lambda: f"t_{uuid.uuid4().hex[:8]}_")
+
     def topic(self, name: str) -> str:
         """The topic's full name."""
         return f"{self.topic_prefix}{name}"
+
+    def schema_for(self, service: str) -> str:
+        """The schema of `service` (a shared one, like the library's), unique to these settings."""
+        return f"{self.schema_prefix}{service.replace('-', '_')}"
 
 
 class FakeRuntime:

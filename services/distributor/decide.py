@@ -35,6 +35,12 @@ class StageView:
     """Known devices of the fleet the stage addresses (and any other device that reported on the release)."""
     activated: int
     failed: int
+    fleet: int = 1
+    """Devices the fleet has at all (0: none has ever reported)."""
+
+
+NO_DEVICES = "no devices in the fleet: waiting for the first"
+"""The reason a rolling release shows while its fleet has no device."""
 
 
 def stage_of(index: int, stages: list[float], canary_devices: list[str]) -> RolloutStage:
@@ -46,6 +52,8 @@ def stage_of(index: int, stages: list[float], canary_devices: list[str]) -> Roll
 def next_step(view: StageView, *, last: bool, min_activated_fraction: float, max_failure_rate: float, auto_rollback: bool) -> Step:
     """The next step for a rolling release whose current stage looks like `view`."""
     done = Step.COMPLETE if last else Step.ADVANCE
+    if view.addressed == 0 and view.fleet == 0:
+        return Step.WAIT  # no device at all: a release is not "completed" on nobody (NO_DEVICES)
     if view.addressed == 0:
         return done  # nobody to wait for in this stage: the next one is larger
     if view.failed and view.failed / view.addressed > max_failure_rate:

@@ -75,10 +75,14 @@ async def _checked_entry(ctx: Releases, event: Envelope[ModelPackaged], unit: Un
 
 
 async def on_device(ctx: Releases, event: Envelope[DeviceStatus], unit: Unit[Any]) -> None:
-    """Record a device's report; a report on a rolling release may move its rollout on."""
+    """Record a device's report; a report on a rolling release, or the first word of a device new to
+    the fleet, may move a rollout on."""
     d = event.payload
-    await store.record_device(unit.conn, unit.schema, d)
+    new = await store.record_device(unit.conn, unit.schema, d)
     ctx.counters[f"device_{d.state.value}"] += 1
+    if new:  # a release that waited for a device in this fleet may go on
+        for release_id in await store.rolling_releases(unit.conn, unit.schema, d.fleet):
+            await ctx.evaluate(unit, release_id)
     if d.state is DeviceState.HEARTBEAT or d.release_id is None:
         return
     await store.record_release_report(unit.conn, unit.schema, d)

@@ -28,6 +28,7 @@ from visionloop.libs.signing import TrustStore
 from visionloop.services.distributor import store
 from visionloop.services.distributor.config import DistributorSettings
 from visionloop.services.distributor.decide import (
+    NO_DEVICES,
     StageView,
     Step,
     next_step,
@@ -87,6 +88,8 @@ class Releases:
         assert release is not None
         self.emit(unit, release, ReleaseAction.ACTIVATE, stage_of(0, stages, canary))
         self.counters[f"releases_{p.target.value}"] += 1
+        log.info("release %s to %s: stage 1 of %d (%s) starts", release_id, fleet, len(stages),
+                 f"canary {', '.join(canary)}" if canary else f"{stages[0]:.0f}%")
         if p.target is Target.EDGE:
             await self.evaluate(unit, release_id)
 
@@ -119,7 +122,13 @@ class Releases:
             step = next_step(view, last=index == len(release["stages"]) - 1, min_activated_fraction=policy.min_activated_fraction,
                              max_failure_rate=policy.max_failure_rate, auto_rollback=policy.auto_rollback)
             self.runtime.gauges[f"release.{release_id}.stage"] = float(index)
+            if view.fleet and release["reason"] == NO_DEVICES:  # the first device has come
+                await store.set_status(unit.conn, unit.schema, release_id, "rolling", None)
+                release["reason"] = None
             if step is Step.WAIT:
+                if view.fleet == 0 and release["reason"] != NO_DEVICES:
+                    await store.set_status(unit.conn, unit.schema, release_id, "rolling", NO_DEVICES)
+                    log.info("release %s: %s", release_id, NO_DEVICES)
                 return
             if step is Step.ADVANCE:
                 await self.advance(unit, release, index)
@@ -148,6 +157,7 @@ class Releases:
         addressed = {d for d in known if in_stage(d, stage)}
         addressed |= {d for d, state in reports.items() if state in (DeviceState.ACTIVATED.value, DeviceState.FAILED.value)}
         return StageView(
+            fleet=len(set(known) | set(reports)),
             addressed=len(addressed),
             activated=sum(reports.get(d) == DeviceState.ACTIVATED.value for d in addressed),
             failed=sum(reports.get(d) == DeviceState.FAILED.value for d in addressed),

@@ -105,16 +105,23 @@ async def device_reports(conn: Any, s: str, release_id: str) -> dict[str, str]:
     )}
 
 
-async def record_device(conn: Any, s: str, d: DeviceStatus) -> None:
-    """A device's report: its state always; its report on a release (not a heartbeat) in the release's log too."""
+async def record_device(conn: Any, s: str, d: DeviceStatus) -> bool:
+    """A device's report: its state always; its report on a release (not a heartbeat) in the release's log too.
+    True when the fleet did not know the device before."""
     active = f"{d.active_model.model_id}:v{d.active_model.version}" if d.active_model else None
-    await conn.execute(
+    return bool(await conn.fetchval(
         f"""INSERT INTO {s}.devices (fleet, device_id, state, release_id, active_model) VALUES ($1, $2, $3, $4, $5)
             ON CONFLICT (fleet, device_id) DO UPDATE SET state = EXCLUDED.state, last_seen = now(),
                 release_id = coalesce(EXCLUDED.release_id, {s}.devices.release_id),
-                active_model = coalesce(EXCLUDED.active_model, {s}.devices.active_model)""",
+                active_model = coalesce(EXCLUDED.active_model, {s}.devices.active_model)
+            RETURNING (xmax = 0)""",
         d.fleet, d.device_id, d.state.value, d.release_id, active,
-    )
+    ))
+
+
+async def rolling_releases(conn: Any, s: str, fleet: str) -> list[str]:
+    """Ids of the fleet's rolling releases."""
+    return [r["release_id"] for r in await conn.fetch(f"SELECT release_id FROM {s}.releases WHERE fleet = $1 AND status = 'rolling'", fleet)]
 
 
 async def record_release_report(conn: Any, s: str, d: DeviceStatus) -> None:
