@@ -26,3 +26,14 @@ def test_the_gate_cell_says_passed_pending_or_each_reason() -> None:
     assert gate_cell({**RUN, "model_id": None}) == "-"
     two = [{"reason": "no_test_set", "message": "m"}, {"reason": "class_regression", "value": 0.2, "threshold": 0.25}]
     assert gate_cell({**RUN, "gate_failures": two}) == "FAILED: no_test_set; class_regression (0.200 vs 0.250)"
+
+
+def test_submit_says_why_an_image_goes_to_people() -> None:
+    from pathlib import Path
+
+    from visionloop.submit import trail_answer
+
+    event = {"event_type": "image.unrecognized", "payload": {"image": {"image_id": "ab" * 32}, "reason": "no_model", "uncertainty": 1.0,
+                                                             "detections": []}}
+    answer = trail_answer(Path("a.jpg"), [event], 30)
+    assert answer.ok and "goes to people, reason no_model (uncertainty 1.00, 0 boxes found)" in answer.line

@@ -56,6 +56,10 @@ def trail_answer(path: Path, trail: list[dict[str, Any]], wait: float) -> Answer
     payload = trail[-1]["payload"]
     if trail[-1]["event_type"] == "image.rejected":
         return Answer(False, f"{path}: rejected by {payload['stage']} ({payload['reason']}): {payload['message']}")
+    if trail[-1]["event_type"] == "image.unrecognized":
+        return Answer(True, f"{path}: image.unrecognized ({payload['image']['image_id']}): goes to people, reason "
+                            f"{payload['reason']} (uncertainty {payload['uncertainty']:.2f}, {len(payload.get('detections') or [])} "
+                            "boxes found)")
     return Answer(True, f"{path}: {trail[-1]['event_type']} ({payload['image']['image_id']})")
 
 

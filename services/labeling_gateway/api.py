@@ -18,7 +18,6 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
 
 from visionloop.contracts import (
     ImageRef,
@@ -29,11 +28,27 @@ from visionloop.contracts import (
     ReviewDecision,
     TaskKind,
 )
-from visionloop.contracts.common import ClassName, ProjectName
 from visionloop.contracts.envelope import utcnow
 from visionloop.libs.blob import BlobMissing
 from visionloop.services.labeling_gateway import datasets, store
 from visionloop.services.labeling_gateway.actions import count_actions
+from visionloop.services.labeling_gateway.api_models import (
+    ClassesIn,
+    ImageOut,
+    LeaseIn,
+    LeaseOut,
+    ProjectIn,
+    ProjectOut,
+    ProjectPath,
+    RenewOut,
+    SubmitOut,
+    TaskList,
+    TaskOut,
+    TaskPath,
+    TaskRow,
+    TokenIn,
+    TokenOut,
+)
 from visionloop.services.labeling_gateway.auth import Principal, Role, signature_valid
 from visionloop.services.labeling_gateway.config import GatewaySettings
 from visionloop.services.labeling_gateway.decide import (
@@ -54,116 +69,6 @@ from visionloop.services.labeling_gateway.http import (
 log = logging.getLogger(__name__)
 
 MEDIA = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff", "GIF": "image/gif", "MPO": "image/jpeg"}
-
-ProjectPath = Annotated[str, Path(description="Project slug.", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-TaskPath = Annotated[str, Path(description="Task id, from `next`.", max_length=128)]
-
-
-# -- bodies and answers ---------------------------------------------------------------------------------
-
-
-class ProjectIn(BaseModel):
-    """A new project and its taxonomy."""
-
-    project: ProjectName
-    classes: list[ClassName] = Field(default_factory=list, max_length=1000, description="The class list, in order.")
-
-
-class ClassesIn(BaseModel):
-    """Classes to append to the taxonomy (names already there are ignored)."""
-
-    classes: list[ClassName] = Field(min_length=1, max_length=1000)
-
-
-class TokenIn(BaseModel):
-    """A token to create for the path's project."""
-
-    role: Literal["annotator", "reviewer", "admin"] = "annotator"
-    user_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9@._:-]+$", description="Who uses it (recorded on every submission).")
-
-
-class LeaseIn(BaseModel):
-    """The lease a task is held under."""
-
-    lease_id: uuid.UUID
-
-
-class ProjectOut(BaseModel):
-    """A project: its taxonomy, its task policy and its queue."""
-
-    project: str
-    classes: list[str] = Field(description="The taxonomy, in order (YOLO class indices follow it).")
-    queue: dict[str, int] = Field(description="Tasks by state: queued, leased, verifying, submitted, done, rejected.")
-    policy: dict[str, Any]
-
-
-class TokenOut(BaseModel):
-    """A created token: `token` is shown this once and never again."""
-
-    token_id: str
-    token: str
-    project: str | None
-    role: str
-    user_id: str
-
-
-class ImageOut(BaseModel):
-    """The image of a task (fetch it from `url` with the same token)."""
-
-    image_id: str
-    url: str
-    width: int
-    height: int
-    format: str
-
-
-class LeaseOut(BaseModel):
-    """A hold on a task: answer it with `lease_id` before `expires_at`, or renew."""
-
-    lease_id: uuid.UUID
-    expires_at: datetime
-    lease_s: float
-
-
-class TaskOut(BaseModel):
-    """A task handed to a labeller."""
-
-    task_id: str
-    project: str
-    kind: TaskKind
-    image: ImageOut
-    start_boxes: list[dict[str, Any]] = Field(
-        description="Boxes to start from (pixels): the model's pre-labels (with `score`) or a rejected submission's boxes."
-    )
-    prelabel_model: ModelRef | None
-    decision_required: bool = Field(description="Review tasks: answer with accept, correct or reject.")
-    issues: list[dict[str, Any]] = Field(description="Why an earlier answer was rejected (re-annotate tasks).")
-    classes: list[str] = Field(description="The project's taxonomy.")
-    priority: float
-    uncertainty: float | None
-    group_size: int = Field(description="People labelling this image independently (consensus).")
-    lease: LeaseOut
-    resumed: bool = Field(description="True when this is a task the labeller already held.")
-
-
-class SubmitOut(BaseModel):
-    """201: the answer is recorded and sent to the verifier."""
-
-    submission_id: str
-    task_id: str
-    boxes: int
-    decision: ReviewDecision | None
-    actions: LabelActions
-    duration_s: float | None
-
-
-class RenewOut(BaseModel):
-    """The lease's new expiry."""
-
-    task_id: str
-    lease_id: uuid.UUID
-    expires_at: datetime
-
 
 def _refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
@@ -359,8 +264,25 @@ def _leases(app: FastAPI, gw: Gateway, r: _Shared) -> None:
 
 
 def _tasks(app: FastAPI, gw: Gateway, r: _Shared) -> None:
-    """A held task: read, renew, release, skip."""
-    config, s, annotator = r.config, r.s, r.annotator
+    """The project's tasks, and a held task: read, renew, release, skip."""
+    config, s, annotator, reviewer, existing = r.config, r.s, r.annotator, r.reviewer, r.existing
+
+    @app.get("/v1/projects/{project}/tasks", summary="The project's tasks, by state and reason", tags=["tasks"],
+             description="Newest first. `reason` says why a task is for people (see `TaskRow.reason`); page with `offset`.",
+             response_model=TaskList, responses=_refusals(404, 422), openapi_extra=role_extra(Role.REVIEWER))
+    async def list_tasks(
+        project: ProjectPath,
+        state: Annotated[str | None, Query(max_length=32, description="Only tasks in this state.")] = None,
+        reason: Annotated[str | None, Query(max_length=64, description="Only tasks with this reason.")] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+        offset: Annotated[int, Query(ge=0, le=1_000_000, description="Tasks to skip (`next_offset` of the previous page).")] = 0,
+        principal: Principal = reviewer,
+    ) -> TaskList:
+        async with gw.pool.acquire() as conn:
+            await existing(conn, project)
+            rows = await store.task_list(conn, s, project, state=state, reason=reason, limit=limit + 1, offset=offset)
+        page = [TaskRow.model_validate(row) for row in rows[:limit]]
+        return TaskList(tasks=page, next_offset=offset + limit if len(rows) > limit else None)
 
     @app.get("/v1/projects/{project}/tasks/{task_id}", summary="A task", tags=["tasks"],
              description="The labeller holding it, or a reviewer or admin of the project.",

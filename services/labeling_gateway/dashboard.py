@@ -315,6 +315,8 @@ class QueueOut(BaseModel):
     leased: int = Field(0, description="Held by a labeller now.")
     submitted: int = Field(0, description="Answered, with the verifier.")
     total: int = 0
+    reasons: dict[str, int] = Field(default_factory=dict, description=(
+        "Queued and leased tasks by why they are for people (the task's `reason`; `unknown` for tasks made before reasons were kept)."))
 
 
 class ModelOut(BaseModel):
@@ -414,6 +416,9 @@ async def _queue(pool: asyncpg.Pool, s: str, project: str | None) -> list[QueueO
         item = found.setdefault((r["project"], r["kind"]), QueueOut(project=r["project"], kind=r["kind"]))
         setattr(item, r["state"], int(r["n"]))
         item.total += int(r["n"])
+    for r in await store.queued_by_reason(pool, s, project):
+        if (r["project"], r["kind"]) in found:
+            found[(r["project"], r["kind"])].reasons[r["reason"]] = int(r["n"])
     return list(found.values())
 
 

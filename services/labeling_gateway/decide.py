@@ -63,6 +63,8 @@ class NewTask:
     group_id: str | None = None
     group_size: int = 1
     parent_task: str | None = None
+    reason: str | None = None
+    """Why it is for people (see the migration `0004_task_reason.sql`)."""
 
 MAX_ISSUES_SHOWN = 50
 """Problems listed in one refusal's details (the count is always given)."""
@@ -77,8 +79,10 @@ def annotate_tasks(
     model: ModelRef | None,
     policy: Policy,
     new_id: NewId,
+    reason: str | None = None,
 ) -> list[NewTask]:
-    """An unrecognised image: draw every box, starting from what the model found."""
+    """An unrecognised image: draw every box, starting from what the model found; `reason`: the
+    recognizer's (why no model recognises it)."""
     return _group(
         NewTask(
             task_id=new_id("t"),
@@ -90,6 +94,7 @@ def annotate_tasks(
             uncertainty=uncertainty,
             start_boxes=list(detections),
             prelabel_model=model if detections else None,
+            reason=reason,
         ),
         policy.consensus_labellers,
         new_id,
@@ -121,6 +126,7 @@ def review_task(
         uncertainty=uncertainty,
         start_boxes=list(prelabels),
         prelabel_model=model,
+        reason="prelabels",
     )
 
 
@@ -158,6 +164,7 @@ def reannotate_tasks(
             prelabel_model=model if start else None,
             issues=shown,
             parent_task=parent_task,
+            reason=reason.value,
         ),
         policy.consensus_labellers,
         new_id,

@@ -52,6 +52,7 @@ async def on_unrecognized(ctx: Gateway, event: Envelope[ImageUnrecognized], unit
     tasks = annotate_tasks(
         project, payload.image.image_id, uncertainty=payload.uncertainty, detections=payload.detections,
         model=payload.recognition.model if payload.recognition else None, policy=ctx.config.policy(project), new_id=new_id,
+        reason=payload.reason.value,
     )
     await store.insert_tasks(unit.conn, s, tasks)
     ctx.runtime.counters["tasks_created"] += len(tasks)
@@ -88,7 +89,7 @@ async def on_rejected(ctx: Gateway, event: Envelope[LabelRejected], unit: Unit[A
     issues = [i.model_dump(mode="json") for i in payload.issues]
     if sub["source"] == LabelSourceKind.PRELABEL.value:
         opened = await store.open_for_review(
-            unit.conn, s, sub["task_id"], spot_check=payload.reason is LabelRejectReason.SPOT_CHECK,
+            unit.conn, s, sub["task_id"], spot_check=payload.reason is LabelRejectReason.SPOT_CHECK, reason=payload.reason.value,
             issues=[] if payload.reason in (LabelRejectReason.NEEDS_REVIEW, LabelRejectReason.SPOT_CHECK)
             else [{"index": None, "reason": payload.reason.value, "message": payload.message}, *issues],
         )

@@ -244,13 +244,13 @@ async def insert_tasks(conn: asyncpg.Connection, s: str, tasks: Sequence[NewTask
     """Create tasks."""
     await conn.executemany(
         f"""INSERT INTO {s}.tasks (task_id, project, image_id, kind, state, priority, uncertainty,
-                start_boxes, prelabel_model, issues, group_id, group_size, parent_task)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)""",
+                start_boxes, prelabel_model, issues, group_id, group_size, parent_task, reason)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)""",
         [
             (
                 t.task_id, t.project, t.image_id, t.kind, t.state, t.priority, t.uncertainty,
                 boxes_json(t.start_boxes), t.prelabel_model.model_dump_json() if t.prelabel_model else None,
-                json.dumps(t.issues), t.group_id or t.task_id, t.group_size, t.parent_task,
+                json.dumps(t.issues), t.group_id or t.task_id, t.group_size, t.parent_task, t.reason,
             )
             for t in tasks
         ],
@@ -394,14 +394,16 @@ async def group_tasks(conn: asyncpg.Connection, s: str, group_id: str) -> list[a
     return await conn.fetch(f"SELECT * FROM {s}.tasks WHERE group_id = $1 ORDER BY task_id FOR UPDATE", group_id)
 
 
-async def open_for_review(conn: asyncpg.Connection, s: str, task_id: str, *, spot_check: bool, issues: list[dict[str, Any]]) -> bool:
-    """A task whose pre-labels the verifier did not auto-accept joins the queue."""
+async def open_for_review(conn: asyncpg.Connection, s: str, task_id: str, *, spot_check: bool, issues: list[dict[str, Any]],
+                          reason: str) -> bool:
+    """A task whose pre-labels the verifier did not auto-accept joins the queue, with the verifier's reason."""
     done = await conn.fetchval(
-        f"""UPDATE {s}.tasks SET state = 'queued', spot_check = $2, issues = $3, updated_at = now()
+        f"""UPDATE {s}.tasks SET state = 'queued', spot_check = $2, issues = $3, reason = $4, updated_at = now()
             WHERE task_id = $1 AND state = 'verifying' RETURNING true""",
         task_id,
         spot_check,
         json.dumps(issues),
+        reason,
     )
     return bool(done)
 
@@ -553,3 +555,24 @@ async def signing_key(conn: asyncpg.Connection, s: str) -> bytes:
         _secrets.token_bytes(32),
     )
     return bytes(await conn.fetchval(f"SELECT value FROM {s}.secrets WHERE name = 'url_signing'"))
+
+
+async def task_list(conn: Any, s: str, project: str, *, state: str | None, reason: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
+    """A project's tasks, newest first, by state and reason (`GET /v1/projects/{p}/tasks`)."""
+    rows = await conn.fetch(
+        f"""SELECT task_id, image_id, kind, state, reason, priority, uncertainty, group_id, group_size, parent_task,
+                   spot_check, created_at, updated_at
+            FROM {s}.tasks WHERE project = $1 AND ($2::text IS NULL OR state = $2) AND ($3::text IS NULL OR reason = $3)
+            ORDER BY created_at DESC, task_id DESC LIMIT $4 OFFSET $5""",
+        project, state, reason, limit, offset,
+    )
+    return [dict(r) for r in rows]
+
+
+async def queued_by_reason(conn: Any, s: str, project: str | None) -> list[asyncpg.Record]:
+    """Tasks waiting for people (queued, held or not) by project, kind and why they are for people."""
+    return await conn.fetch(
+        f"""SELECT project, kind, coalesce(reason, 'unknown') AS reason, count(*) AS n FROM {s}.tasks
+            WHERE state = 'queued' AND ($1::text IS NULL OR project = $1) GROUP BY 1, 2, 3 ORDER BY 1, 2, 4 DESC""",
+        project,
+    )

@@ -127,6 +127,7 @@
     fill("queue", data.queue, (q) => q.project + "/" + q.kind, (q) => [
       cell(q.project), cell(badge(q.kind)), cell(num(q.verifying), "n"), cell(num(q.queued), "n"),
       cell(num(q.leased), "n"), cell(num(q.submitted), "n"), cell(num(q.total), "n"),
+      cell(Object.entries(q.reasons || {}).map(([r, n]) => r + " " + n).join(", ") || "–"),
     ]);
 
     fill("models", data.models, (m) => m.model_id + "@" + m.version + "/" + m.target, (m) => [
