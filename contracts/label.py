@@ -140,6 +140,9 @@ class Provenance(Frozen):
     duration_s: float | None = Field(default=None, ge=0.0)
     spot_check: bool = Field(default=False, description="Sent to a person although auto-acceptable.")
     submission_ids: list[str] = Field(default_factory=list)
+    batch_id: str | None = Field(
+        default=None, max_length=128, description="The import this label set came with (its import id); null otherwise.",
+    )
 
 
 class LabelVerified(Payload):

@@ -15,6 +15,8 @@ class TrainingTrigger(StrEnum):
     COMMAND = "command"
     LABEL_STUDIO = "label_studio"
     SCHEDULE = "schedule"
+    IMPORT = "import"
+    """A dataset import asked for one run after it (`visionloop import`)."""
 
 
 class TrainingRequested(Payload):
@@ -29,3 +31,8 @@ class TrainingRequested(Payload):
         max_length=64,
         description="Overrides of the project's hyper-parameters for this run only.",
     )
+    import_id: str | None = Field(
+        default=None, max_length=128,
+        description="The import this run follows: it starts once the import's labels are verified (or after the trainer's `import_wait_s`).",
+    )
+    import_labels: int | None = Field(default=None, ge=0, description="Label sets the import sent to the verifier.")

@@ -107,4 +107,4 @@ def test_run_hyperparameters_layer_policy_project_and_command() -> None:
     first = hyperparameters(config.policy("p"), {"epochs": 3}, first=True)
     assert first == {"epochs": 3, "imgsz": 320, "batch": 16, "patience": 20, "lr0": 0.005}
     later = hyperparameters(config.policy("other"), {}, first=False)
-    assert later["epochs"] == config.finetune_epochs and later["imgsz"] == 160
+    assert later["epochs"] == config.finetune_epochs and later["imgsz"] == 256

@@ -83,6 +83,9 @@ class FakeRuntime:
         self.produced: set[type[Payload]] = {DeadLetter, PipelineStatus}
         self.emitted: list[Envelope[Any]] = []
         """Every event this runtime emitted, in order (committed ones only)."""
+        self.outside: list[Envelope[Any]] = []
+        """Events emitted outside a handler (`transaction()`: HTTP endpoints, timers) not yet
+        delivered: `FakeBus.flush()` delivers them."""
         self.dead_letters: list[tuple[Envelope[Any], BaseException]] = []
         self._inbox: set[tuple[str, uuid.UUID]] = set()
 
@@ -151,6 +154,7 @@ class FakeRuntime:
         """A unit of work not caused by an event; its emitted events count when it commits."""
         async with self._unit(None) as unit:
             yield unit
+        self.outside.extend(out.envelope for out in unit.emitted)
 
     @contextlib.asynccontextmanager
     async def _unit(self, event: Envelope[Any] | None) -> AsyncIterator[Unit[Any]]:
@@ -223,6 +227,13 @@ class FakeBus:
                 queue.extend(await runtime.handle(event))
         self.log.extend(seen)
         return seen
+
+    async def flush(self) -> list[Envelope[Any]]:
+        """Deliver what runtimes emitted outside handlers (in their order), and what that causes."""
+        waiting = [event for runtime in self.runtimes for event in runtime.outside]
+        for runtime in self.runtimes:
+            runtime.outside.clear()
+        return await self.deliver(*waiting)
 
     async def publish(self, payload: Payload, *, project: str = SYSTEM_PROJECT, producer: str = "test") -> list[Envelope[Any]]:
         """Deliver one event made from `payload` (and what it causes)."""

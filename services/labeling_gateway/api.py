@@ -56,6 +56,7 @@ from visionloop.services.labeling_gateway.decide import (
     SubmitIn,
     label_submitted,
     prepare_submission,
+    training_arguments,
 )
 from visionloop.services.labeling_gateway.http import (
     Gateway,
@@ -458,11 +459,18 @@ def _datasets(app: FastAPI, gw: Gateway, r: _Shared) -> None:
         format: Annotated[Literal["coco", "yolo", "labelstudio"], Query(description="coco, yolo or labelstudio.")],
         test_set: Annotated[bool | None, Query(description="true: everything becomes the frozen test set; false: nothing does; unset: as the files say.")] = None,
         add_classes: Annotated[bool, Query(description="Append classes the files name that the taxonomy lacks (else they are refused).")] = False,
+        train: Annotated[bool, Query(description=(
+            "Ask for one training run once the import's labels are verified (its labels never fire the count trigger); "
+            "false: no run for this import."))] = True,
+        set_: Annotated[list[str] | None, Query(alias="set", max_length=64, description=(
+            "Training arguments for that run, NAME=VALUE (repeatable), e.g. epochs=25; the trainer refuses unknown names."))] = None,
         principal: Principal = admin,
     ) -> datasets.ImportOut:
         async with gw.pool.acquire() as conn:
             await existing(conn, project)
-        return await datasets.import_(gw, project, format, request, principal=principal, test_set=test_set, add_classes=add_classes)
+        training = training_arguments(set_ or []) if train else None
+        return await datasets.import_(gw, project, format, request, principal=principal, test_set=test_set, add_classes=add_classes,
+                                      training=training)
 
     @app.get("/healthz", summary="Liveness", tags=["health"], openapi_extra=role_extra(None))
     async def healthz() -> dict[str, str]:

@@ -29,6 +29,8 @@ from visionloop.contracts import (
     ImageRef,
     LabelSourceKind,
     TaskKind,
+    TrainingRequested,
+    TrainingTrigger,
 )
 from visionloop.contracts.envelope import utcnow
 from visionloop.libs import formats
@@ -87,6 +89,7 @@ class ImportOut(BaseModel):
     test_set: int = Field(description="Images that define the frozen test set.")
     classes_added: list[str]
     already_imported: int = Field(description="Images whose same labels were imported before (skipped).")
+    training: str = Field(description="What the import asked of the trainer: one run after its labels, with which arguments, or none.")
 
 
 # -- export ---------------------------------------------------------------------------------------------
@@ -403,8 +406,10 @@ async def import_(
     principal: Principal,
     test_set: bool | None,
     add_classes: bool,
+    training: dict[str, str | int | float | bool] | None = None,
 ) -> ImportOut:
-    """Check an import completely, then store its images and emit one `label submitted` each."""
+    """Check an import completely, then store its images and emit one `label submitted` each; with
+    `training` (arguments, possibly none), then one `training requested` for the whole import."""
     config = gw.config
     file, head = await _spool(request, config.import_max_bytes)
     archive: _Archive | None = None
@@ -419,9 +424,25 @@ async def import_(
             file_classes, items = _from_coco(doc, "train") if fmt == "coco" else ([], _from_ls(doc))
         if not items:
             raise Refusal(422, "empty_import", "the import holds no labelled image")
-        return await _submit_items(gw, project, fmt, items, file_classes, archive, principal=principal, test_set=test_set, add_classes=add_classes)
+        out = await _submit_items(gw, project, fmt, items, file_classes, archive, principal=principal, test_set=test_set,
+                                  add_classes=add_classes)
     finally:
         file.close()
+    return await _ask_training(gw, project, out, training, principal)
+
+
+async def _ask_training(gw: "Gateway", project: str, out: ImportOut, training: dict[str, Any] | None, principal: Principal) -> ImportOut:
+    """One `training requested` for the whole import (the trainer waits for its labels), or none."""
+    if training is None:
+        return out.model_copy(update={"training": "none asked (train=false): the import's labels never fire the count trigger"})
+    if out.images == 0:
+        return out.model_copy(update={"training": "none: the import sent no new label set"})
+    request = TrainingRequested(trigger=TrainingTrigger.IMPORT, requested_by=principal.user_id, hyperparameters=training,
+                                import_id=out.import_id, import_labels=out.images)
+    async with gw.runtime.transaction() as unit:
+        unit.emit(request, project=project, key=project)
+    args = ", ".join(f"{k}={v}" for k, v in training.items()) or "the project's settings"
+    return out.model_copy(update={"training": f"one run once the import's {out.images} label sets are verified ({args})"})
 
 
 async def _submit_items(
@@ -530,7 +551,8 @@ async def _submit_items(
     async with gw.pool.acquire() as conn:
         await conn.execute(f"UPDATE {s}.imports SET images = $2, boxes = $3, test_set = $4 WHERE import_id = $1", import_id, emitted, boxes, tests)
     gw.runtime.counters["imported_images"] += emitted
-    return ImportOut(import_id=import_id, images=emitted, boxes=boxes, test_set=tests, classes_added=added, already_imported=skipped)
+    return ImportOut(import_id=import_id, images=emitted, boxes=boxes, test_set=tests, classes_added=added, already_imported=skipped,
+                     training="")
 
 
 async def _image_of(conn: Any, gw: "Gateway", project: str, item: Item, archive: _Archive | None) -> tuple[ImageRef, str | None]:

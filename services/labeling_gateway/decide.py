@@ -386,3 +386,24 @@ def label_submitted(
         actions=actions, prelabels=list(prelabels),
         prelabel_model=prelabel_model if (prelabels or offer) else None, class_names=class_names, **extra,
     )
+
+
+def training_arguments(pairs: list[str]) -> dict[str, str | int | float | bool]:
+    """`NAME=VALUE` training arguments of an import, typed (numbers and booleans); refused with a reason."""
+    found: dict[str, str | int | float | bool] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name.strip():
+            raise Refusal(422, "invalid_training_argument", f"{pair!r} is not NAME=VALUE")
+        value: str | int | float | bool = raw.strip()
+        if raw.strip().lower() in ("true", "false"):
+            value = raw.strip().lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(raw.strip())
+                    break
+                except ValueError:
+                    continue
+        found[name.strip()] = value
+    return found

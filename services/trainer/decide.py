@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from visionloop.contracts import DatasetRef, Lineage, Metrics, ModelRef, ModelTrained, TrainMetrics
+from visionloop.contracts import DatasetRef, Lineage, Metrics, ModelRef, ModelTrained, TrainingRequested, TrainMetrics
 from visionloop.services.trainer.config import TUNABLE, Policy
 from visionloop.services.trainer.dataset import reserved_for_test
 
@@ -104,3 +104,11 @@ def trained(*, ref: ModelRef, run_id: str, snap: Mapping[str, Any], parent: Mapp
         dataset=DatasetRef(version=snap["version"], uri=snap["uri"], images=len(snap["members"])),
         test_set=snap["test"],
     )
+
+
+def import_wait(request: TrainingRequested, policy: Policy) -> dict[str, Any] | None:
+    """What a run asked for by an import waits for: the import's label sets ({"batch_id",
+    "labels"}); None for a request that follows no import (or an empty one)."""
+    if request.import_id is None or not request.import_labels:
+        return None
+    return {"batch_id": request.import_id, "labels": request.import_labels}

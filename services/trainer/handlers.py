@@ -62,6 +62,9 @@ async def on_verified(ctx: Context, event: Envelope[LabelVerified], unit: Unit[A
         boxes=json.dumps(boxes), label_hash=h, provenance=v.provenance.model_dump_json(), role=role, phash=phash, dhash=dhash,
     )
     ctx.counters[f"samples_{role}"] += 1
+    if v.provenance.batch_id is not None:
+        ctx.wake.set()  # a run an import asked for may be whole now
+        return  # imported labels never fire the count trigger: the import asks for its own run
     if role == "train" and policy.trigger in ("count", "both"):
         new = await store.new_training_images(unit.conn, s, project)
         if new is not None and decide.count_trigger(policy, new):
@@ -94,12 +97,16 @@ async def on_requested(ctx: Context, event: Envelope[TrainingRequested], unit: U
         ctx.counters["requests_ignored"] += 1
         log.warning("%s: training requested by %s ignored: the project trains on label counts only", project, req.requested_by)
         return
-    _, new = await store.queue_run(
-        unit.conn, unit.schema, project,
-        {"kind": req.trigger.value, "requested_by": req.requested_by, "event_id": str(event.event_id)},
-        req.hyperparameters,
-    )
+    trigger = {"kind": req.trigger.value, "requested_by": req.requested_by, "event_id": str(event.event_id)}
+    waits = decide.import_wait(req, policy)
+    if waits is not None:
+        trigger |= {"import_id": req.import_id, "import_labels": req.import_labels}
+    run_id, new = await store.queue_run(unit.conn, unit.schema, project, trigger, req.hyperparameters,
+                                        waits_for=waits, wait_s=policy.import_wait_s if waits else None)
     ctx.counters["runs_queued" if new else "requests_coalesced"] += 1
+    if waits is not None:
+        log.info("%s: import %s asks for run %s: it starts once its %d label sets are in (at most %.0f s)",
+                 project, req.import_id, run_id, waits["labels"], policy.import_wait_s)
     ctx.wake.set()
 
 

@@ -46,6 +46,8 @@ class RunWorker:
     def __init__(self, runtime: Runtime, ctx: Context) -> None:
         self.runtime, self.ctx, self.config, self.blobs = runtime, ctx, ctx.config, ctx.blobs
         self.work_dir = (runtime.settings.state_dir / "trainer").resolve()
+        self.children: dict[str, asyncio.subprocess.Process] = {}
+        """The training child of each run this worker runs now."""
 
     @property
     def s(self) -> str:
@@ -124,12 +126,20 @@ class RunWorker:
                     self.runtime.counters[f"pruned_{kind}"] += 1
 
     async def renew(self, run_id: str) -> None:
+        """Keep the run's lease; stop its child when it is cancelled (`visionloop trainer cancel`)."""
         while True:
-            await asyncio.sleep(self.config.lease_s / 3)
+            await asyncio.sleep(min(self.config.lease_s / 3, 5.0))
             with contextlib.suppress(Exception):
                 await store.renew(self.pool, self.s, run_id, self.config.lease_s)
+                if await store.cancelled(self.pool, self.s, run_id) and run_id in self.children:
+                    log.warning("run %s was cancelled: stopping its training", run_id)
+                    _kill(self.children[run_id])
 
     async def finish_failed(self, run_id: str, project: str, reason: str, message: str) -> None:
+        if await store.cancelled(self.pool, self.s, run_id):
+            self.runtime.counters["runs_cancelled"] += 1
+            log.warning("run %s (%s) stopped: it was cancelled", run_id, project)
+            return
         await store.fail(self.pool, self.s, run_id, reason, message)
         self.runtime.counters[f"runs_failed_{reason}"] += 1
         log.warning("run %s (%s) failed: %s: %s", run_id, project, reason, message)
@@ -254,6 +264,7 @@ class RunWorker:
             preexec_fn=_die_with_trainer,
         )
         await store.set_pid(self.pool, self.s, run_id, proc.pid)
+        self.children[run_id] = proc
         await self.runtime.status(StatusKind.PROGRESS, progress=Progress(task="training", task_id=run_id, step=0, message=f"{project}: started"))
         result: dict[str, Any] = {}
         error: dict[str, Any] = {}
@@ -270,6 +281,7 @@ class RunWorker:
             raise
         finally:
             stderr.close()
+            self.children.pop(run_id, None)
         return _outcome(proc.returncode, result, error, folder)
 
     async def _read_child(self, proc: asyncio.subprocess.Process, run_id: str, project: str, result: dict[str, Any],

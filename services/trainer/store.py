@@ -68,8 +68,10 @@ async def new_training_images(conn: Conn, s: str, project: str) -> int | None:
     if await conn.fetchval(f"SELECT true FROM {s}.runs WHERE project = $1 AND status = 'queued'", project):
         return None
     since = await conn.fetchval(f"SELECT coalesce(max(snapshot_seq), 0) FROM {s}.runs WHERE project = $1", project)
+    # Imported labels never count: an import asks for its own run (or for none) when it is whole.
     return int(await conn.fetchval(
-        f"SELECT count(*) FROM {s}.samples WHERE project = $1 AND role = 'train' AND seq > $2", project, since
+        f"""SELECT count(*) FROM {s}.samples WHERE project = $1 AND role = 'train' AND seq > $2
+              AND provenance->>'batch_id' IS NULL""", project, since
     ))
 
 
@@ -138,25 +140,35 @@ async def add_model(conn: asyncpg.Connection, s: str, *, model_id: str, project:
         model_id, version, project, run_id, weights_uri, weights_sha256, json.dumps(class_names), imgsz,
     )
     await conn.execute(
-        f"UPDATE {s}.runs SET status = 'succeeded', model_id = $2, version = $3, finished_at = now(), pid = NULL WHERE run_id = $1",
+        f"""UPDATE {s}.runs SET status = 'succeeded', model_id = $2, version = $3, finished_at = now(), pid = NULL
+            WHERE run_id = $1 AND status = 'running'""",
         run_id, model_id, version,
     )
     return version
 
 
 # -- runs -------------------------------------------------------------------------------------------
-async def queue_run(conn: Conn, s: str, project: str, trigger: Mapping[str, Any], hyperparameters: Mapping[str, Any] | None = None) -> tuple[str, bool]:
-    """Queue a run for `project`, or coalesce into the one already queued; (run id, new?)."""
+async def queue_run(conn: Conn, s: str, project: str, trigger: Mapping[str, Any], hyperparameters: Mapping[str, Any] | None = None,
+                    *, waits_for: Mapping[str, Any] | None = None, wait_s: float | None = None) -> tuple[str, bool]:
+    """Queue a run for `project`, or coalesce into the one already queued; (run id, new?).
+
+    `waits_for` ({"batch_id", "labels"}): the run is not claimed before the project holds that many
+    samples of the import, or before `wait_s` have passed (a coalesced run waits for the newest import).
+    """
     run_id = f"run-{uuid.uuid4().hex[:16]}"
     row = await conn.fetchrow(
-        f"""INSERT INTO {s}.runs (run_id, project, status, triggers, hyperparameters)
-            VALUES ($1, $2, 'queued', jsonb_build_array($3::jsonb), $4::jsonb)
+        f"""INSERT INTO {s}.runs (run_id, project, status, triggers, hyperparameters, waits_for, waits_until)
+            VALUES ($1, $2, 'queued', jsonb_build_array($3::jsonb), $4::jsonb, $5::jsonb,
+                    CASE WHEN $6::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $6::float8) END)
             ON CONFLICT (project) WHERE status = 'queued' DO UPDATE SET
                 triggers = CASE WHEN jsonb_array_length({s}.runs.triggers) < {MAX_TRIGGERS}
                                 THEN {s}.runs.triggers || EXCLUDED.triggers ELSE {s}.runs.triggers END,
-                hyperparameters = {s}.runs.hyperparameters || EXCLUDED.hyperparameters
+                hyperparameters = {s}.runs.hyperparameters || EXCLUDED.hyperparameters,
+                waits_for = coalesce(EXCLUDED.waits_for, {s}.runs.waits_for),
+                waits_until = coalesce(EXCLUDED.waits_until, {s}.runs.waits_until)
             RETURNING run_id, (xmax = 0) AS inserted""",
         run_id, project, json.dumps(dict(trigger)), json.dumps(dict(hyperparameters or {})),
+        json.dumps(dict(waits_for)) if waits_for else None, wait_s,
     )
     return row["run_id"], row["inserted"]
 
@@ -192,6 +204,9 @@ async def claim(conn: Conn, s: str, owner: str, lease_s: float) -> dict[str, Any
             WHERE run_id = (
                 SELECT r.run_id FROM {s}.runs r WHERE r.status = 'queued'
                   AND NOT EXISTS (SELECT 1 FROM {s}.runs x WHERE x.project = r.project AND x.status = 'running')
+                  AND (r.waits_for IS NULL OR r.waits_until <= now()
+                       OR (SELECT count(*) FROM {s}.samples m WHERE m.project = r.project
+                             AND m.provenance->>'batch_id' = r.waits_for->>'batch_id') >= (r.waits_for->>'labels')::int)
                 ORDER BY r.created_at FOR UPDATE SKIP LOCKED LIMIT 1)
             RETURNING *""",
         owner, lease_s,
@@ -211,10 +226,29 @@ async def renew(conn: Conn, s: str, run_id: str, lease_s: float) -> None:
 
 
 async def fail(conn: Conn, s: str, run_id: str, reason: str, message: str) -> None:
+    """A running run failed (a cancelled run keeps its reason)."""
     await conn.execute(
-        f"UPDATE {s}.runs SET status = 'failed', reason = $2, error = $3, finished_at = now(), pid = NULL WHERE run_id = $1",
+        f"""UPDATE {s}.runs SET status = 'failed', reason = $2, error = $3, finished_at = now(), pid = NULL
+            WHERE run_id = $1 AND status = 'running'""",
         run_id, reason, message[:4000],
     )
+
+
+async def cancel(conn: Conn, s: str, run_id: str, by: str) -> asyncpg.Record | None:
+    """Cancel a queued or running run (`visionloop trainer cancel`): (project, status it had, pid), or
+    None when there is no such run or it has finished."""
+    return await conn.fetchrow(
+        f"""WITH old AS (SELECT run_id, status FROM {s}.runs WHERE run_id = $1 AND status IN ('queued', 'running') FOR UPDATE)
+            UPDATE {s}.runs r SET status = 'failed', reason = 'cancelled', error = $2, finished_at = now()
+            FROM old WHERE r.run_id = old.run_id
+            RETURNING r.project, old.status AS was, r.pid""",
+        run_id, f"cancelled by {by}",
+    )
+
+
+async def cancelled(conn: Conn, s: str, run_id: str) -> bool:
+    """Whether a run was cancelled while it ran (its trainer stops it)."""
+    return bool(await conn.fetchval(f"SELECT reason = 'cancelled' FROM {s}.runs WHERE run_id = $1", run_id))
 
 
 async def set_pid(conn: Conn, s: str, run_id: str, pid: int) -> None:

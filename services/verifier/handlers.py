@@ -137,7 +137,8 @@ async def _verified(ctx: Context, unit: Unit[Any], sub: LabelSubmitted, project:
     label_id = decide.label_id_for(ids)
     assert verdict.method is not None
     provenance = Provenance(method=verdict.method, labellers=labellers, prelabel_model=sub.prelabel_model, actions=totals,
-                            duration_s=sum(durations) if durations else None, spot_check=spot, submission_ids=ids)
+                            duration_s=sum(durations) if durations else None, spot_check=spot, submission_ids=ids,
+                            batch_id=sub.task_id if sub.source is LabelSourceKind.IMPORT else None)
     unit.emit(LabelVerified(label_id=label_id, image=sub.image, boxes=verdict.boxes, provenance=provenance,
                             for_test_set=sub.for_test_set, class_names=class_names), project=project)
     await store.record(unit.conn, unit.schema, sub, project, "verified", None, label_id)

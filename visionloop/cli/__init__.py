@@ -1,7 +1,7 @@
 """The `visionloop` command: one vocabulary for running, inspecting and measuring the loop.
 
 The apps and shared helpers are in `common`; each command group has its module (`stack`, `demo`,
-`admin`, `bench`, `model`, `evaluator`), imported here so that its commands are registered on the app.
+`data`, `admin`, `bench`, `model`, `evaluator`), imported here so that its commands are registered on the app.
 """
 
 # isort: skip_file
@@ -9,7 +9,7 @@ The apps and shared helpers are in `common`; each command group has its module (
 from __future__ import annotations
 
 from visionloop.cli.common import app
-from visionloop.cli import stack, demo, admin, bench, model, evaluator  # noqa: F401 - registers the commands
+from visionloop.cli import stack, demo, data, admin, bench, model, evaluator  # noqa: F401 - registers the commands
 
 __all__ = ["app", "main"]
 

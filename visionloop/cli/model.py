@@ -73,6 +73,32 @@ def trainer_request(
     out.print(f"training requested for {project} (event {envelope.event_id}); follow it with `visionloop trainer runs --project {project}`")
 
 
+@trainer_app.command("cancel")
+def trainer_cancel(
+    run_id: Annotated[str, typer.Argument(help="The run (`visionloop trainer runs`).")],
+    by: Annotated[str, typer.Option(help="Who cancels it (recorded with the run).")] = "cli",
+    config: ConfigOpt = None,
+) -> None:
+    """Cancel a queued run, or stop a running one (its trainer kills the training within seconds)."""
+    from visionloop.libs.db import service_schema
+    from visionloop.services.trainer import store
+    from visionloop.services.trainer.service import SPEC
+
+    settings = _attach(_settings(config))
+
+    async def cancel() -> Any:
+        async with service_schema(settings, "trainer", SPEC.migrations) as (pool, schema):
+            return await store.cancel(pool, schema, run_id, by)
+
+    row = asyncio.run(cancel())
+    if row is None:
+        console.print(f"[red]refused (not_cancellable)[/]: no queued or running run {run_id!r}; see `visionloop trainer runs`",
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    what = "its trainer stops the training within seconds" if row["was"] == "running" else "it will not start"
+    out.print(f"run {run_id} of {row['project']} cancelled ({row['was']}): {what}")
+
+
 @trainer_app.command("runs")
 def trainer_runs(
     project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
