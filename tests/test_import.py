@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from visionloop.contracts import TrainingRequested, TrainingTrigger
-from visionloop.dataimport import pack, choose_test_set
+from visionloop.dataimport import choose_test_set, pack
 from visionloop.demo.datasetfiles import load_dataset
 from visionloop.libs.blob import LocalBlobStore
 from visionloop.libs.bus.fake import FakeBus, FakeRuntime, of_type

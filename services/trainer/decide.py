@@ -7,7 +7,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from visionloop.contracts import DatasetRef, Lineage, Metrics, ModelRef, ModelTrained, TrainingRequested, TrainMetrics
+from visionloop.contracts import (
+    DatasetRef,
+    Lineage,
+    Metrics,
+    ModelRef,
+    ModelTrained,
+    TrainingRequested,
+    TrainMetrics,
+)
 from visionloop.services.trainer.config import TUNABLE, Policy
 from visionloop.services.trainer.dataset import reserved_for_test
 

@@ -12,7 +12,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from visionloop.contracts import Alias, Envelope, LabelVerified, ModelEvaluated, ModelRegistered, TrainingRequested
+from visionloop.contracts import (
+    Alias,
+    Envelope,
+    LabelVerified,
+    ModelEvaluated,
+    ModelRegistered,
+    TrainingRequested,
+)
 from visionloop.libs.blob import BlobError, BlobStore
 from visionloop.libs.bus import PermanentError, Unit
 from visionloop.libs.perceptual import hash_image

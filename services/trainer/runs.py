@@ -26,7 +26,12 @@ from visionloop.libs.formats import LabelledImage, file_name_for, write_yolo
 from visionloop.libs.manifest import Member, manifest
 from visionloop.services.trainer import decide, pretrained, store
 from visionloop.services.trainer.config import Policy
-from visionloop.services.trainer.dataset import assign_splits, exclusions, near_test_duplicates, version_of
+from visionloop.services.trainer.dataset import (
+    assign_splits,
+    exclusions,
+    near_test_duplicates,
+    version_of,
+)
 from visionloop.services.trainer.handlers import Context
 
 log = logging.getLogger("visionloop.services.trainer.service")

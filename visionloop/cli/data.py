@@ -75,7 +75,11 @@ async def _upload(settings: Any, url: str, project: str, packed: Any, *, train: 
     """The project (created when missing), a short-lived admin token, the import; the gateway's answer."""
     import httpx
 
-    from visionloop.services.labeling_gateway.admin import create_project, create_token, revoke_token
+    from visionloop.services.labeling_gateway.admin import (
+        create_project,
+        create_token,
+        revoke_token,
+    )
 
     await create_project(settings, project, packed.classes, created_by="visionloop-import")
     token_id, token = await create_token(settings, project=project, role="admin", user_id="visionloop-import", created_by="cli")
