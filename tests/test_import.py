@@ -80,7 +80,7 @@ def coco_folder(root: Path, n: int = 6) -> Path:
 def test_a_yolo_folder_is_packed_with_its_own_test_split(tmp_path: Path) -> None:
     packed = pack(yolo_folder(tmp_path / "yolo"))
     assert (packed.train, packed.test) == (11, 3) and packed.classes == CLASSES
-    assert "test split" in packed.choose_test_set
+    assert "test split" in packed.test_rule
     names = zipfile.ZipFile(io.BytesIO(packed.zip_bytes)).namelist()
     assert "data.yaml" in names and sum(n.startswith("images/test/") for n in names) == 3
 
@@ -90,7 +90,7 @@ def test_a_coco_file_is_packed_with_a_test_fraction_and_a_class_filter(tmp_path:
     packed = pack(root, test_fraction=0.5, classes=["car"])
     assert packed.train + packed.test == 6 and packed.classes == ["car"] and packed.left_out == {"van": 3}
     assert packed.test == pack(root, test_fraction=0.5).test  # the same images every time: by their bytes
-    assert "15%" in pack(root).choose_test_set  # no test split in the files: the default share, said so
+    assert "15%" in pack(root).test_rule  # no test split in the files: the default share, said so
     with pytest.raises(ValueError, match="not both"):
         choose_test_set(load_dataset(root), "test", 0.2)
     with pytest.raises(ValueError, match="no image"):
@@ -171,3 +171,47 @@ async def test_an_import_that_asks_for_no_run_gets_none(fake_bus: FakeBus, tmp_p
 def test_images_render_as_jpeg() -> None:
     data, _ = _jpeg(3)
     assert Image.open(io.BytesIO(data)).format == "JPEG"
+
+
+async def test_visionloop_import_takes_a_coco_folder_to_a_project_with_a_floor(fake_bus: FakeBus, tmp_path: Path,
+                                                                             database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command itself, against the gateway's app served on loopback (the fake bus behind it)."""
+    import asyncio
+    import uuid
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from visionloop.cli import app as cli
+
+    prefix = f"t{uuid.uuid4().hex[:8]}_"
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    gateway = fake_bus.runtime("labeling-gateway", pool=fake_bus.pool, schema=f"{prefix}labeling_gateway")  # type: ignore[attr-defined]
+    app = GATEWAY.wire(gateway, Adapters(blobs=blobs), GatewaySettings())  # type: ignore[arg-type]
+    await gateway.migrate(GATEWAY.migrations)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    for name, value in {"VL_DATABASE_URL": database_url, "VL_KAFKA_BOOTSTRAP": "127.0.0.1:9", "VL_SCHEMA_PREFIX": prefix,
+                        "VL_STATE_DIR": str(tmp_path / "state")}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        args = ["import", str(coco_folder(tmp_path / "coco", n=8)), "--project", "cars", "--test-fraction", "0.25",
+                "--set", "epochs=3", "--floor", "0.05", "--gateway-url", f"http://127.0.0.1:{port}"]
+        done = await asyncio.to_thread(CliRunner().invoke, cli, args)
+        assert done.exit_code == 0, done.output
+        assert "imported into cars as" in done.output and "8 images" in done.output
+        assert "training: one run once the import's 8 label sets are verified (epochs=3)" in done.output
+        assert "needs mAP50-95 >= 0.050" in done.output and "What to expect of a first model" in done.output
+        refused = await asyncio.to_thread(CliRunner().invoke, cli, [*args[:4], "--set", "epoch=3"])
+        assert refused.exit_code == 2 and "unknown_hyperparameter" in refused.output and "epochs" in refused.output
+    finally:
+        server.should_exit = True
+        await serving
+        await fake_bus.pool.execute(f'DROP SCHEMA IF EXISTS "{prefix}evaluator" CASCADE')  # type: ignore[attr-defined]
+    (request,) = [e.payload for e in gateway.outside if isinstance(e.payload, TrainingRequested)]
+    assert request.import_labels == 8 and request.hyperparameters == {"epochs": 3}
+    tokens = await fake_bus.pool.fetch(f'SELECT revoked_at FROM "{prefix}labeling_gateway".tokens')  # type: ignore[attr-defined]
+    assert tokens and all(t["revoked_at"] is not None for t in tokens)  # the import's token does not outlive it

@@ -44,7 +44,7 @@ class Packed:
     train: int
     test: int
     boxes: int
-    choose_test_set: str
+    test_rule: str
     """How the test set was chosen, in words."""
     left_out: Counter[str] = field(default_factory=Counter)
     """Boxes of classes outside `classes`, by class."""
@@ -104,7 +104,7 @@ def pack(path: Path, *, classes: Sequence[str] | None = None, test_split: str | 
             archive.writestr(name, text)
     test = sum(i.split == "test" for i in images)
     return Packed(zip_bytes=out.getvalue(), classes=taxonomy, train=len(images) - test, test=test,
-                  boxes=sum(len(i.boxes) for i in images), choose_test_set=rule, left_out=left_out)
+                  boxes=sum(len(i.boxes) for i in images), test_rule=rule, left_out=left_out)
 
 
 FIRST_MODEL_GUIDANCE = """What to expect of a first model (measured on 2 vCPU, docs/training.md):
