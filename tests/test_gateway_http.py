@@ -269,8 +269,9 @@ async def test_cli_creates_projects_and_tokens(lab: Lab) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "visionloop.cli", "gateway", *args], capture_output=True, text=True, env=env, timeout=60)
 
-    made = await asyncio.to_thread(cli, "project", "create", "from-cli", "--classes", "car,truck")
+    made = await asyncio.to_thread(cli, "project", "create", "from-cli", "--classes", "car,truck", "--floor", "0.05")
     assert made.returncode == 0 and "car, truck" in made.stdout, made.stderr
+    assert "needs mAP50-95 >= 0.050" in made.stderr and "set now (--floor)" in made.stderr
     issued = await asyncio.to_thread(cli, "token", "create", "--project", "from-cli", "--role", "reviewer", "--user", "dana")
     assert issued.returncode == 0, issued.stderr
     token = issued.stdout.strip().splitlines()[-1]

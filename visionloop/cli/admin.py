@@ -64,15 +64,18 @@ def contracts_check() -> None:
 def gateway_project_create(
     project: Annotated[str, typer.Argument(help="Project slug.")],
     classes: Annotated[str, typer.Option(help="Comma-separated class names, in order (appended if the project exists).")] = "",
+    floor: Annotated[float | None, typer.Option(help="The project's gate floor (mAP50-95), e.g. 0.05 for a first model from scratch.")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Create a project with its taxonomy, or append classes to it."""
+    """Create a project with its taxonomy, or append classes to it; say (or set) the floor its models must reach."""
+    from visionloop.cli.data import _gate
     from visionloop.services.labeling_gateway.admin import create_project
 
     settings = _attach(_settings(config))
     names = [c.strip() for c in classes.split(",") if c.strip()]
     taxonomy = asyncio.run(create_project(settings, project, names))
     out.print(f"{project}: {', '.join(taxonomy) or '(no classes yet)'}")
+    _gate(settings, project, floor)
 
 
 @gateway_token_app.command("create")
