@@ -82,6 +82,14 @@ def gate(candidate: Metrics, champion: Metrics | None, policy: GatePolicy) -> li
                 ),
             )
         ]
+    failures = _below_floors(candidate, policy)
+    if champion is not None:
+        failures += _behind_champion(candidate, champion, policy)
+    return failures
+
+
+def _below_floors(candidate: Metrics, policy: GatePolicy) -> list[GateFailure]:
+    """The floors every candidate must reach, the first model of a project included."""
     failures = []
     if candidate.map50_95 < policy.map50_95_floor - _SLACK:
         failures.append(
@@ -92,7 +100,8 @@ def gate(candidate: Metrics, champion: Metrics | None, policy: GatePolicy) -> li
                 threshold=policy.map50_95_floor,
                 message=(
                     f"mAP50-95 {candidate.map50_95:.4f} is below the floor {policy.map50_95_floor:.4f}; "
-                    "train on more or better labels, or lower `map50_95_floor`"
+                    "train on more or better labels, or lower `map50_95_floor` (`visionloop evaluator set`, "
+                    "then `visionloop evaluator rejudge` judges this model again)"
                 ),
             )
         )
@@ -112,8 +121,12 @@ def gate(candidate: Metrics, champion: Metrics | None, policy: GatePolicy) -> li
                 ),
             )
         )
-    if champion is None:
-        return failures
+    return failures
+
+
+def _behind_champion(candidate: Metrics, champion: Metrics, policy: GatePolicy) -> list[GateFailure]:
+    """How far the candidate falls behind the production model, overall and class by class."""
+    failures = []
     allowed = champion.map50_95 - policy.champion_tolerance
     if candidate.map50_95 < allowed - _SLACK:
         failures.append(

@@ -33,8 +33,11 @@ from visionloop.libs.blob import BlobMissing
 from visionloop.services.labeling_gateway import datasets, store
 from visionloop.services.labeling_gateway.actions import count_actions
 from visionloop.services.labeling_gateway.api_models import (
+    EXPORT_DOC,
+    IMPORT_DOC,
     ClassesIn,
     ImageOut,
+    ImportOut,
     LeaseIn,
     LeaseOut,
     ProjectIn,
@@ -428,7 +431,7 @@ def _datasets(app: FastAPI, gw: Gateway, r: _Shared) -> None:
     reviewer, admin, existing = r.reviewer, r.admin, r.existing
 
     @app.get("/v1/projects/{project}/export", summary="Export the verified labels", tags=["datasets"],
-             description=datasets.EXPORT_DOC, responses={200: {"content": {"application/zip": {}, "application/json": {}}}, **_refusals(404, 422)},
+             description=EXPORT_DOC, responses={200: {"content": {"application/zip": {}, "application/json": {}}}, **_refusals(404, 422)},
              openapi_extra=role_extra(Role.REVIEWER))
     async def export(
         request: Request,
@@ -446,7 +449,7 @@ def _datasets(app: FastAPI, gw: Gateway, r: _Shared) -> None:
         return await datasets.export(gw, project, format, include_images=include, base_url=base)
 
     @app.post("/v1/projects/{project}/import", status_code=202, summary="Import labelled images", tags=["datasets"],
-              description=datasets.IMPORT_DOC, response_model=datasets.ImportOut,
+              description=IMPORT_DOC, response_model=ImportOut,
               responses=_refusals(404, 413, 415, 422),
               openapi_extra={
                   "requestBody": {"required": True, "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}},
@@ -465,7 +468,7 @@ def _datasets(app: FastAPI, gw: Gateway, r: _Shared) -> None:
         set_: Annotated[list[str] | None, Query(alias="set", max_length=64, description=(
             "Training arguments for that run, NAME=VALUE (repeatable), e.g. epochs=25; the trainer refuses unknown names."))] = None,
         principal: Principal = admin,
-    ) -> datasets.ImportOut:
+    ) -> ImportOut:
         async with gw.pool.acquire() as conn:
             await existing(conn, project)
         training = training_arguments(set_ or []) if train else None

@@ -147,3 +147,50 @@ class TaskList(BaseModel):
 
     tasks: list[TaskRow]
     next_offset: int | None
+
+
+# -- datasets ------------------------------------------------------------------------------------------
+
+EXPORT_DOC = """The project's verified labels (the newest per image), as:
+
+- `coco`: a zip with `annotations/instances_<split>.json` and `images/<split>/<image id>.<ext>`;
+  with `images=false`, one COCO JSON document of every image (each image entry names its split in
+  `visionloop_split`). Loads with `pycocotools.coco.COCO`.
+- `yolo`: a zip with `data.yaml`, `images/<split>/` and `labels/<split>/*.txt` (Ultralytics' layout;
+  `ultralytics.data.utils.check_det_dataset` accepts it).
+- `labelstudio`: Label Studio tasks: the image as a signed URL of this gateway (valid for
+  `signed_url_ttl_s`), the verified boxes as an annotation, the model's pre-labels as a
+  prediction. By default the JSON task list, which Label Studio's import takes as it is;
+  `images=true` gives a zip with `tasks.json` and the images (a backup; this gateway's import
+  reads it, Label Studio's does not).
+
+Splits: `test` is the frozen test set (imported with `test_set`); the rest is `train` and `val`,
+the split fixed per image by its id (`export_val_fraction`), so an image never changes split.
+"""
+
+IMPORT_DOC = """Labelled images in, as verified labels (bootstrapping a project) or as the frozen test set.
+
+The body is a zip (`application/zip`) holding the images and the labels in the layout `export`
+writes — COCO `annotations/*.json` (a file named `*test*.json` is the test set) with the images
+anywhere in the archive by file name; YOLO `data.yaml` with `images/<split>/` and `labels/<split>/`;
+Label Studio tasks in a `.json` file with `data.image` naming an image in the archive — or a JSON
+document alone (COCO or Label Studio) whose images the gateway already has (by `visionloop_image_id`,
+a file name `<image id>.<ext>`, or a URL of this gateway).
+
+Everything is checked before anything is stored: classes (unknown ones are refused unless
+`add_classes=true`), box geometry, image files. Then each image is stored in the blob store and
+emitted as `label submitted` (source `import`); the verifier makes it a verified label (method
+`import`). Importing the same files again changes nothing.
+"""
+
+
+class ImportOut(BaseModel):
+    """202: the import is checked and on its way to the verifier."""
+
+    import_id: str
+    images: int = Field(description="Images submitted.")
+    boxes: int
+    test_set: int = Field(description="Images that define the frozen test set.")
+    classes_added: list[str]
+    already_imported: int = Field(description="Images whose same labels were imported before (skipped).")
+    training: str = Field(description="What the import asked of the trainer: one run after its labels, with which arguments, or none.")

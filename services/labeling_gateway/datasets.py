@@ -16,13 +16,12 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
 
 from visionloop.contracts import (
     Box,
@@ -37,6 +36,7 @@ from visionloop.libs import formats
 from visionloop.libs.boxes import clip, geometry_problem
 from visionloop.libs.formats import FormatError, LabelledImage
 from visionloop.services.labeling_gateway import store
+from visionloop.services.labeling_gateway.api_models import ImportOut
 from visionloop.services.labeling_gateway.auth import Principal, sign
 from visionloop.services.labeling_gateway.decide import MAX_ISSUES_SHOWN, Refusal, label_submitted
 
@@ -45,51 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXPORT_DOC = """The project's verified labels (the newest per image), as:
-
-- `coco`: a zip with `annotations/instances_<split>.json` and `images/<split>/<image id>.<ext>`;
-  with `images=false`, one COCO JSON document of every image (each image entry names its split in
-  `visionloop_split`). Loads with `pycocotools.coco.COCO`.
-- `yolo`: a zip with `data.yaml`, `images/<split>/` and `labels/<split>/*.txt` (Ultralytics' layout;
-  `ultralytics.data.utils.check_det_dataset` accepts it).
-- `labelstudio`: Label Studio tasks: the image as a signed URL of this gateway (valid for
-  `signed_url_ttl_s`), the verified boxes as an annotation, the model's pre-labels as a
-  prediction. By default the JSON task list, which Label Studio's import takes as it is;
-  `images=true` gives a zip with `tasks.json` and the images (a backup; this gateway's import
-  reads it, Label Studio's does not).
-
-Splits: `test` is the frozen test set (imported with `test_set`); the rest is `train` and `val`,
-the split fixed per image by its id (`export_val_fraction`), so an image never changes split.
-"""
-
-IMPORT_DOC = """Labelled images in, as verified labels (bootstrapping a project) or as the frozen test set.
-
-The body is a zip (`application/zip`) holding the images and the labels in the layout `export`
-writes — COCO `annotations/*.json` (a file named `*test*.json` is the test set) with the images
-anywhere in the archive by file name; YOLO `data.yaml` with `images/<split>/` and `labels/<split>/`;
-Label Studio tasks in a `.json` file with `data.image` naming an image in the archive — or a JSON
-document alone (COCO or Label Studio) whose images the gateway already has (by `visionloop_image_id`,
-a file name `<image id>.<ext>`, or a URL of this gateway).
-
-Everything is checked before anything is stored: classes (unknown ones are refused unless
-`add_classes=true`), box geometry, image files. Then each image is stored in the blob store and
-emitted as `label submitted` (source `import`); the verifier makes it a verified label (method
-`import`). Importing the same files again changes nothing.
-"""
-
 ZIP_MAGIC = b"PK\x03\x04"
-
-
-class ImportOut(BaseModel):
-    """202: the import is checked and on its way to the verifier."""
-
-    import_id: str
-    images: int = Field(description="Images submitted.")
-    boxes: int
-    test_set: int = Field(description="Images that define the frozen test set.")
-    classes_added: list[str]
-    already_imported: int = Field(description="Images whose same labels were imported before (skipped).")
-    training: str = Field(description="What the import asked of the trainer: one run after its labels, with which arguments, or none.")
 
 
 # -- export ---------------------------------------------------------------------------------------------
@@ -457,12 +413,60 @@ async def _submit_items(
     test_set: bool | None,
     add_classes: bool,
 ) -> ImportOut:
-    s = gw.s
-    policy = gw.config.policy(project)
-    # 1. Classes: every name the files use, in the files' order.
+    """Check classes and images, store the images, then store and emit the label sets in batches."""
+    unknown = await _unknown_classes(gw, project, fmt, items, file_classes, add_classes=add_classes)
+    refs = await _checked_images(gw, project, items, file_classes, archive)
+    for ref, member in refs:
+        if member is not None and archive is not None:
+            # Read again rather than held since the check: an import may be far larger than memory.
+            await gw.blobs.put(await asyncio.to_thread(archive.read, member))
+    batch = _Batch(import_id=f"import-{uuid.uuid4().hex[:16]}", project=project, principal=principal, test_set=test_set)
+    for start in range(0, len(items), IMPORT_BATCH):
+        async with gw.runtime.transaction() as unit:
+            if start == 0 and unknown:
+                await store.ensure_project(unit.conn, gw.s, project, created_by=principal.user_id)
+                before = await store.classes(unit.conn, gw.s, project)
+                batch.taxonomy = await store.add_classes(unit.conn, gw.s, project, unknown)
+                batch.added = [c for c in batch.taxonomy if c not in before]
+            else:
+                batch.taxonomy = await store.classes(unit.conn, gw.s, project)
+            for item, (ref, _) in zip(items[start : start + IMPORT_BATCH], refs[start : start + IMPORT_BATCH], strict=True):
+                await _submit_one(unit, gw.s, batch, item, ref)
+            if start == 0:
+                await store.record_import(unit.conn, gw.s, batch.import_id, project, fmt, principal.user_id)
+    async with gw.pool.acquire() as conn:
+        await store.count_import(conn, gw.s, batch.import_id, batch.emitted, batch.boxes, batch.tests)
+    gw.runtime.counters["imported_images"] += batch.emitted
+    return ImportOut(import_id=batch.import_id, images=batch.emitted, boxes=batch.boxes, test_set=batch.tests, classes_added=batch.added,
+                     already_imported=batch.skipped, training="")
+
+
+IMPORT_BATCH = 500
+"""Label sets stored and emitted per transaction."""
+
+
+@dataclass
+class _Batch:
+    """One import under way: who, where, and what it has sent so far."""
+
+    import_id: str
+    project: str
+    principal: Principal
+    test_set: bool | None
+    taxonomy: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    emitted: int = 0
+    skipped: int = 0
+    boxes: int = 0
+    tests: int = 0
+
+
+async def _unknown_classes(gw: "Gateway", project: str, fmt: str, items: list[Item], file_classes: list[str], *,
+                           add_classes: bool) -> list[str]:
+    """The classes the files name that the taxonomy lacks (refused unless `add_classes`)."""
     used = list(dict.fromkeys([*file_classes, *(b.class_name for item in items for b in item.boxes)]))
     async with gw.pool.acquire() as conn:
-        taxonomy = await store.classes(conn, s, project)
+        taxonomy = await store.classes(conn, gw.s, project)
     # A YOLO file's class list fixes indices, so all of it counts; elsewhere only classes in use.
     in_use = {b.class_name for item in items for b in item.boxes}
     unknown = [c for c in used if c not in taxonomy and (fmt == "yolo" or c in in_use)]
@@ -472,16 +476,22 @@ async def _submit_items(
             f"the import names classes the taxonomy lacks: {', '.join(map(repr, unknown[:20]))}; add them first, or import with add_classes=true",
             {"unknown_classes": unknown[:100], "classes": taxonomy[:100]},
         )
-    # 2. Images: bytes from the archive (or an image the gateway has), facts, boxes in pixels.
+    return unknown
+
+
+async def _checked_images(gw: "Gateway", project: str, items: list[Item], file_classes: list[str],
+                          archive: _Archive | None) -> list[tuple[ImageRef, str | None]]:
+    """Each item's image (from the archive, or one the gateway has) and its boxes in pixels, checked;
+    every problem refused at once."""
+    policy = gw.config.policy(project)
     refs: list[tuple[ImageRef, str | None]] = []
     issues: list[dict[str, Any]] = []
     async with gw.pool.acquire() as conn:
         for item in items:
             ref, member = await _image_of(conn, gw, project, item, archive)
             if item.normalised is not None:
-                names = file_classes
                 item.boxes = [
-                    formats.from_yolo_line(f"{c} {cx} {cy} {w} {h}", names, ref.width, ref.height) for c, cx, cy, w, h in item.normalised
+                    formats.from_yolo_line(f"{c} {cx} {cy} {w} {h}", file_classes, ref.width, ref.height) for c, cx, cy, w, h in item.normalised
                 ]
             elif item.width and item.height and (item.width, item.height) != (ref.width, ref.height):
                 issues.append({"image": item.name, "reason": "size_mismatch",
@@ -495,64 +505,40 @@ async def _submit_items(
     if issues:
         raise Refusal(422, issues[0]["reason"], f"{issues[0]['image']}: {issues[0]['message']} ({len(issues)} problem(s) in all)",
                       {"issues": issues[:MAX_ISSUES_SHOWN], "problems": len(issues)})
-    # 3. Store and emit, in batches; submission ids are fixed by the content, so a repeat is a no-op.
-    import_id = f"import-{uuid.uuid4().hex[:16]}"
-    added: list[str] = []
-    emitted = skipped = boxes = tests = 0
-    for ref, member in refs:
-        if member is not None and archive is not None:
-            # Read again rather than held since the check: an import may be far larger than memory.
-            await gw.blobs.put(await asyncio.to_thread(archive.read, member))
-    batch = 500
-    for start in range(0, len(items), batch):
-        async with gw.runtime.transaction() as unit:
-            conn = unit.conn
-            if start == 0 and unknown:
-                await store.ensure_project(conn, s, project, created_by=principal.user_id)
-                before = await store.classes(conn, s, project)
-                taxonomy = await store.add_classes(conn, s, project, unknown)
-                added = [c for c in taxonomy if c not in before]
-            else:
-                taxonomy = await store.classes(conn, s, project)
-            for item, (ref, _) in zip(items[start : start + batch], refs[start : start + batch], strict=True):
-                for_test = item.split == "test" if test_set is None else test_set
-                await store.upsert_image(conn, s, project, ref)
-                digest = hashlib.sha256(
-                    json.dumps([project, ref.image_id, for_test, [b.model_dump(mode="json") for b in item.boxes]]).encode()
-                ).hexdigest()[:32]
-                submission_id = f"import-{digest}"
-                if await store.submission(conn, s, submission_id) is not None:
-                    skipped += 1
-                    continue
-                now = utcnow()
-                await store.insert_submission(conn, s, store.SubmissionRow(
-                    submission_id=submission_id, task_id=import_id, project=project, image_id=ref.image_id,
-                    user_id=principal.user_id, role=principal.role.label, source=LabelSourceKind.IMPORT.value,
-                    kind="annotate", decision=None, boxes=item.boxes, actions={}, opened_at=None, submitted_at=now,
-                    duration_s=None, for_test_set=for_test,
-                ))
-                unit.emit(
-                    label_submitted(
-                        source=LabelSourceKind.IMPORT, submission_id=submission_id, task_id=import_id, kind=TaskKind.ANNOTATE,
-                        image=ref, boxes=item.boxes, labeller=principal.user_id, role=principal.role.label, submitted_at=now,
-                        class_names=taxonomy, for_test_set=for_test,
-                    ),
-                    project=project,
-                    correlation_id=ref.image_id,
-                )
-                emitted += 1
-                boxes += len(item.boxes)
-                tests += for_test
-            if start == 0:
-                await conn.execute(
-                    f"INSERT INTO {s}.imports (import_id, project, format, images, boxes, test_set, created_by) VALUES ($1, $2, $3, 0, 0, 0, $4)",
-                    import_id, project, fmt, principal.user_id,
-                )
-    async with gw.pool.acquire() as conn:
-        await conn.execute(f"UPDATE {s}.imports SET images = $2, boxes = $3, test_set = $4 WHERE import_id = $1", import_id, emitted, boxes, tests)
-    gw.runtime.counters["imported_images"] += emitted
-    return ImportOut(import_id=import_id, images=emitted, boxes=boxes, test_set=tests, classes_added=added, already_imported=skipped,
-                     training="")
+    return refs
+
+
+async def _submit_one(unit: Any, s: str, batch: _Batch, item: Item, ref: ImageRef) -> None:
+    """Store one label set and emit it; a label set imported before (same content) is skipped."""
+    project, principal = batch.project, batch.principal
+    for_test = item.split == "test" if batch.test_set is None else batch.test_set
+    await store.upsert_image(unit.conn, s, project, ref)
+    digest = hashlib.sha256(
+        json.dumps([project, ref.image_id, for_test, [b.model_dump(mode="json") for b in item.boxes]]).encode()
+    ).hexdigest()[:32]
+    submission_id = f"import-{digest}"
+    if await store.submission(unit.conn, s, submission_id) is not None:
+        batch.skipped += 1
+        return
+    now = utcnow()
+    await store.insert_submission(unit.conn, s, store.SubmissionRow(
+        submission_id=submission_id, task_id=batch.import_id, project=project, image_id=ref.image_id,
+        user_id=principal.user_id, role=principal.role.label, source=LabelSourceKind.IMPORT.value,
+        kind="annotate", decision=None, boxes=item.boxes, actions={}, opened_at=None, submitted_at=now,
+        duration_s=None, for_test_set=for_test,
+    ))
+    unit.emit(
+        label_submitted(
+            source=LabelSourceKind.IMPORT, submission_id=submission_id, task_id=batch.import_id, kind=TaskKind.ANNOTATE,
+            image=ref, boxes=item.boxes, labeller=principal.user_id, role=principal.role.label, submitted_at=now,
+            class_names=batch.taxonomy, for_test_set=for_test,
+        ),
+        project=project,
+        correlation_id=ref.image_id,
+    )
+    batch.emitted += 1
+    batch.boxes += len(item.boxes)
+    batch.tests += for_test
 
 
 async def _image_of(conn: Any, gw: "Gateway", project: str, item: Item, archive: _Archive | None) -> tuple[ImageRef, str | None]:

@@ -576,3 +576,16 @@ async def queued_by_reason(conn: Any, s: str, project: str | None) -> list[async
             WHERE state = 'queued' AND ($1::text IS NULL OR project = $1) GROUP BY 1, 2, 3 ORDER BY 1, 2, 4 DESC""",
         project,
     )
+
+
+async def record_import(conn: Any, s: str, import_id: str, project: str, fmt: str, created_by: str) -> None:
+    """An import under way (its counts come at its end: `count_import`)."""
+    await conn.execute(
+        f"INSERT INTO {s}.imports (import_id, project, format, images, boxes, test_set, created_by) VALUES ($1, $2, $3, 0, 0, 0, $4)",
+        import_id, project, fmt, created_by,
+    )
+
+
+async def count_import(conn: Any, s: str, import_id: str, images: int, boxes: int, test_set: int) -> None:
+    """What an import sent to the verifier."""
+    await conn.execute(f"UPDATE {s}.imports SET images = $2, boxes = $3, test_set = $4 WHERE import_id = $1", import_id, images, boxes, test_set)
