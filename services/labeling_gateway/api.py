@@ -143,7 +143,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
 
     shared = _Shared(config=gw.config, s=gw.s, annotator=Depends(guard(gw, Role.ANNOTATOR)), reviewer=Depends(guard(gw, Role.REVIEWER)),
                      admin=Depends(guard(gw, Role.ADMIN)), review_role=Role.parse(gw.config.review_role), existing=existing)
-    for group in (_projects, _tokens, _leases, _tasks, _submit, _images, _datasets):
+    for group in (_projects, _tokens, _leases, _task_list, _tasks, _submit, _images, _datasets):
         group(app, gw, shared)
 
 
@@ -267,9 +267,9 @@ def _leases(app: FastAPI, gw: Gateway, r: _Shared) -> None:
         return task_out(row, classes, resumed=resumed, lease_s=lease_s)
 
 
-def _tasks(app: FastAPI, gw: Gateway, r: _Shared) -> None:
-    """The project's tasks, and a held task: read, renew, release, skip."""
-    config, s, annotator, reviewer, existing = r.config, r.s, r.annotator, r.reviewer, r.existing
+def _task_list(app: FastAPI, gw: Gateway, r: _Shared) -> None:
+    """The project's tasks, by state and reason."""
+    s, reviewer, existing = r.s, r.reviewer, r.existing
 
     @app.get("/v1/projects/{project}/tasks", summary="The project's tasks, by state and reason", tags=["tasks"],
              description="Newest first. `reason` says why a task is for people (see `TaskRow.reason`); page with `offset`.",
@@ -287,6 +287,11 @@ def _tasks(app: FastAPI, gw: Gateway, r: _Shared) -> None:
             rows = await store.task_list(conn, s, project, state=state, reason=reason, limit=limit + 1, offset=offset)
         page = [TaskRow.model_validate(row) for row in rows[:limit]]
         return TaskList(tasks=page, next_offset=offset + limit if len(rows) > limit else None)
+
+
+def _tasks(app: FastAPI, gw: Gateway, r: _Shared) -> None:
+    """A held task: read, renew, release, skip."""
+    config, s, annotator = r.config, r.s, r.annotator
 
     @app.get("/v1/projects/{project}/tasks/{task_id}", summary="A task", tags=["tasks"],
              description="The labeller holding it, or a reviewer or admin of the project.",
