@@ -16,7 +16,7 @@ RUN = {
 def test_a_run_shows_its_dataset_what_it_left_out_its_map_and_the_gate_s_verdict() -> None:
     cells = _run_cells(RUN)
     assert cells[2] == "succeeded"
-    assert cells[4] == "ds-0123456789ab (380 train, 94 val)" and cells[5] == "6 near test images"
+    assert cells[4] == "ds-0123456789ab (380 train, 94 val)" and cells[5] == "6 near-duplicates of test images"
     assert cells[7] == "0.035" and cells[8] == "FAILED: below_floor (0.035 vs 0.300)"
 
 

@@ -17,7 +17,17 @@ import httpx
 import pytest
 from PIL import Image
 
-from visionloop.contracts import TrainingRequested, TrainingTrigger
+from visionloop.cli.model import _run_cells
+from visionloop.contracts import (
+    GateFailure,
+    GateFailureReason,
+    Lineage,
+    Metrics,
+    ModelEvaluated,
+    ModelRef,
+    TrainingRequested,
+    TrainingTrigger,
+)
 from visionloop.dataimport import choose_test_set, pack
 from visionloop.demo.datasetfiles import load_dataset
 from visionloop.libs.blob import LocalBlobStore
@@ -148,6 +158,23 @@ async def test_an_import_is_one_batch_one_run_after_its_labels_with_its_settings
     (report,) = await trainer_store.runs_report(fake_bus.pool, trainer.schema, "parts")  # type: ignore[attr-defined]
     (left_out,) = report["excluded"]
     assert left_out["reason"] == "near_test_duplicate" and left_out["distance"] <= 16
+
+    # `trainer runs` shows the model's test mAP50-95 and the gate's verdict (not just "succeeded").
+    async with trainer.transaction() as unit:
+        version = await trainer_store.add_model(unit.conn, ts, model_id="parts-detector", project="parts", run_id=run["run_id"],
+                                                weights_uri="file:///w.pt", weights_sha256="0" * 64, class_names=CLASSES, imgsz=128)
+    ref = ModelRef(model_id="parts-detector", version=version)
+    failure = GateFailure(reason=GateFailureReason.BELOW_FLOOR, message="below the floor", metric="map50_95", value=0.035, threshold=0.3)
+    evaluated = ModelEvaluated(
+        lineage=Lineage(model=ref, dataset_version=snap["version"], class_names=CLASSES, imgsz=128), weights_uri="file:///w.pt",
+        weights_sha256="0" * 64, passed=False, failures=[failure], test_set_version="ts-1",
+        candidate=Metrics(map50_95=0.035, map50=0.1, images=3),
+    )
+    await fake_bus.publish(evaluated, project="parts")
+    (report,) = await trainer_store.runs_report(fake_bus.pool, trainer.schema, "parts")  # type: ignore[attr-defined]
+    cells = _run_cells(report)
+    assert cells[2] == "succeeded" and cells[5] == "1 near-duplicate of test images" and cells[7] == "0.035"
+    assert cells[8] == "FAILED: below_floor (0.035 vs 0.300)"
 
 
 async def test_an_import_that_asks_for_no_run_gets_none(fake_bus: FakeBus, tmp_path: Path) -> None:

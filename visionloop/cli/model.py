@@ -123,13 +123,18 @@ def trainer_runs(
 def _run_cells(r: dict[str, Any]) -> tuple[str, ...]:
     status = r["status"] + (f" ({r['reason']})" if r["reason"] else "")
     dataset = "-" if not r["dataset_version"] else f"{r['dataset_version'][:15]} ({r['train_images']} train, {r['val_images']} val)"
-    left_out = "-" if not r["dataset_version"] else (f"{len(r['excluded'])} near test images" if r["excluded"] else "none")
+    left_out = "-" if not r["dataset_version"] else (_left_out(r["excluded"]) if r["excluded"] else "none")
     return (
         r["run_id"], r["project"], status, str(r["epoch"] or "-"), dataset, left_out,
         f"{r['model_id']} v{r['version']}" if r["model_id"] else "-",
         f"{r['map50_95']:.3f}" if r["map50_95"] is not None else "-", gate_cell(r),
         (r["started_at"] or "-")[:19], (r["finished_at"] or "-")[:19],
     )
+
+
+def _left_out(excluded: list[dict[str, Any]]) -> str:
+    n = len(excluded)
+    return f"{n} near-duplicate{'' if n == 1 else 's'} of test images"
 
 
 def gate_cell(r: dict[str, Any]) -> str:
