@@ -18,6 +18,25 @@ _RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")
 """One byte range; 18 digits at most (more is no real offset, and `int()` refuses very long numbers)."""
 
 
+def _span(range_: str | None, size: int) -> tuple[int, int, int]:
+    """(start, end, status) of what a `Range` header asks of `size` bytes; 416 when unusable."""
+    if not range_:
+        return 0, size, 200
+    match = _RANGE.match(range_.strip())
+    if not match or (not match.group(1) and not match.group(2)):
+        raise HTTPException(416, detail={"reason": "bad_range", "message": "use a single range: bytes=START-END"},
+                            headers={"Content-Range": f"bytes */{size}"})
+    if match.group(1):
+        start = int(match.group(1))
+        end = min(int(match.group(2)) + 1, size) if match.group(2) else size
+    else:
+        start, end = max(0, size - int(match.group(2))), size
+    if start >= size or end <= start:
+        raise HTTPException(416, detail={"reason": "range_not_satisfiable", "message": f"the package has {size} bytes"},
+                            headers={"Content-Range": f"bytes */{size}"})
+    return start, end, 206
+
+
 def package_server(runtime: Runtime, blobs: Any, config: DistributorSettings) -> FastAPI:
     """The HTTP face: packages by SHA-256 (ranges, ETag) and releases."""
     app = FastAPI(title="visionloop distributor", version="1", docs_url=None, redoc_url=None)
@@ -48,21 +67,8 @@ def package_server(runtime: Runtime, blobs: Any, config: DistributorSettings) ->
         headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": "application/x-tar"}
         if if_none_match == etag:
             return Response(status_code=304, headers=headers)
-        start, end, status = 0, stat.size, 200
-        if range_:
-            match = _RANGE.match(range_.strip())
-            if not match or (not match.group(1) and not match.group(2)):
-                raise HTTPException(416, detail={"reason": "bad_range", "message": "use a single range: bytes=START-END"},
-                                    headers={"Content-Range": f"bytes */{stat.size}"})
-            if match.group(1):
-                start = int(match.group(1))
-                end = min(int(match.group(2)) + 1, stat.size) if match.group(2) else stat.size
-            else:
-                start = max(0, stat.size - int(match.group(2)))
-            if start >= stat.size or end <= start:
-                raise HTTPException(416, detail={"reason": "range_not_satisfiable", "message": f"the package has {stat.size} bytes"},
-                                    headers={"Content-Range": f"bytes */{stat.size}"})
-            status = 206
+        start, end, status = _span(range_, stat.size)
+        if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{stat.size}"
         headers["Content-Length"] = str(end - start)
         if request.method == "HEAD":

@@ -74,6 +74,13 @@ def create_app(agent: EdgeAgent, *, token: str, max_image_bytes: int = MAX_IMAGE
                 headers={"WWW-Authenticate": "Bearer"})
 
     guarded = [Depends(authenticated)]
+    _status_routes(app, agent, guarded)
+    _predict_route(app, agent, guarded, max_image_bytes)
+    return app
+
+
+def _status_routes(app: FastAPI, agent: EdgeAgent, guarded: list[Any]) -> None:
+    """`/healthz` (no token) and `/v1/model`."""
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -94,6 +101,10 @@ def create_app(agent: EdgeAgent, *, token: str, max_image_bytes: int = MAX_IMAGE
         if not summary:
             return _refusal(503, "no_model", "no model is active on this device yet: release one to its fleet")
         return summary
+
+
+def _predict_route(app: FastAPI, agent: EdgeAgent, guarded: list[Any], max_image_bytes: int) -> None:
+    """`/v1/predict`: boxes of the active model on the body's image."""
 
     @app.post(
         "/v1/predict",
@@ -126,5 +137,3 @@ def create_app(agent: EdgeAgent, *, token: str, max_image_bytes: int = MAX_IMAGE
         except InferenceError as exc:
             return _refusal(400, exc.reason, str(exc.args[0]))
         return Prediction(model=model.model_dump(), boxes=boxes)
-
-    return app

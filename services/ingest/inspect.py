@@ -160,36 +160,7 @@ def inspect_image(data: bytes, limits: Limits) -> ImageFacts:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with pillow_open(io.BytesIO(data), _decoders(limits.formats)) as image:
-                fmt = (image.format or "").upper()
-                # A camera's multi-picture JPEG (MPO) is a JPEG whose first picture is the
-                # photo; the others are previews or depth maps, not frames of an animation.
-                still = fmt == "MPO"
-                if still:
-                    fmt = "JPEG"
-                if fmt not in limits.formats:
-                    raise Refusal(
-                        ImageRejectReason.UNSUPPORTED_FORMAT,
-                        f"format {fmt or 'unknown'} is not accepted here (accepted: "
-                        f"{', '.join(sorted(limits.formats))})",
-                        {"format": fmt},
-                    )
-                width, height = image.size
-                if width * height > limits.max_pixels:
-                    raise Refusal(
-                        ImageRejectReason.DECOMPRESSION_BOMB,
-                        f"{width}x{height} is {width * height} pixels, over the "
-                        f"{limits.max_pixels}-pixel limit",
-                        {"width": width, "height": height, "limit": limits.max_pixels},
-                    )
-                if not still and _has_frame(image, limits.max_frames):
-                    raise Refusal(
-                        ImageRejectReason.TOO_MANY_FRAMES,
-                        f"the file has more than {limits.max_frames} frame(s); send a still image",
-                        {"limit": limits.max_frames},
-                    )
-                image.load()  # decodes every pixel: truncated or corrupt data fails here
-                if _rotated(image):
-                    width, height = height, width
+                fmt, width, height = _checked_decode(image, limits)
         except Refusal:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -211,6 +182,41 @@ def inspect_image(data: bytes, limits: Limits) -> ImageFacts:
         format=fmt,
         byte_size=size,
     )
+
+
+def _checked_decode(image: Image.Image, limits: Limits) -> tuple[str, int, int]:
+    """(format, width, height as shown) of an opened image within the limits, every pixel decoded."""
+    fmt = (image.format or "").upper()
+    # A camera's multi-picture JPEG (MPO) is a JPEG whose first picture is the
+    # photo; the others are previews or depth maps, not frames of an animation.
+    still = fmt == "MPO"
+    if still:
+        fmt = "JPEG"
+    if fmt not in limits.formats:
+        raise Refusal(
+            ImageRejectReason.UNSUPPORTED_FORMAT,
+            f"format {fmt or 'unknown'} is not accepted here (accepted: "
+            f"{', '.join(sorted(limits.formats))})",
+            {"format": fmt},
+        )
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise Refusal(
+            ImageRejectReason.DECOMPRESSION_BOMB,
+            f"{width}x{height} is {width * height} pixels, over the "
+            f"{limits.max_pixels}-pixel limit",
+            {"width": width, "height": height, "limit": limits.max_pixels},
+        )
+    if not still and _has_frame(image, limits.max_frames):
+        raise Refusal(
+            ImageRejectReason.TOO_MANY_FRAMES,
+            f"the file has more than {limits.max_frames} frame(s); send a still image",
+            {"limit": limits.max_frames},
+        )
+    image.load()  # decodes every pixel: truncated or corrupt data fails here
+    if _rotated(image):
+        width, height = height, width
+    return fmt, width, height
 
 
 def _decoders(formats: frozenset[str]) -> list[str]:
