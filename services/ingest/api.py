@@ -474,6 +474,30 @@ _REFUSALS = {
 }
 
 
+async def _store(runtime: Runtime, intake: Intake, submission: Any, project: str) -> JSONResponse:
+    """Examine, store and record an admitted submission; its answer (or a refusal, or 503)."""
+    try:
+        examined = await intake.examine(submission, inline_max=intake.config.max_bytes)
+        async with runtime.transaction() as unit:
+            outcome = await intake.record(unit, project=project, submission=submission, examined=examined, channel="http")
+    except asyncpg.DataError as exc:  # a field PostgreSQL cannot store (a NUL character): the request's fault
+        body = RefusalAnswer(
+            reason=ImageRejectReason.INVALID_SUBMISSION.value,
+            message=f"the submission holds a value that cannot be stored: {exc}",
+            submission_id=submission.submission_id,
+        )
+        return JSONResponse(body.model_dump(mode="json"), status_code=422)
+    except (BlobError, asyncpg.PostgresError, *INFRASTRUCTURE_ERRORS) as exc:
+        log.warning("ingest: POST /v1/images could not be served: %r", exc)
+        body = RefusalAnswer(
+            reason="service_unavailable",
+            message=f"ingest cannot store or record images right now ({type(exc).__name__}); retry later",
+            submission_id=submission.submission_id,
+        )
+        return JSONResponse(body.model_dump(mode="json"), status_code=503, headers={"Retry-After": "5"})
+    return _answer(outcome, project)
+
+
 def http_app(runtime: Runtime, intake: Intake) -> FastAPI:
     """ingest's FastAPI app: `POST /v1/images` and `GET /healthz`."""
     config = intake.config
@@ -507,28 +531,7 @@ def http_app(runtime: Runtime, intake: Intake) -> FastAPI:
                 return _refused(refusal)
             if (denied := ingest_tokens.denial(submitter, fields.project)) is not None:
                 return _denied(denied, close=False)
-            try:
-                examined = await intake.examine(submission, inline_max=config.max_bytes)
-                async with runtime.transaction() as unit:
-                    outcome = await intake.record(
-                        unit, project=fields.project, submission=submission, examined=examined, channel="http"
-                    )
-            except asyncpg.DataError as exc:  # a field PostgreSQL cannot store (a NUL character): the request's fault
-                body = RefusalAnswer(
-                    reason=ImageRejectReason.INVALID_SUBMISSION.value,
-                    message=f"the submission holds a value that cannot be stored: {exc}",
-                    submission_id=submission.submission_id,
-                )
-                return JSONResponse(body.model_dump(mode="json"), status_code=422)
-            except (BlobError, asyncpg.PostgresError, *INFRASTRUCTURE_ERRORS) as exc:
-                log.warning("ingest: POST /v1/images could not be served: %r", exc)
-                body = RefusalAnswer(
-                    reason="service_unavailable",
-                    message=f"ingest cannot store or record images right now ({type(exc).__name__}); retry later",
-                    submission_id=submission.submission_id,
-                )
-                return JSONResponse(body.model_dump(mode="json"), status_code=503, headers={"Retry-After": "5"})
-            return _answer(outcome, fields.project)
+            return await _store(runtime, intake, submission, fields.project)
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, str]:

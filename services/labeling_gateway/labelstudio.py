@@ -437,6 +437,18 @@ def register(app: FastAPI, gw: Gateway) -> LabelStudio:
             body = validate(PredictIn, parse_json(await read_body(request, gw.config.body_max_bytes * 8)))
             return JSONResponse(await ls.predict(principal, body))
 
+    _webhook_and_versions(app, gw, ls, reviewer, tag)
+    # The same endpoints under `/ls/<token>`: the URL to give Label Studio as the model's address,
+    # so that every call it makes, the webhook it creates itself included, is authenticated.
+    for route in [r for r in list(app.routes) if isinstance(r, APIRoute) and r.path in LS_PATHS]:
+        app.add_api_route(f"{LS_PREFIX}{route.path}", route.endpoint, methods=sorted(route.methods), status_code=route.status_code,
+                          include_in_schema=False)
+    return ls
+
+
+def _webhook_and_versions(app: FastAPI, gw: Gateway, ls: LabelStudio, reviewer: Any, tag: list[str]) -> None:
+    """`/webhook` (stored, worked on later) and `/versions`."""
+
     @app.post("/webhook", status_code=201, summary="Label Studio: webhooks (annotations, start training)", tags=tag,
               description=(
                   "Stored in the request and acknowledged at once (Label Studio waits one second and never retries); "
@@ -456,10 +468,3 @@ def register(app: FastAPI, gw: Gateway) -> LabelStudio:
         async with gw.pool.acquire() as conn:
             found = await store.model_versions(conn, gw.s, principal.project)
         return {"versions": [model_version(m) for m in found] or [NO_MODEL]}
-
-    # The same endpoints under `/ls/<token>`: the URL to give Label Studio as the model's address,
-    # so that every call it makes, the webhook it creates itself included, is authenticated.
-    for route in [r for r in list(app.routes) if isinstance(r, APIRoute) and r.path in LS_PATHS]:
-        app.add_api_route(f"{LS_PREFIX}{route.path}", route.endpoint, methods=sorted(route.methods), status_code=route.status_code,
-                          include_in_schema=False)
-    return ls
