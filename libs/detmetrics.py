@@ -250,6 +250,25 @@ def _operating_point(
     return found
 
 
+def _per_class(classes: Mapping[str, _Class], names: Sequence[str]) -> tuple[
+        dict[str, float], dict[str, float], dict[str, tuple[list[float], list[float]]], list[np.ndarray]]:
+    """AP50-95, AP50 and the PR curve (IoU 0.5) of each class with labels or detections; the
+    precision tables for the overall mean."""
+    per_class_ap: dict[str, float] = {}
+    per_class_ap50: dict[str, float] = {}
+    pr_curves: dict[str, tuple[list[float], list[float]]] = {}
+    sampled = []
+    for name in names:
+        precision = _accumulate(classes[name])
+        if precision is None:
+            continue
+        sampled.append(precision)
+        per_class_ap[name] = float(np.mean(precision))
+        per_class_ap50[name] = float(np.mean(precision[0]))
+        pr_curves[name] = (RECALL_THRESHOLDS.tolist(), precision[0].tolist())
+    return per_class_ap, per_class_ap50, pr_curves, sampled
+
+
 def evaluate(
     ground_truth: Mapping[str, Sequence[Box]],
     predictions: Mapping[str, Sequence[Box]],
@@ -284,18 +303,7 @@ def evaluate(
         n_found += found
         agreeing += found == len(gts) == above
 
-    per_class_ap: dict[str, float] = {}
-    per_class_ap50: dict[str, float] = {}
-    pr_curves: dict[str, tuple[list[float], list[float]]] = {}
-    sampled = []
-    for name in names:
-        precision = _accumulate(classes[name])
-        if precision is None:
-            continue
-        sampled.append(precision)
-        per_class_ap[name] = float(np.mean(precision))
-        per_class_ap50[name] = float(np.mean(precision[0]))
-        pr_curves[name] = (RECALL_THRESHOLDS.tolist(), precision[0].tolist())
+    per_class_ap, per_class_ap50, pr_curves, sampled = _per_class(classes, names)
     # COCO's summarize: one mean over every (threshold, recall point, class) cell
     stacked = np.stack(sampled, axis=2) if sampled else np.zeros((len(IOU_THRESHOLDS), 0, 0))
     return Evaluation(

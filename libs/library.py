@@ -401,72 +401,84 @@ async def set_alias(
     return await _move_alias(unit, q, entry_id, alias)
 
 
+@dataclass
+class _AliasScope:
+    """The aliases of one (project, model, target, domain), locked for a transaction, and the
+    entries a move touched (each is announced again)."""
+
+    conn: asyncpg.Connection
+    q: str
+    scope: tuple[str, str, str, str]
+    held: dict[Alias, int | None]
+    touched: set[int] = field(default_factory=set)
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @classmethod
+    async def locked(cls, conn: asyncpg.Connection, q: str, entry_id: int) -> _AliasScope:
+        row = await conn.fetchrow(f"SELECT project, model_id, target, domain_key FROM {q}.entries WHERE id = $1", entry_id)
+        scope = (row["project"], row["model_id"], row["target"], row["domain_key"])
+        # Lock the scope's alias rows so concurrent moves of the same scope serialise.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key("alias:" + "|".join(scope)))
+        rows = await conn.fetch(
+            f"""SELECT alias, entry_id FROM {q}.aliases
+                WHERE project = $1 AND model_id = $2 AND target = $3 AND domain_key = $4""",
+            *scope,
+        )
+        return cls(conn, q, scope, {Alias(r["alias"]): r["entry_id"] for r in rows}, {entry_id})
+
+    async def put(self, name: Alias, target_id: int | None) -> None:
+        """Point `name` at `target_id` (None: remove it), recording the move."""
+        q, scope, before = self.q, self.scope, self.held.get(name)
+        if before == target_id:
+            return
+        if target_id is None:
+            await self.conn.execute(
+                f"DELETE FROM {q}.aliases WHERE project = $1 AND model_id = $2 AND target = $3 AND domain_key = $4 AND alias = $5",
+                *scope, name.value,
+            )
+        else:
+            await self.conn.execute(
+                f"""INSERT INTO {q}.aliases (project, model_id, target, domain_key, alias, entry_id, set_at)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7)
+                    ON CONFLICT (project, model_id, target, domain_key, alias)
+                    DO UPDATE SET entry_id = EXCLUDED.entry_id, set_at = EXCLUDED.set_at""",
+                *scope, name.value, target_id, self.now,
+            )
+        await self.conn.execute(
+            f"""INSERT INTO {q}.alias_moves (project, model_id, target, domain_key, alias, entry_id, from_entry)
+                VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+            *scope, name.value, target_id, before,
+        )
+        self.held[name] = target_id
+        self.touched.update(i for i in (before, target_id) if i is not None)
+
+
 async def _move_alias(unit: Any, q: str, entry_id: int, alias: Alias) -> Entry:
     if alias == Alias.PREVIOUS:
         raise LibraryError(
             "alias_managed", "`previous` is set by promotions; promote a version to production instead"
         )
     conn: asyncpg.Connection = unit.conn
-    row = await conn.fetchrow(
-        f"SELECT project, model_id, target, domain_key FROM {q}.entries WHERE id = $1", entry_id
-    )
-    scope = (row["project"], row["model_id"], row["target"], row["domain_key"])
-    # Lock the scope's alias rows so concurrent moves of the same scope serialise.
-    await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key("alias:" + "|".join(scope)))
-    held = {
-        Alias(r["alias"]): r["entry_id"]
-        for r in await conn.fetch(
-            f"""SELECT alias, entry_id FROM {q}.aliases
-                WHERE project = $1 AND model_id = $2 AND target = $3 AND domain_key = $4""",
-            *scope,
-        )
-    }
-    touched = {entry_id}
-    now = datetime.now(UTC)
-
-    async def put(name: Alias, target_id: int | None) -> None:
-        before = held.get(name)
-        if before == target_id:
-            return
-        if target_id is None:
-            await conn.execute(
-                f"DELETE FROM {q}.aliases WHERE project = $1 AND model_id = $2 AND target = $3 AND domain_key = $4 AND alias = $5",
-                *scope, name.value,
-            )
-        else:
-            await conn.execute(
-                f"""INSERT INTO {q}.aliases (project, model_id, target, domain_key, alias, entry_id, set_at)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7)
-                    ON CONFLICT (project, model_id, target, domain_key, alias)
-                    DO UPDATE SET entry_id = EXCLUDED.entry_id, set_at = EXCLUDED.set_at""",
-                *scope, name.value, target_id, now,
-            )
-        await conn.execute(
-            f"""INSERT INTO {q}.alias_moves (project, model_id, target, domain_key, alias, entry_id, from_entry)
-                VALUES ($1, $2, $3, $4, $5, $6, $7)""",
-            *scope, name.value, target_id, before,
-        )
-        held[name] = target_id  # type: ignore[assignment]
-        touched.update(i for i in (before, target_id) if i is not None)
-
+    aliases = await _AliasScope.locked(conn, q, entry_id)
+    held = aliases.held
     if alias == Alias.PRODUCTION:
         old = held.get(Alias.PRODUCTION)
         if old != entry_id:
             if held.get(Alias.CANDIDATE) == entry_id:
-                await put(Alias.CANDIDATE, None)
+                await aliases.put(Alias.CANDIDATE, None)
             if held.get(Alias.PREVIOUS) == entry_id:
-                await put(Alias.PREVIOUS, None)
+                await aliases.put(Alias.PREVIOUS, None)
             if old is not None:
-                await put(Alias.PREVIOUS, old)
-            await put(Alias.PRODUCTION, entry_id)
+                await aliases.put(Alias.PREVIOUS, old)
+            await aliases.put(Alias.PRODUCTION, entry_id)
     else:  # candidate
         if held.get(Alias.PRODUCTION) == entry_id:
             raise LibraryError(
                 "alias_conflict", "this version is the production model; a candidate must be another version"
             )
-        await put(Alias.CANDIDATE, entry_id)
+        await aliases.put(Alias.CANDIDATE, entry_id)
     entry = None
-    for touched_id in sorted(touched):
+    for touched_id in sorted(aliases.touched):
         current = await _entry_by_id(conn, q, touched_id)
         if touched_id == entry_id:
             entry = current

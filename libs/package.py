@@ -400,25 +400,7 @@ def open_package(archive: bytes, trust: TrustStore, *, max_bytes: int = MAX_ARCH
     manifest_bytes, sig_bytes = members[0][1], members[1][1]
     if len(manifest_bytes) > MAX_MANIFEST_BYTES or len(sig_bytes) > MAX_SIGNATURE_BYTES:
         raise _invalid("the manifest or its signature is too large")
-    try:
-        sig = _strict_json(sig_bytes)
-        kid, signature, algorithm = sig["key_id"], sig["signature"], sig["algorithm"]
-        if not (isinstance(kid, str) and isinstance(signature, str) and algorithm == signing.ALGORITHM):
-            raise ValueError("wrong types")
-    except (ValueError, KeyError, TypeError, UnicodeError):
-        raise _invalid(f"{SIGNATURE_NAME} is not {{algorithm: ed25519, key_id, signature}} JSON") from None
-    public = trust.get(kid)
-    if public is None:
-        raise PackageError(
-            DeviceFailureReason.UNKNOWN_KEY,
-            f"the package is signed by key {kid[:32]!r}, which this device does not trust "
-            f"(trusted: {', '.join(trust.key_ids) or 'none'}): add the packager's public key to the trust store",
-        )
-    if not signing.verify(public, manifest_bytes, signature):
-        raise PackageError(
-            DeviceFailureReason.BAD_SIGNATURE,
-            f"the manifest's signature does not verify with key {kid}: the package was altered after signing",
-        )
+    kid, signature = _verified_signature(manifest_bytes, sig_bytes, trust)
     try:
         document = _strict_json(manifest_bytes)
         spec = Manifest.model_validate(document)
@@ -448,6 +430,31 @@ def open_package(archive: bytes, trust: TrustStore, *, max_bytes: int = MAX_ARCH
         manifest_bytes=manifest_bytes,
         signature=signature,
     )
+
+
+def _verified_signature(manifest_bytes: bytes, sig_bytes: bytes, trust: TrustStore) -> tuple[str, str]:
+    """(key id, signature) of a signature file that verifies over the exact manifest bytes with a
+    trusted key; `PackageError` otherwise."""
+    try:
+        sig = _strict_json(sig_bytes)
+        kid, signature, algorithm = sig["key_id"], sig["signature"], sig["algorithm"]
+        if not (isinstance(kid, str) and isinstance(signature, str) and algorithm == signing.ALGORITHM):
+            raise ValueError("wrong types")
+    except (ValueError, KeyError, TypeError, UnicodeError):
+        raise _invalid(f"{SIGNATURE_NAME} is not {{algorithm: ed25519, key_id, signature}} JSON") from None
+    public = trust.get(kid)
+    if public is None:
+        raise PackageError(
+            DeviceFailureReason.UNKNOWN_KEY,
+            f"the package is signed by key {kid[:32]!r}, which this device does not trust "
+            f"(trusted: {', '.join(trust.key_ids) or 'none'}): add the packager's public key to the trust store",
+        )
+    if not signing.verify(public, manifest_bytes, signature):
+        raise PackageError(
+            DeviceFailureReason.BAD_SIGNATURE,
+            f"the manifest's signature does not verify with key {kid}: the package was altered after signing",
+        )
+    return kid, signature
 
 
 def _brief(exc: ValidationError) -> str:
