@@ -36,7 +36,7 @@ from visionloop.libs.library import LibraryWriter
 from visionloop.services.labeling_gateway.admin import create_project
 from visionloop.services.labeling_gateway.dashboard import group_owner, handled_per_s, instance_state, release_status
 
-ENV = {"VL_LABELING_GATEWAY_PROJECTS": '{"dash": {"auto_accept": false}}'}
+ENV = {"VL_VERIFIER_PROJECTS": '{"dash": {"auto_accept": false}}'}
 
 
 # -- the decisions, without a broker -------------------------------------------------------------------

@@ -24,7 +24,7 @@ from visionloop.demo.people import PERFECT
 from visionloop.demo.world import Item, World
 from visionloop.libs.boxes import iou
 
-ENV = {"VL_LABELING_GATEWAY_PROJECTS": '{"demo-review": {"auto_accept": false}}'}
+ENV = {"VL_VERIFIER_PROJECTS": '{"demo-review": {"auto_accept": false}}'}
 NOISE = 2.0
 
 
@@ -166,13 +166,15 @@ async def test_reviewer_accepts_corrects_and_rejects_by_the_truth(lab: Lab) -> N
 
         # accepted and corrected label sets are verified; the rejected image comes back to be drawn
         verified = await _verified(lab, 7)
-        await eventually(lambda: [m for m in lab.messages("label.rejected") if m["project"] == lab.project])
+        # (the verifier's `needs_review` on each pre-label offer comes first: auto-accept is off here)
+        people = lambda: [m for m in lab.messages("label.rejected") if m["project"] == lab.project  # noqa: E731
+                          and m["payload"]["reason"] != "needs_review"]
+        await eventually(people)
         assert set(verified) == {i.image_id for i in items[:7]}
         assert _rounded(verified[items[3].image_id]["boxes"]) == _rounded(truth[3])  # relabelled in place
         assert len(verified[items[4].image_id]["boxes"]) == len(truth[4])
         assert len(verified[items[6].image_id]["boxes"]) == len(truth[6])
-        rejected = [m for m in lab.messages("label.rejected") if m["project"] == lab.project]
-        assert [m["payload"]["reason"] for m in rejected] == ["reviewer_rejected"]
+        assert [m["payload"]["reason"] for m in people()] == ["reviewer_rejected"]
 
         await lab.wait_tasks(1, where=f"project = '{lab.project}' AND kind = 'reannotate' AND state = 'queued'")
         reviewer.kinds = None

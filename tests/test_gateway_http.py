@@ -17,7 +17,7 @@ from labelling import Lab, fake_image, publish_many, recognized, running_lab, st
 from visionloop.contracts import Detection
 from visionloop.services.labeling_gateway.auth import Role
 
-ENV = {"VL_LABELING_GATEWAY_PROJECTS": '{"review": {"auto_accept": false}}'}
+ENV = {"VL_VERIFIER_PROJECTS": '{"review": {"auto_accept": false}}'}
 LS_PROJECT = "41.1700000000"
 
 

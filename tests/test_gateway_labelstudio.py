@@ -27,7 +27,7 @@ LS_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 ENV = {
     "VL_LABELING_GATEWAY_FETCH_ALLOW_PRIVATE_ADDRESSES": "true",
     "VL_LABELING_GATEWAY_PREDICT_MAX_CONCURRENT": "1",
-    "VL_LABELING_GATEWAY_PROJECTS": '{"parking": {"auto_accept": false}}',
+    "VL_VERIFIER_PROJECTS": '{"parking": {"auto_accept": false}}',
 }
 
 

@@ -18,7 +18,8 @@ from visionloop.contracts import Detection
 
 
 ENV = {
-    "VL_LABELING_GATEWAY_PROJECTS": '{"drain": {"auto_accept": false}, "short": {"lease_s": 1}}',
+    "VL_LABELING_GATEWAY_PROJECTS": '{"short": {"lease_s": 1}}',
+    "VL_VERIFIER_PROJECTS": '{"drain": {"auto_accept": false}}',
     "VL_VERIFIER_MIN_BOX_PX": "4",
 }
 
@@ -43,7 +44,7 @@ async def test_fifty_labellers_drain_five_hundred_tasks(lab: Lab) -> None:
         for n in range(100)
     ]
     await publish_many(lab.settings, [*annotate, *review], project=lab.project)
-    await lab.wait_tasks(500, where="project = 'drain'")
+    await lab.wait_tasks(500, where="project = 'drain' AND state = 'queued'")  # review tasks after the verifier's needs_review
 
     labellers = [await lab.token("annotator", f"ann-{i}") for i in range(40)]
     labellers += [await lab.token("reviewer", f"rev-{i}") for i in range(10)]

@@ -239,8 +239,8 @@ def test_tasks_from_images() -> None:
     assert all(s.group_size == 3 and s.priority == 0.7 and s.kind == "annotate" for s in slots)
     review = review_task("p", "i" * 64, uncertainty=0.2, prelabels=[], model=ModelRef(model_id="m", version=1), policy=policy, new_id=counter())
     assert (review.kind, review.state, review.group_size) == ("review", "verifying", 1)
-    assert review_task("p", "i", uncertainty=0, prelabels=[], model=ModelRef(model_id="m", version=1), policy=Policy(auto_accept=False),
-                       new_id=counter()).state == "queued"
+    with pytest.raises(ValueError, match="auto_accept is the verifier's setting"):
+        Policy(auto_accept=False)  # one auto_accept setting: the verifier's
     again = reannotate_tasks("p", "i", rejected_boxes=[box(0, 0, 1, 1)], reason=LabelRejectReason.REVIEWER_REJECTED, message="no",
                              issues=[], priority=0.5, uncertainty=0.5, parent_task="t", model=None, policy=Policy(), new_id=counter())
     assert again[0].start_boxes == [] and again[0].issues[0]["reason"] == "reviewer_rejected"

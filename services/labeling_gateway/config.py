@@ -7,14 +7,20 @@ file's `labeling_gateway.projects` mapping, e.g.::
     labeling_gateway:
       lease_s: 600
       projects:
-        parking: {consensus_labellers: 3, auto_accept: false}
+        parking: {consensus_labellers: 3, lease_s: 900}
+
+Whether a project's pre-labels may be auto-accepted is the verifier's one setting
+(`verifier.auto_accept`, per project under `verifier.projects`): the gateway offers every
+recognised image's pre-labels to the verifier and makes a review task of what it does not accept.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from visionloop.contracts.label import MAX_BOXES
 from visionloop.libs.settings import ServiceSettings, service_config
@@ -25,15 +31,18 @@ class Policy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_accept_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "auto_accept" in data:
+            raise ValueError(
+                "auto_accept is the verifier's setting (VL_VERIFIER_AUTO_ACCEPT, or verifier.projects.<project>.auto_accept): "
+                "the gateway offers every project's pre-labels to the verifier, which accepts them or sends them to people"
+            )
+        return data
+
     lease_s: float = Field(
         default=300.0, gt=0, le=86_400, description="How long a leased task stays with its labeller unless renewed."
-    )
-    auto_accept: bool = Field(
-        default=True,
-        description=(
-            "Offer a recognised image's pre-labels to the verifier for calibrated auto-accept "
-            "before a person reviews them; false makes a review task at once."
-        ),
     )
     consensus_labellers: int = Field(
         default=1,

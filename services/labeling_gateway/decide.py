@@ -4,9 +4,9 @@ the one builder of the `label submitted` event every path (people, imports, Labe
 model's pre-labels) sends to the verifier.
 
 - An unrecognised image becomes an *annotate* task that starts from whatever the model found.
-- A recognised image becomes a *review* task carrying the pre-labels; with auto-accept on, the
-  task waits (`verifying`) while the verifier judges the pre-labels, and joins the queue only
-  if they are not auto-accepted (or are drawn for a spot check).
+- A recognised image becomes a *review* task carrying the pre-labels; the task waits
+  (`verifying`) while the verifier judges the pre-labels, and joins the queue only if they are
+  not auto-accepted (or are drawn for a spot check, or the verifier's `auto_accept` is off).
 - A rejected submission comes back as a *re-annotate* task that starts from the rejected boxes
   (from nothing when a reviewer rejected the pre-labels) and shows the verifier's issues.
 
@@ -113,7 +113,8 @@ def review_task(
 ) -> NewTask:
     """A recognised image: a person accepts, corrects or rejects the pre-labels.
 
-    With auto-accept the task first waits for the verifier (`verifying`). Review tasks are
+    The task first waits for the verifier (`verifying`), which auto-accepts the pre-labels or
+    sends them to people (its `auto_accept` setting decides whether it may). Review tasks are
     always one person's decision; consensus is for drawing boxes.
     """
     return NewTask(
@@ -121,7 +122,7 @@ def review_task(
         project=project,
         image_id=image_id,
         kind="review",
-        state="verifying" if policy.auto_accept else "queued",
+        state="verifying",
         priority=uncertainty,
         uncertainty=uncertainty,
         start_boxes=list(prelabels),

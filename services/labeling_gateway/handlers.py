@@ -73,8 +73,6 @@ async def on_recognized(ctx: Gateway, event: Envelope[ImageRecognized], unit: Un
     )
     await store.insert_tasks(unit.conn, s, [task])
     ctx.runtime.counters["tasks_created"] += 1
-    if task.state != "verifying":
-        return
     await _offer_to_verifier(unit, payload, project, task)
 
 async def on_rejected(ctx: Gateway, event: Envelope[LabelRejected], unit: Unit[Any]) -> None:
