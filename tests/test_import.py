@@ -234,11 +234,18 @@ async def test_visionloop_import_takes_a_coco_folder_to_a_project_with_a_floor(f
         assert "needs mAP50-95 >= 0.050" in done.output and "What to expect of a first model" in done.output
         refused = await asyncio.to_thread(CliRunner().invoke, cli, [*args[:4], "--set", "epoch=3"])
         assert refused.exit_code == 2 and "unknown_hyperparameter" in refused.output and "epochs" in refused.output
+        yolo = ["import", str(yolo_folder(tmp_path / "yolo", train=4, test=2)), "--project", "shapes", "--no-train",
+                "--gateway-url", f"http://127.0.0.1:{port}"]
+        shapes = await asyncio.to_thread(CliRunner().invoke, cli, yolo)
+        assert shapes.exit_code == 0, shapes.output
+        assert "5 training and 2 test images" in shapes.output and "the dataset's own test split" in shapes.output
+        assert "imported into shapes" in shapes.output and "2 in the frozen test set" in shapes.output
+        assert "training: none asked" in shapes.output
     finally:
         server.should_exit = True
         await serving
         await fake_bus.pool.execute(f'DROP SCHEMA IF EXISTS "{prefix}evaluator" CASCADE')  # type: ignore[attr-defined]
-    (request,) = [e.payload for e in gateway.outside if isinstance(e.payload, TrainingRequested)]
+    (request,) = [e.payload for e in gateway.outside if isinstance(e.payload, TrainingRequested)]  # none for `shapes`
     assert request.import_labels == 8 and request.hyperparameters == {"epochs": 3}
     tokens = await fake_bus.pool.fetch(f'SELECT revoked_at FROM "{prefix}labeling_gateway".tokens')  # type: ignore[attr-defined]
     assert tokens and all(t["revoked_at"] is not None for t in tokens)  # the import's token does not outlive it

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from visionloop.contracts import ImageRejectReason
-from visionloop.services.ingest import policy
+from visionloop.services.ingest import decide as policy
 from visionloop.services.ingest.api import fields_from_pairs, requested, status_for
 from visionloop.services.ingest.config import IngestSettings
 from visionloop.services.ingest.inspect import Refusal
-from visionloop.services.ingest.policy import Prior, Resubmission, resubmission
+from visionloop.services.ingest.decide import Prior, Resubmission, resubmission
 
 
 def _reason(call, *args, **kwargs) -> ImageRejectReason:  # noqa: ANN001

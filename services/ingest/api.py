@@ -46,7 +46,7 @@ from visionloop.libs.bus import INFRASTRUCTURE_ERRORS, Runtime
 from visionloop.libs.db import quote_ident
 from visionloop.libs import tokens
 from visionloop.libs.refusals import install_refusals
-from visionloop.services.ingest import policy
+from visionloop.services.ingest import decide as policy
 from visionloop.services.ingest import store
 from visionloop.services.ingest import tokens as ingest_tokens
 from visionloop.services.ingest.inspect import Refusal

@@ -29,7 +29,7 @@ from visionloop.libs.bus import Unit
 from visionloop.services.ingest import store
 from visionloop.services.ingest.config import IngestSettings
 from visionloop.services.ingest.inspect import ImageFacts, Limits, Refusal, inspect_image
-from visionloop.services.ingest.policy import Prior, Resubmission, project_problem, resubmission
+from visionloop.services.ingest.decide import Prior, Resubmission, project_problem, resubmission
 from visionloop.services.ingest.sources import Sources
 
 Answer = ImageIngested | ImageRejected

@@ -8,13 +8,13 @@ content-addressed, image facts measured) or `image rejected` (reason code and se
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 
-from visionloop.contracts import Envelope, ImageIngested, ImageRejected, ImageSubmitted
-from visionloop.libs.bus import Runtime, Unit
-from visionloop.libs.service import Adapters, ServiceSpec
+from visionloop.contracts import ImageIngested, ImageRejected, ImageSubmitted
+from visionloop.libs.bus import Runtime
+from visionloop.libs.service import Adapters, ServiceSpec, bound
+from visionloop.services.ingest import handlers
 from visionloop.services.ingest.api import http_app
 from visionloop.services.ingest.config import IngestSettings
 from visionloop.services.ingest.intake import Intake
@@ -26,12 +26,7 @@ def wire(runtime: Runtime, adapters: Adapters, config: IngestSettings, *, intake
     `intake` replaces the one built from `config` (tests pin host names with a fake resolver).
     """
     intake = intake or Intake(config, adapters.blobs)
-
-    async def on_submitted(event: Envelope[ImageSubmitted], unit: Unit[Any]) -> None:
-        """Store the submitted image once and describe it, or refuse it with a reason."""
-        await intake.ingest_one(unit, project=event.project, submission=event.payload, channel="topic")
-
-    runtime.consume(ImageSubmitted, on_submitted)
+    runtime.consume(ImageSubmitted, bound(handlers.on_submitted, intake))
     runtime.produces(ImageIngested, ImageRejected)
     return http_app(runtime, intake)
 

@@ -35,7 +35,7 @@ import certifi
 import httpx
 
 from visionloop.contracts import ImageRejectReason, ImageSubmitted
-from visionloop.services.ingest import policy
+from visionloop.services.ingest import decide as policy
 from visionloop.services.ingest.config import IngestSettings
 from visionloop.services.ingest.inspect import MAGIC_BYTES, Refusal, check_magic
 
