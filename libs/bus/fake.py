@@ -51,6 +51,8 @@ class FakeSettings:
 
     topic_prefix: str = ""
     instance: str = "test"
+    kafka_embedded: bool = False
+    embedded_kafka: bool = False
     state_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="vl-fake-")))
 
     schema_prefix: str = field(default_factory=lambda: f"t_{uuid.uuid4().hex[:8]}_")
