@@ -116,11 +116,11 @@ class Consuming:
             unit = Unit(conn=conn, runtime=self, event=event)
             # BEGIN and the inbox row in one round trip (the simple protocol takes no parameters:
             # the group is quoted as a literal, the event id is a UUID).
-            status = await conn.execute(
-                f"BEGIN; INSERT INTO {quote_ident(self.schema)}.inbox (consumer_group, event_id) "
-                f"VALUES ({quote_literal(sub.group)}, '{event.event_id}'::uuid) ON CONFLICT DO NOTHING"
-            )
             try:
+                status = await conn.execute(
+                    f"BEGIN; INSERT INTO {quote_ident(self.schema)}.inbox (consumer_group, event_id) "
+                    f"VALUES ({quote_literal(sub.group)}, '{event.event_id}'::uuid) ON CONFLICT DO NOTHING"
+                )
                 if status != "INSERT 0 1":
                     return False  # handled already (the rollback below ends the transaction)
                 await handler(event, unit)
