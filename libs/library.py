@@ -500,12 +500,15 @@ class LibraryWriter:
     blob store and registers it; `promote` moves an alias.
     """
 
-    def __init__(self, settings: Any, *, pool: asyncpg.Pool | None = None, blobs: Any = None) -> None:
+    def __init__(self, settings: Any, *, pool: asyncpg.Pool | None = None, blobs: Any = None, runtime: Any = None) -> None:
+        """`runtime`: a `library` runtime to write through instead of one of its own (handler tests
+        give a `libs.bus.fake.FakeRuntime` on the same pool; it is neither started nor stopped here)."""
         self.settings = settings
         self._pool = pool
         self._own_pool = pool is None
         self._blobs = blobs
         self.runtime: Any = None
+        self._given = runtime
 
     async def __aenter__(self) -> "LibraryWriter":
         from visionloop.libs.blob import open_blob_store
@@ -516,6 +519,11 @@ class LibraryWriter:
             self._pool = await create_pool(self.settings, min_size=1, max_size=2)
         if self._blobs is None:
             self._blobs = open_blob_store(self.settings.blob_location)
+        if self._given is not None:
+            self.runtime = self._given
+            self.runtime.produces(ModelRegistered)
+            await self.runtime.migrate(migrations())
+            return self
         self.runtime = Runtime(
             SERVICE, self.settings, pool=self._pool, migrations=migrations(),
             description="The model library (written by the CLI until the distributor exists).",
@@ -529,9 +537,9 @@ class LibraryWriter:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self.runtime is not None:
+        if self.runtime is not None and self.runtime is not self._given:
             await self.runtime.stop()
-            self.runtime = None
+        self.runtime = None
         if self._own_pool and self._pool is not None:
             await self._pool.close()
             self._pool = None

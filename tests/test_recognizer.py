@@ -1,4 +1,6 @@
-"""The recognizer through the real broker and PostgreSQL, with a real (small, trained) detector."""
+"""The recognizer through the real broker and PostgreSQL, with a real (small, trained) detector:
+hot reload while images flow, and bad inputs dead-lettered. Which model answers which image is
+tested on the in-memory bus (test_recognizer_handlers.py)."""
 
 from __future__ import annotations
 
@@ -66,97 +68,6 @@ async def _send(settings, event: ImageAccepted, project: str) -> None:  # noqa: 
 
 def _by_image(messages: list[dict]) -> dict[str, dict]:
     return {m["payload"]["image"]["image_id"]: m for m in messages}
-
-
-async def test_empty_library_every_image_is_unrecognized_no_model(settings, pool) -> None:  # noqa: ANN001
-    async with Services(settings, pool, recognizer=_config()) as loop, _outcomes(settings) as out:
-        await loop.start("recognizer")
-        events = [await _accepted(loop, 10 + n) for n in range(6)]
-        for event in events:
-            await _send(settings, event, "fresh")
-        got = _by_image(await out.wait(6))
-    assert set(got) == {e.image.image_id for e in events}
-    for message in got.values():
-        unrecognized = Envelope[ImageUnrecognized].model_validate(message)
-        assert unrecognized.payload.reason.value == "no_model"
-        assert unrecognized.payload.uncertainty == 1.0 and unrecognized.payload.recognition is None
-        assert unrecognized.producer.startswith("recognizer/") and unrecognized.project == "fresh"
-    rows = await pool.fetch(f'SELECT outcome, reason FROM "{settings.schema_for("recognizer")}".recognitions')
-    assert Counter((r["outcome"], r["reason"]) for r in rows) == {("unrecognized", "no_model"): 6}
-
-
-async def test_each_image_reaches_the_model_of_its_project_and_domain(settings, pool) -> None:  # noqa: ANN001
-    model = onnx_bytes()
-    async with Services(settings, pool, recognizer=_config()) as loop, _outcomes(settings) as out:
-        async with LibraryWriter(settings, pool=pool, blobs=loop.adapters.blobs) as library:
-            await library.add(variant(model, "farm"), project="farm", alias=Alias.PRODUCTION)
-            await library.add(variant(model, "farm-north"), project="farm", model_id="farm-north",
-                              domain={"site": "north"}, alias=Alias.PRODUCTION)
-            await library.add(variant(model, "farm-north-2"), project="farm", model_id="farm-north",
-                              domain={"site": "north"}, alias=Alias.CANDIDATE)
-            await library.add(variant(model, "city-night"), project="city", model_id="city-night",
-                              domain={"scene": "night"}, alias=Alias.PRODUCTION)
-            await library.add(variant(model, "unused"), project="city", model_id="city-edge", target="edge",
-                              alias=Alias.PRODUCTION)
-        await loop.start("recognizer")
-        cases = {
-            ("farm", "north"): ("farm", {"site": "north", "camera": "gate"}, "farm-north"),
-            ("farm", "south"): ("farm", {"site": "south"}, "farm-detector"),  # unknown domain: project-wide
-            ("farm", "none"): ("farm", {}, "farm-detector"),
-            ("city", "night"): ("city", {"scene": "night"}, "city-night"),
-            ("city", "day"): ("city", {"scene": "day"}, None),  # no project-wide model, edge only: no model
-            ("elsewhere", ""): ("elsewhere", {"site": "north"}, None),
-        }
-        sent: dict[str, tuple[str, str]] = {}
-        for n, (key, (project, domain, _)) in enumerate(cases.items()):
-            for k in range(2):
-                event = await _accepted(loop, 1000 + 10 * n + k, domain=domain)
-                sent[event.image.image_id] = key
-                await _send(settings, event, project)
-        got = _by_image(await out.wait(len(sent)))
-    assert set(got) == set(sent)
-    for image_id, message in got.items():
-        expected = cases[sent[image_id]][2]
-        recognition = message["payload"]["recognition"]
-        if expected is None:
-            assert message["payload"]["reason"] == "no_model", sent[image_id]
-        else:
-            assert recognition["model"]["model_id"] == expected, sent[image_id]
-            assert recognition["model"]["version"] == 1  # the candidate (v2) never answers
-            assert message["payload"]["class_names"] == list(SEEN)
-    # the candidate ran in shadow on the images its scope serves, and was recorded
-    rows = await pool.fetch(f'SELECT image_id, candidate_id, candidate_version, agreement, error FROM "{settings.schema_for("recognizer")}".shadow')
-    assert sorted(r["image_id"] for r in rows) == sorted(i for i, k in sent.items() if k == ("farm", "north"))
-    assert all(r["candidate_id"] == "farm-north" and r["candidate_version"] == 2 and r["error"] is None for r in rows)
-    assert all(r["agreement"] == 1.0 for r in rows)  # the same weights: the same boxes
-
-
-async def test_images_of_a_class_the_model_never_saw_are_unrecognized(settings, pool) -> None:  # noqa: ANN001
-    async with Services(settings, pool, recognizer=_config()) as loop, _outcomes(settings) as out:
-        async with LibraryWriter(settings, pool=pool, blobs=loop.adapters.blobs) as library:
-            await library.add(onnx_bytes(), project="shapes", alias=Alias.PRODUCTION)
-        await loop.start("recognizer")
-        known, unseen = [], []
-        for n in range(8):
-            event = await _accepted(loop, 5000 + n, background="gradient")
-            known.append(event.image.image_id)
-            await _send(settings, event, "shapes")
-        for n, shape in enumerate(("cross", "diamond") * 4):
-            event = await _accepted(loop, 6000 + n, classes=(shape,), background="gradient")
-            unseen.append(event.image.image_id)
-            await _send(settings, event, "shapes")
-        got = _by_image(await out.wait(16))
-    for image_id in unseen:
-        message = got[image_id]
-        assert message["event_type"] == "image.unrecognized"
-        assert message["payload"]["reason"] in ("no_confident_detection", "uncertain")
-        assert message["payload"]["uncertainty"] > 0.5
-        assert message["payload"]["recognition"]["model"]["model_id"] == "shapes-detector"
-    recognized = [got[i] for i in known if got[i]["event_type"] == "image.recognized"]
-    assert len(recognized) >= 6, [got[i]["payload"].get("reason") for i in known]  # the model does know its classes
-    for message in recognized:
-        assert {b["class_name"] for b in message["payload"]["prelabels"]} <= set(SEEN)
-        assert message["payload"]["recognition"]["uncertainty"] <= 0.5
 
 
 async def test_hot_reload_while_images_flow(settings, pool) -> None:  # noqa: ANN001
