@@ -14,7 +14,9 @@ What it keeps of the consumer policy: one transaction per delivery holding the h
 only when the handler succeeds, `PermanentError` dead-lettered, and a refusal of undeclared
 contracts. What it leaves out is what the real-stack tests prove: Kafka, the outbox relay,
 offsets, retries with backoff, and the broker's epoch. Handlers run in the caller's task, in
-delivery order, so a test reads no clock and waits for nothing.
+delivery order, so a test reads no clock and waits for nothing. Events emitted outside a handler
+(`transaction()`: HTTP endpoints, workers) wait in `outside` until `FakeBus.flush()`; `start()`
+runs the wiring's start hooks (`on_start`), never its background loops.
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ class FakeSettings:
     kafka_embedded: bool = False
     embedded_kafka: bool = False
     state_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="vl-fake-")))
-
     schema_prefix: str = field(default_factory=lambda: f"t_{uuid.uuid4().hex[:8]}_")
 
     def topic(self, name: str) -> str:
@@ -72,8 +73,8 @@ class FakeRuntime:
     def __init__(self, service: str, *, pool: asyncpg.Pool | None = None, schema: str | None = None, settings: Any = None) -> None:
         self.service = service
         self.pool = pool
-        self.schema = schema or f"t_{service.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
         self.settings = settings if settings is not None else FakeSettings()
+        self.schema = schema or self.settings.schema_for(service)
         self.producer = f"{service}/test"
         self.http_url: str | None = None
         self.counters: Counter[str] = Counter()
