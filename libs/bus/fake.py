@@ -34,8 +34,8 @@ from typing import Any
 import asyncpg
 
 from visionloop.contracts import SYSTEM_PROJECT, DeadLetter, Envelope, Payload, PipelineStatus
-from visionloop.contracts.topics import TOPICS, spec_for
-from visionloop.libs.bus.unit import Outgoing, PermanentError, Unit
+from visionloop.contracts.topics import spec_for
+from visionloop.libs.bus.unit import Outgoing, PermanentError, Unit, outgoing_of
 from visionloop.libs.db import BUS_MIGRATIONS, Migration, discover, migrate
 
 
@@ -125,16 +125,7 @@ class FakeRuntime:
 
     def outgoing(self, envelope: Envelope[Any], key: str | None) -> Outgoing:
         """The record of `envelope`, refused for an undeclared contract (as on the real runtime)."""
-        payload_type = type(envelope.payload)
-        if payload_type not in self.produced:
-            raise ValueError(
-                f"{self.service} emits {payload_type.__name__} without declaring it: call "
-                f"runtime.produces({payload_type.__name__})"
-            )
-        spec = TOPICS[payload_type]
-        key = key if key is not None else spec.key_of(envelope)
-        return Outgoing(envelope, self.settings.topic(spec.name), key.encode() if key is not None else None,
-                        envelope.model_dump_json().encode(), {"event_type": envelope.event_type})
+        return outgoing_of(self.service, self.produced, envelope, key, self.settings.topic)
 
     async def publish_now(self, envelope: Envelope[Any], key: str | None = None) -> bool:
         """Ephemeral facts are recorded like emitted events."""

@@ -22,7 +22,7 @@ from visionloop.contracts import (
     PipelineStatus,
     StatusKind,
 )
-from visionloop.contracts.topics import TOPICS, TopicSpec, spec_for
+from visionloop.contracts.topics import TopicSpec, spec_for
 from visionloop.libs import kafka
 from visionloop.libs.bus.batch import _BATCH_POLL_MS, Batching, _linger
 from visionloop.libs.bus.epoch import Epoch
@@ -35,6 +35,7 @@ from visionloop.libs.bus.unit import (
     P,
     Subscription,
     Unit,
+    outgoing_of,
 )
 from visionloop.libs.db import BUS_MIGRATIONS, Migration, discover, migrate
 from visionloop.libs.settings import Settings
@@ -299,25 +300,7 @@ class Runtime(Batching):
 
     def outgoing(self, envelope: Envelope[Any], key: str | None) -> Outgoing:
         """The record of `envelope` on its registry topic (refused for an undeclared contract)."""
-        payload_type = type(envelope.payload)
-        if payload_type not in self._publishers:
-            raise ValueError(
-                f"{self.service} emits {payload_type.__name__} without declaring it: call "
-                f"runtime.produces({payload_type.__name__})"
-            )
-        spec = TOPICS[payload_type]
-        key = key if key is not None else spec.key_of(envelope)
-        return Outgoing(
-            envelope=envelope,
-            topic=self.settings.topic(spec.name),
-            key=key.encode() if key is not None else None,
-            value=envelope.model_dump_json().encode(),
-            headers={
-                "event_type": envelope.event_type,
-                "schema_version": envelope.schema_version,
-                "event_id": str(envelope.event_id),
-            },
-        )
+        return outgoing_of(self.service, self._publishers, envelope, key, self.settings.topic)
 
     async def publish_now(self, envelope: Envelope[Any], key: str | None = None) -> bool:
         """Publish without the outbox: only for ephemeral facts (heartbeats, progress). False when

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import asyncpg
 
 from visionloop.contracts import Envelope, Payload
-from visionloop.contracts.topics import TopicSpec
+from visionloop.contracts.topics import TOPICS, TopicSpec
 from visionloop.libs.db import quote_ident
 
 if TYPE_CHECKING:
@@ -41,6 +41,31 @@ class Outgoing:
     value: bytes
     headers: dict[str, str]
     outbox_id: int | None = None
+
+
+def outgoing_of(service: str, declared: Container[type[Payload]], envelope: Envelope[Any], key: str | None,
+                topic: Callable[[str], str]) -> Outgoing:
+    """The record of `envelope` on its registry topic (`topic` adds the deployment's prefix),
+    refused for a contract the service did not declare; shared by the runtime and its fake."""
+    payload_type = type(envelope.payload)
+    if payload_type not in declared:
+        raise ValueError(
+            f"{service} emits {payload_type.__name__} without declaring it: call "
+            f"runtime.produces({payload_type.__name__})"
+        )
+    spec = TOPICS[payload_type]
+    key = key if key is not None else spec.key_of(envelope)
+    return Outgoing(
+        envelope=envelope,
+        topic=topic(spec.name),
+        key=key.encode() if key is not None else None,
+        value=envelope.model_dump_json().encode(),
+        headers={
+            "event_type": envelope.event_type,
+            "schema_version": envelope.schema_version,
+            "event_id": str(envelope.event_id),
+        },
+    )
 
 
 @dataclass

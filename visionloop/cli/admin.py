@@ -68,14 +68,14 @@ def gateway_project_create(
     config: ConfigOpt = None,
 ) -> None:
     """Create a project with its taxonomy, or append classes to it; say (or set) the floor its models must reach."""
-    from visionloop.cli.data import _gate
+    from visionloop.cli.data import say_or_set_floor
     from visionloop.services.labeling_gateway.admin import create_project
 
     settings = _attach(_settings(config))
     names = [c.strip() for c in classes.split(",") if c.strip()]
     taxonomy = asyncio.run(create_project(settings, project, names))
     out.print(f"{project}: {', '.join(taxonomy) or '(no classes yet)'}")
-    _gate(settings, project, floor)
+    say_or_set_floor(settings, project, floor)
 
 
 @gateway_token_app.command("create")

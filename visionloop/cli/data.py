@@ -49,7 +49,7 @@ def import_dataset(
         console.print("left out, not in --classes: " + ", ".join(f"{n} {c}" for c, n in packed.left_out.most_common()), highlight=False)
     answer = asyncio.run(_upload(settings, url, project, packed, train=train, arguments=arguments))
     out.print(_summary(project, answer), highlight=False, soft_wrap=True, markup=False)
-    _gate(settings, project, floor)
+    say_or_set_floor(settings, project, floor)
     if train:
         console.print(FIRST_MODEL_GUIDANCE, highlight=False, soft_wrap=True)
 
@@ -106,7 +106,7 @@ def _summary(project: str, answer: dict[str, Any]) -> str:
             f"follow it: visionloop trainer runs --project {project}")
 
 
-def _gate(settings: Any, project: str, floor: float | None) -> None:
+def say_or_set_floor(settings: Any, project: str, floor: float | None) -> None:
     """Set the project's gate floor (`--floor`), or say which applies and how to change it."""
     from visionloop.cli.evaluator import _with_schema
     from visionloop.services.evaluator import decide, store

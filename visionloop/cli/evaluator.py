@@ -9,7 +9,15 @@ from typing import Annotated, Any
 
 import typer
 
-from visionloop.cli.common import ConfigOpt, _attach, _settings, console, evaluator_app, out, show_rows
+from visionloop.cli.common import (
+    ConfigOpt,
+    _attach,
+    _settings,
+    console,
+    evaluator_app,
+    out,
+    show_rows,
+)
 
 _MODEL = re.compile(r"^(?P<id>[A-Za-z0-9][A-Za-z0-9._-]*?)(?:(?:@v|:)(?P<version>\d+))?$")
 

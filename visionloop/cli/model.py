@@ -27,19 +27,16 @@ from visionloop.cli.common import (
 
 
 def _hyperparameter(pair: str) -> tuple[str, Any]:
+    """One `--set NAME=VALUE`, typed as the gateway's import types it (numbers, booleans)."""
+    from visionloop.services.labeling_gateway.decide import Refusal, training_arguments
+
     if "=" not in pair:
         raise typer.BadParameter(f"{pair!r}: use NAME=VALUE, e.g. epochs=20")
-    name, raw = pair.split("=", 1)
-    value: Any = raw
-    for parse in (int, float):
-        try:
-            value = parse(raw)
-            break
-        except ValueError:
-            continue
-    if raw.lower() in ("true", "false"):
-        value = raw.lower() == "true"
-    return name.strip(), value
+    try:
+        ((name, value),) = training_arguments([pair]).items()
+    except Refusal as exc:
+        raise typer.BadParameter(exc.message) from None
+    return name, value
 
 
 @trainer_app.command("request")
