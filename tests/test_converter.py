@@ -1,5 +1,5 @@
-"""The converter: its decisions and graph helpers alone, then the service through the real broker and
-PostgreSQL with real exports of the test suite's detector (`tests/detector.py`, 128 px).
+"""The converter: its decisions and graph helpers alone, then the service on the in-memory bus with
+its SQL on PostgreSQL and real exports of the test suite's detector (`tests/detector.py`, 128 px).
 
 The PyTorch figure the artifacts are held to is measured here as the evaluator measures it
 (Ultralytics' predictor at confidence 0.001, `libs/detmetrics`), on 16 synthetic scenes drawn like
@@ -17,15 +17,12 @@ import numpy as np
 import onnx
 import pytest
 from detector import onnx_bytes, trained
-from helpers import Collector, Services, eventually, publish
 from pydantic import ValidationError
 
 from visionloop.contracts import (
     Box,
     ConversionFailureReason,
     DatasetRef,
-    DeadLetter,
-    Envelope,
     GateFailure,
     GateFailureReason,
     Lineage,
@@ -35,12 +32,14 @@ from visionloop.contracts import (
     ModelRef,
     Precision,
     Target,
-    topic_of,
 )
+from visionloop.libs.blob import LocalBlobStore
+from visionloop.libs.bus.fake import FakeBus
 from visionloop.libs.detmetrics import evaluate
 from visionloop.libs.inference import Detector, decode_image, letterbox
 from visionloop.libs.manifest import Member, manifest
 from visionloop.libs.scenes import render_scene
+from visionloop.libs.service import Adapters
 from visionloop.services.converter.config import ConverterSettings, Policy
 from visionloop.services.converter.convert import (
     Job,
@@ -53,7 +52,14 @@ from visionloop.services.converter.convert import (
     stamp,
     to_fp16,
 )
-from visionloop.services.converter.decide import ConversionError, box_diff, calibration_members, judge, spread
+from visionloop.services.converter.decide import (
+    ConversionError,
+    box_diff,
+    calibration_members,
+    judge,
+    spread,
+)
+from visionloop.services.converter.service import SPEC
 
 CLASSES = ("circle", "square", "triangle")
 TEST_SEEDS = range(7000, 7016)
@@ -250,92 +256,90 @@ def _evaluated(weights: Any, model_id: str, *, passed: bool = True, dataset: Dat
     )
 
 
-def _converted(out: Collector, project: str) -> list[ModelConverted]:
-    return [Envelope[ModelConverted].model_validate(m).payload for m in out.messages
-            if m.get("event_type") == "model.converted" and m.get("project") == project]
+def _converted(bus: FakeBus, project: str) -> list[ModelConverted]:
+    return [e.payload for e in bus.log if isinstance(e.payload, ModelConverted) and e.project == project]
 
 
-async def test_passing_model_ships_server_fp32_and_edge_int8_and_parity_refuses_the_rest(settings, pool) -> None:  # noqa: ANN001
+async def test_passing_model_ships_server_fp32_and_edge_int8_and_parity_refuses_the_rest(fake_bus: FakeBus, tmp_path: Path) -> None:
+    """The converter's own wiring on the in-memory bus (libs/bus/fake.py), its SQL on PostgreSQL,
+    real exports; the batch consumer's delivery over Kafka is proven in test_bus_batch.py."""
     config = ConverterSettings(projects={"strict": {"int8_map_tolerance": 0.0, "fp32_max_abs_diff_px": 1e-9}})
     pytorch = _pytorch_metrics()
-    async with Services(settings, pool, converter=config) as loop, \
-            Collector(settings, topic_of(ModelConverted, settings.topic_prefix), topic_of(DeadLetter, settings.topic_prefix)) as out:
-        converter = await loop.start("converter")
-        blobs = loop.adapters.blobs
-        weights = await blobs.put(trained().weights.read_bytes())
-        test_set = await _dataset(blobs, "ts-synthetic", await _members(blobs, TEST_SEEDS, "test"))
-        dataset = await _dataset(blobs, "ds-synthetic", await _members(blobs, CALIBRATION_SEEDS[:24], "train")
-                                 + await _members(blobs, CALIBRATION_SEEDS[24:], "val"))
-        await publish(settings, _evaluated(weights, "gated-detector", passed=False), project="shapes", key="gated-detector")
-        await publish(settings, _evaluated(weights, "broken-detector", sha256="0" * 64, dataset=dataset, test_set=test_set),
-                      project="broken", key="broken-detector")
-        for project in ("shapes", "strict"):
-            await publish(settings, _evaluated(weights, f"{project}-detector", dataset=dataset, test_set=test_set), project=project,
-                          key=f"{project}-detector")
-        await publish(settings, _evaluated(weights, "bare-detector", dataset=dataset), project="bare", key="bare-detector")
-        await eventually(lambda: all(_converted(out, p) for p in ("shapes", "strict", "bare")), timeout=120)
-        schema = settings.schema_for("converter")
+    converter = fake_bus.runtime("converter", pool=fake_bus.pool)  # type: ignore[attr-defined]
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    SPEC.wire(converter, Adapters(blobs=blobs), config)  # type: ignore[arg-type]
+    await converter.migrate(SPEC.migrations)
+    pool = fake_bus.pool  # type: ignore[attr-defined]
+    weights = await blobs.put(trained().weights.read_bytes())
+    test_set = await _dataset(blobs, "ts-synthetic", await _members(blobs, TEST_SEEDS, "test"))
+    dataset = await _dataset(blobs, "ds-synthetic", await _members(blobs, CALIBRATION_SEEDS[:24], "train")
+                             + await _members(blobs, CALIBRATION_SEEDS[24:], "val"))
+    await fake_bus.publish(_evaluated(weights, "gated-detector", passed=False), project="shapes")
+    await fake_bus.publish(_evaluated(weights, "broken-detector", sha256="0" * 64, dataset=dataset, test_set=test_set), project="broken")
+    for project in ("shapes", "strict"):
+        await fake_bus.publish(_evaluated(weights, f"{project}-detector", dataset=dataset, test_set=test_set), project=project)
+    await fake_bus.publish(_evaluated(weights, "bare-detector", dataset=dataset), project="bare")
+    schema = converter.schema
 
-        # A candidate that failed the gate is recorded and skipped: nothing is built or emitted for it.
-        assert converter.counters["skipped_failed_gate"] == 1
-        skipped = await pool.fetchrow(f'SELECT * FROM "{schema}".models WHERE model_id = $1', "gated-detector")
-        assert skipped["outcome"] == "skipped_failed_gate" and not skipped["passed_gate"]
-        # Weights that are not the ones the event names can never convert: dead-lettered at once.
-        dead = [m for m in out.messages if m.get("event_type") == "message.deadlettered"]
-        assert len(dead) == 1 and dead[0]["project"] == "broken" and "hash to" in dead[0]["payload"]["message"]
-        assert dead[0]["payload"]["attempts"] == 1
+    # A candidate that failed the gate is recorded and skipped: nothing is built or emitted for it.
+    assert converter.counters["skipped_failed_gate"] == 1
+    skipped = await pool.fetchrow(f'SELECT * FROM "{schema}".models WHERE model_id = $1', "gated-detector")
+    assert skipped["outcome"] == "skipped_failed_gate" and not skipped["passed_gate"]
+    # Weights that are not the ones the event names can never convert: dead-lettered at once.
+    ((dead, why),) = converter.dead_letters
+    assert dead.project == "broken" and "hash to" in str(why)
 
-        (shapes,) = _converted(out, "shapes")
-        assert shapes.refused == [] and shapes.metrics == pytorch and shapes.lineage.model.model_id == "shapes-detector"
-        server, edge = sorted(shapes.artifacts, key=lambda a: a.target.value != "server")
-        assert (server.target, server.precision, server.input_shape) == (Target.SERVER, Precision.FP32, ["batch", 3, "height", "width"])
-        assert (edge.target, edge.precision, edge.input_shape) == (Target.EDGE, Precision.INT8, [1, 3, 128, 128])
-        assert server.parity.passed and server.parity.max_abs_diff_px <= 0.01
-        assert abs(server.parity.map50_95_delta) <= 0.01 and server.parity.tolerance == 0.01
-        assert edge.parity.passed and abs(edge.parity.map50_95_delta) <= 0.02 and edge.parity.tolerance == 0.02
-        # Both artifacts are compared with PyTorch through their own pipeline at 128 px: one reference.
-        reference = server.parity.map50_95 - server.parity.map50_95_delta
-        assert edge.parity.map50_95 - edge.parity.map50_95_delta == pytest.approx(reference, abs=2e-4)
-        assert abs(reference - pytorch.map50_95) <= 0.03, "the pipeline's PyTorch figure is near the evaluator's"
+    (shapes,) = _converted(fake_bus, "shapes")
+    assert shapes.refused == [] and shapes.metrics == pytorch and shapes.lineage.model.model_id == "shapes-detector"
+    server, edge = sorted(shapes.artifacts, key=lambda a: a.target.value != "server")
+    assert (server.target, server.precision, server.input_shape) == (Target.SERVER, Precision.FP32, ["batch", 3, "height", "width"])
+    assert (edge.target, edge.precision, edge.input_shape) == (Target.EDGE, Precision.INT8, [1, 3, 128, 128])
+    assert server.parity.passed and server.parity.max_abs_diff_px <= 0.01
+    assert abs(server.parity.map50_95_delta) <= 0.01 and server.parity.tolerance == 0.01
+    assert edge.parity.passed and abs(edge.parity.map50_95_delta) <= 0.02 and edge.parity.tolerance == 0.02
+    # Both artifacts are compared with PyTorch through their own pipeline at 128 px: one reference.
+    reference = server.parity.map50_95 - server.parity.map50_95_delta
+    assert edge.parity.map50_95 - edge.parity.map50_95_delta == pytest.approx(reference, abs=2e-4)
+    assert abs(reference - pytorch.map50_95) <= 0.03, "the pipeline's PyTorch figure is near the evaluator's"
 
-        # The server artifact takes any batch; the edge one is INT8 (Conv only), smaller than its FP32 export.
-        images = [decode_image(_scene(s).encode("PNG")) for s in TEST_SEEDS[:3]]
-        served = Detector(await blobs.get(server.uri), imgsz=128)
-        assert served.max_batch is None and served.class_names == list(CLASSES)
-        assert served.run(served.prepare(images)[0]).shape[:2] == (3, 7)
-        assert all(len(found) >= 1 for found in served.predict(images, conf=0.25))
-        edge_bytes = await blobs.get(edge.uri)
-        assert edge.size_bytes == len(edge_bytes) < len(onnx_bytes(128, dynamic=False)) / 3
-        summary = qdq_summary(onnx.load_from_string(edge_bytes))
-        assert set(summary.quantized) == {"Conv"} and summary.stray == [] and len(summary.float_convs) == 1
-        on_edge = Detector(edge_bytes)
-        assert on_edge.class_names == list(CLASSES) and on_edge.input_hw == (128, 128) and on_edge.max_batch == 1
-        rows = await pool.fetch(f'SELECT * FROM "{schema}".conversions WHERE model_id = $1 ORDER BY target', "shapes-detector")
-        assert [(r["target"], r["outcome"], r["artifact_sha256"]) for r in rows] == [("edge", "shipped", edge.sha256), ("server", "shipped", server.sha256)]
-        assert json.loads(rows[0]["input_shape"]) == [1, 3, 128, 128] and "quantize" in json.loads(rows[0]["seconds"])
+    # The server artifact takes any batch; the edge one is INT8 (Conv only), smaller than its FP32 export.
+    images = [decode_image(_scene(s).encode("PNG")) for s in TEST_SEEDS[:3]]
+    served = Detector(await blobs.get(server.uri), imgsz=128)
+    assert served.max_batch is None and served.class_names == list(CLASSES)
+    assert served.run(served.prepare(images)[0]).shape[:2] == (3, 7)
+    assert all(len(found) >= 1 for found in served.predict(images, conf=0.25))
+    edge_bytes = await blobs.get(edge.uri)
+    assert edge.size_bytes == len(edge_bytes) < len(onnx_bytes(128, dynamic=False)) / 3
+    summary = qdq_summary(onnx.load_from_string(edge_bytes))
+    assert set(summary.quantized) == {"Conv"} and summary.stray == [] and len(summary.float_convs) == 1
+    on_edge = Detector(edge_bytes)
+    assert on_edge.class_names == list(CLASSES) and on_edge.input_hw == (128, 128) and on_edge.max_batch == 1
+    rows = await pool.fetch(f'SELECT * FROM "{schema}".conversions WHERE model_id = $1 ORDER BY target', "shapes-detector")
+    assert [(r["target"], r["outcome"], r["artifact_sha256"]) for r in rows] == [("edge", "shipped", edge.sha256), ("server", "shipped", server.sha256)]
+    assert json.loads(rows[0]["input_shape"]) == [1, 3, 128, 128] and "quantize" in json.loads(rows[0]["seconds"])
 
-        # Tolerances nothing can meet: both refused, with reasons and numbers; the event still goes out.
-        (strict,) = _converted(out, "strict")
-        assert strict.artifacts == []
-        refused = {r.target: r for r in strict.refused}
-        assert refused[Target.SERVER].reason is R.PARITY_FAILED and "fp32_max_abs_diff_px 1e-09" in refused[Target.SERVER].message
-        assert refused[Target.EDGE].precision is Precision.INT8
-        assert refused[Target.EDGE].reason in (R.ACCURACY_DROP, R.PARITY_FAILED) and "int8_map_tolerance 0.0000" in refused[Target.EDGE].message
-        assert "PyTorch's 0." in refused[Target.EDGE].message
-        rows = await pool.fetch(f'SELECT * FROM "{schema}".conversions WHERE project = $1', "strict")
-        assert {r["outcome"] for r in rows} == {"refused"} and all(r["map50_95"] is not None for r in rows)
+    # Tolerances nothing can meet: both refused, with reasons and numbers; the event still goes out.
+    (strict,) = _converted(fake_bus, "strict")
+    assert strict.artifacts == []
+    refused = {r.target: r for r in strict.refused}
+    assert refused[Target.SERVER].reason is R.PARITY_FAILED and "fp32_max_abs_diff_px 1e-09" in refused[Target.SERVER].message
+    assert refused[Target.EDGE].precision is Precision.INT8
+    assert refused[Target.EDGE].reason in (R.ACCURACY_DROP, R.PARITY_FAILED) and "int8_map_tolerance 0.0000" in refused[Target.EDGE].message
+    assert "PyTorch's 0." in refused[Target.EDGE].message
+    rows = await pool.fetch(f'SELECT * FROM "{schema}".conversions WHERE project = $1', "strict")
+    assert {r["outcome"] for r in rows} == {"refused"} and all(r["map50_95"] is not None for r in rows)
 
-        # No test set: the server artifact ships on raw parity alone; INT8 has nothing to prove its accuracy on.
-        (bare,) = _converted(out, "bare")
-        (only,) = bare.artifacts
-        assert only.target is Target.SERVER and only.parity.passed and only.parity.map50_95 is None
-        assert only.parity.max_abs_diff_px <= 0.01
-        (no_edge,) = bare.refused
-        assert no_edge.target is Target.EDGE and no_edge.reason is R.PARITY_FAILED and "no test set" in no_edge.message
+    # No test set: the server artifact ships on raw parity alone; INT8 has nothing to prove its accuracy on.
+    (bare,) = _converted(fake_bus, "bare")
+    (only,) = bare.artifacts
+    assert only.target is Target.SERVER and only.parity.passed and only.parity.map50_95 is None
+    assert only.parity.max_abs_diff_px <= 0.01
+    (no_edge,) = bare.refused
+    assert no_edge.target is Target.EDGE and no_edge.reason is R.PARITY_FAILED and "no test set" in no_edge.message
 
-        assert converter.counters["converted"] == 3
-        assert converter.counters["refused_parity_failed"] + converter.counters["refused_accuracy_drop"] == 3
-        assert not list((settings.state_dir / "converter" / "work").iterdir()), "scratch folders are removed"
+    assert converter.counters["converted"] == 3
+    assert converter.counters["refused_parity_failed"] + converter.counters["refused_accuracy_drop"] == 3
+    assert not list((converter.settings.state_dir / "converter" / "work").iterdir()), "scratch folders are removed"
 
 
 @pytest.fixture(autouse=True)

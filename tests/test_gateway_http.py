@@ -12,7 +12,16 @@ from typing import Any
 
 import httpx
 import pytest
-from labelling import Lab, fake_image, publish_many, recognized, running_lab, stored_image, unrecognized
+from helpers import eventually
+from labelling import (
+    Lab,
+    fake_image,
+    publish_many,
+    recognized,
+    running_lab,
+    stored_image,
+    unrecognized,
+)
 
 from visionloop.contracts import Detection
 from visionloop.services.labeling_gateway.auth import Role
@@ -223,14 +232,17 @@ async def test_review_decisions_and_percent_boxes(lab: Lab) -> None:
     no = await lab.http.post(f"/v1/projects/review/tasks/{rejected['task_id']}/submit", headers=lab.auth("reviewer"),
                              json={"lease_id": rejected["lease"]["lease_id"], "decision": "reject"})
     assert no.json()["actions"]["boxes_deleted"] == 2
-    verified = await lab.wait_events("label.verified", 2)
-    by_submission = {m["payload"]["provenance"]["submission_ids"][0]: m["payload"] for m in verified}
-    corrected = by_submission[answer.json()["submission_id"]]
+    def verdict(event_type: str, submission_id: str) -> list[dict[str, Any]]:
+        """The verifier's verdict on one submission (other verdicts of the module arrive too)."""
+        return [m["payload"] for m in lab.messages(event_type)
+                if submission_id in m["payload"].get("provenance", {}).get("submission_ids", [m["payload"].get("submission_id")])]
+
+    [corrected] = await eventually(lambda: verdict("label.verified", answer.json()["submission_id"]))
     assert [round(b["x1"]) for b in corrected["boxes"]] == [100, 305, 700]
     assert corrected["provenance"]["method"] == "human" and corrected["provenance"]["prelabel_model"]["version"] == 3
     assert corrected["provenance"]["labellers"] == [{"user_id": "reviewer-review", "role": "reviewer"}]
-    refused = [m for m in await lab.wait_events("label.rejected", 1) if m["payload"]["submission_id"] == no.json()["submission_id"]]
-    assert refused[0]["payload"]["reason"] == "reviewer_rejected"
+    [refused] = await eventually(lambda: verdict("label.rejected", no.json()["submission_id"]))
+    assert refused["reason"] == "reviewer_rejected"
     # ... and comes back as a re-annotate task that starts from nothing
     await lab.wait_tasks(1, where="project = 'review' AND kind = 'reannotate'")
     again = await _lease(lab, "review", lab.tokens["annotator"])

@@ -3,7 +3,8 @@ another service; `contracts/` imports nothing else of the project; `libs/` impor
 `services/` nor `visionloop/`; `services/` does not import `visionloop/`; and no two modules
 import each other, directly or around a longer loop. Every import counts, those inside functions
 too; for cycles, not those under `if TYPE_CHECKING:` (never executed: the bus runtime's parts name
-the runtime that owns them only for the type checker)."""
+the runtime that owns them only for the type checker). And the sizes STYLE.md sets: no file over
+600 lines, no function over 60."""
 
 from __future__ import annotations
 
@@ -98,3 +99,15 @@ def test_the_check_sees_the_code() -> None:
     assert len(MODULES) > 150
     assert ("visionloop.services.dedup.handlers", "visionloop.services.dedup.store") in GRAPH.edges
     assert ("visionloop.libs.bus.runtime", "visionloop.libs.kafka") in GRAPH.edges
+
+
+def test_no_file_over_600_lines_and_no_function_over_60() -> None:
+    """Counted as the style guide counts: a file's lines; a function from its `def` to its last line."""
+    long_files = sorted(f"{path.relative_to(ROOT)}: {n}" for path in MODULES.values()
+                        if (n := path.read_text(encoding="utf-8").count("\n")) > 600)
+    long_functions = sorted(
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1}"
+        for path in MODULES.values() for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 60
+    )
+    assert long_files == [] and long_functions == []

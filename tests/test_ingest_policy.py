@@ -8,8 +8,8 @@ from visionloop.contracts import ImageRejectReason
 from visionloop.services.ingest import decide as policy
 from visionloop.services.ingest.api import fields_from_pairs, requested, status_for
 from visionloop.services.ingest.config import IngestSettings
-from visionloop.services.ingest.inspect import Refusal
 from visionloop.services.ingest.decide import Prior, Resubmission, resubmission
+from visionloop.services.ingest.inspect import Refusal
 
 
 def _reason(call, *args, **kwargs) -> ImageRejectReason:  # noqa: ANN001
@@ -175,3 +175,16 @@ def test_formats_must_be_ones_pillow_reads() -> None:
     assert IngestSettings(formats=["jpeg", "png"]).formats == ["JPEG", "PNG"]
     with pytest.raises(ValueError, match="JPG"):
         IngestSettings(formats=["JPG"])
+
+
+def test_the_reserved_project_a_host_off_the_list_and_a_redirect_loop_are_refused_with_reasons() -> None:
+    from visionloop.contracts import SYSTEM_PROJECT
+
+    refused = policy.project_problem(SYSTEM_PROJECT)
+    assert refused is not None and refused.reason is ImageRejectReason.INVALID_SUBMISSION and "reserved" in refused.message
+    assert policy.project_problem("yard") is None
+    target = policy.http_target("https://images.example.com/a.jpg")
+    assert _reason(policy.check_host, target, ["cdn.example.com"]) is ImageRejectReason.FORBIDDEN_SOURCE
+    policy.check_host(target, ["images.example.com"])  # on the list: no refusal
+    loop = policy.too_many_redirects("https://images.example.com/a.jpg", 5)
+    assert loop.reason is ImageRejectReason.UNREACHABLE and "more than 5 times" in loop.message

@@ -449,3 +449,15 @@ def test_consensus_vote() -> None:
     assert vote([[], [], []], labellers=3, iou=0.5, quorum=0.5, max_disputed=0.25).agreed  # all agree: nothing there
     short = vote([a], labellers=3, iou=0.5, quorum=0.5, max_disputed=0.25)
     assert not short.agreed and short.reason is LabelRejectReason.NO_CONSENSUS
+
+
+def test_training_arguments_are_typed_and_a_malformed_pair_is_refused() -> None:
+    from visionloop.services.labeling_gateway.decide import Refusal, training_arguments, usable
+
+    assert training_arguments(["epochs=3", " imgsz = 128", "lr0=0.01", "cache=true", "rect=False", "model=yolo11n.pt"]) == {
+        "epochs": 3, "imgsz": 128, "lr0": 0.01, "cache": True, "rect": False, "model": "yolo11n.pt"}
+    for bad in ("epochs", "=3"):
+        with pytest.raises(Refusal) as err:
+            training_arguments([bad])
+        assert (err.value.status, err.value.reason) == (422, "invalid_training_argument") and bad in err.value.message
+    assert usable(["car", "", "x" * 65, "tab\there", "person"]) == ["car", "person"]

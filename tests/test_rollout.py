@@ -48,3 +48,12 @@ def test_stages_must_grow_to_the_whole_fleet() -> None:
     with pytest.raises(ValueError):
         Policy(stages=[50.0, 10.0, 100.0])
     assert DistributorSettings(projects={"p": {"stages": [100.0]}}).policy("p").stages == [100.0]
+
+
+def test_a_release_id_is_one_per_model_version_target_and_fleet() -> None:
+    from visionloop.contracts import ModelRef, Target
+    from visionloop.services.distributor.decide import release_id_for
+
+    model = ModelRef(model_id="yard-detector", version=3)
+    assert release_id_for(model, "edge-eu", Target.EDGE) == "yard-detector-v3-edge-edge-eu"
+    assert len({release_id_for(model, f, t) for f in ("a", "b") for t in (Target.EDGE, Target.SERVER)}) == 4

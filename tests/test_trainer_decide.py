@@ -54,3 +54,13 @@ def test_the_trained_event_carries_the_runs_figures() -> None:
     assert event.lineage.parent == ModelRef(model_id="p-detector", version=2) and event.lineage.imgsz == 320
     assert event.metrics.val is not None and (event.metrics.val.map50_95, event.metrics.val.map50) == (1.0, 0.0)  # clipped
     assert event.metrics.final_losses == {"box": 1.5} and event.dataset.images == 3 and decide.model_line("p") == "p-detector"
+
+
+def test_a_run_an_import_asked_for_waits_for_that_import_s_labels() -> None:
+    from visionloop.contracts import TrainingRequested
+
+    policy = Policy()
+    asked = TrainingRequested(requested_by="import", import_id="imp-1", import_labels=40)
+    assert decide.import_wait(asked, policy) == {"batch_id": "imp-1", "labels": 40}
+    assert decide.import_wait(TrainingRequested(requested_by="person"), policy) is None
+    assert decide.import_wait(asked.model_copy(update={"import_labels": 0}), policy) is None  # an empty import waits for nothing

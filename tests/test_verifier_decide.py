@@ -59,3 +59,12 @@ def test_below_the_threshold_off_or_broken_boxes_go_to_a_person_with_the_reason(
     broken = _outcome(_offer(Box(x1=10, y1=10, x2=900, y2=90, class_name="car", score=0.9)), Policy(), None)
     assert broken.outcome == "rejected" and not broken.verdict.accepted
     assert decide.label_id_for(["b", "a"]) == decide.label_id_for(["a", "b"]) and decide.label_id_for(["a"]).startswith("label-")
+
+
+def test_a_class_s_gauges_name_project_model_version_and_class_and_skip_missing_figures() -> None:
+    cal = Calibration(class_name="car", samples=60, threshold=0.9, precision=1.0, support=60, status="calibrated", lower_bound=0.951)
+    assert decide.gauges_of("yard", ("yard-detector", 2), cal) == {
+        "calibration.yard.yard-detector@v2.car.samples": 60.0, "calibration.yard.yard-detector@v2.car.threshold": 0.9,
+        "calibration.yard.yard-detector@v2.car.precision": 1.0, "calibration.yard.yard-detector@v2.car.lower_bound": 0.951}
+    few = Calibration(class_name="person", samples=2, threshold=None, precision=None, support=0, status="too_few_samples")
+    assert decide.gauges_of("yard", ("yard-detector", 2), few) == {"calibration.yard.yard-detector@v2.person.samples": 2.0}

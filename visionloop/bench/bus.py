@@ -67,7 +67,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from visionloop.bench import PLOTS, cpu_model
 from visionloop.bench.bus_hop import READY, _raw_topics, _sample_input
@@ -319,13 +326,10 @@ async def _backlog(
     return events / (last - started)
 
 
-async def _bench(
-    settings: Any, events: int, rounds: int, progress: Progress, meter: _CpuMeter, batch: int = 1
-) -> dict[str, ArmResult]:
-    from aiokafka import AIOKafkaProducer
-
+async def _arms(settings: Any) -> list[_Arm]:
+    """The raw and framework arms, their topics created with the registry's partition counts."""
     from visionloop.contracts import ImageAccepted, ImageIngested, spec_for
-    from visionloop.libs.kafka import client_kwargs, ensure_topics
+    from visionloop.libs.kafka import ensure_topics
 
     raw_in, raw_out = _raw_topics(settings)
     framework_in, framework_out = (settings.topic(spec_for(p).name) for p in (ImageIngested, ImageAccepted))
@@ -339,6 +343,78 @@ async def _bench(
         [spec_for(ImageIngested), spec_for(ImageAccepted)],
         extra=[(raw_in, spec_for(ImageIngested).partitions), (raw_out, spec_for(ImageAccepted).partitions)],
     )
+    return arms
+
+
+async def _start_hops(settings: Any, arms: list[_Arm], batch: int) -> None:
+    """Both hop processes started, then a reader on each arm's output."""
+    started = await asyncio.gather(*(_spawn_hop(a.name, settings, batch) for a in arms), return_exceptions=True)
+    for arm, process in zip(arms, started, strict=True):
+        if not isinstance(process, BaseException):
+            arm.process = process
+    for process in started:
+        if isinstance(process, BaseException):
+            raise process
+    for arm in arms:
+        arm.reader = _Reader(settings, arm.sink, READER_FETCH_WAIT_MS)
+        await arm.reader.start()
+
+
+async def _latency(
+    settings: Any, arms: list[_Arm], producer: Any, timed: int, progress: Progress, tasks: dict[str, TaskID]
+) -> None:
+    """Closed-loop round trips, the arms in turn; each arm's latencies after the warm-up."""
+    # Latency: the arms take turns, one event in flight; a random pause before each puts
+    # the input at a random point of the hop's fetch cycle (back to back, the loop would
+    # lock onto one phase of it and measure the same wait every time).
+    rng = random.Random(7)
+    for n in range(WARMUP_EVENTS + timed):
+        for arm in arms:
+            await asyncio.sleep(rng.uniform(0, settings.fetch_max_wait_ms / 1000))
+            # the first event waits for the consumer group's join (about a second on Tansu)
+            latency = await _round_trip(arm, producer, timeout=60 if n == 0 else 30)
+            if n >= WARMUP_EVENTS:
+                arm.result.latencies_ms.append(latency)
+            progress.advance(tasks[arm.name])
+
+
+async def _throughput(
+    settings: Any, arms: list[_Arm], producer: Any, events: int, rounds: int, progress: Progress,
+    tasks: dict[str, TaskID], meter: _CpuMeter,
+) -> None:
+    """Backlog rounds per arm, the arms in alternating order; each round's events/s."""
+    # Throughput: rounds of a backlog per arm, the arms in turn (in alternating order), so a
+    # busy moment of a shared machine falls on both; readers poll at the service default.
+    for arm in arms:
+        assert arm.reader is not None
+        await arm.reader.stop()
+        arm.reader = _Reader(settings, arm.sink, settings.fetch_max_wait_ms)
+        await arm.reader.start()
+    for r in range(rounds):
+        for arm in arms if r % 2 == 0 else arms[::-1]:
+            rate = await _backlog(arm, producer, events, progress, tasks[arm.name], meter)
+            arm.result.rounds_events_per_s.append(rate)
+
+
+async def _stop_arms(settings: Any, arms: list[_Arm], producer: Any) -> None:
+    """Both hops stopped (their counters kept), the readers and the producer too; the bench's schemas dropped."""
+    for arm in arms:
+        if arm.process is not None:
+            arm.result.counters = await _stop_hop(arm.process)
+        if arm.reader is not None:
+            await arm.reader.stop()
+    await producer.stop()
+    await _drop_schemas(settings)
+
+
+async def _bench(
+    settings: Any, events: int, rounds: int, progress: Progress, meter: _CpuMeter, batch: int = 1
+) -> dict[str, ArmResult]:
+    from aiokafka import AIOKafkaProducer
+
+    from visionloop.libs.kafka import client_kwargs
+
+    arms = await _arms(settings)
     timed = min(events, LATENCY_EVENTS_MAX)
     latency_tasks = {
         a.name: progress.add_task(f"{a.name}: hop latency", total=WARMUP_EVENTS + timed) for a in arms
@@ -349,47 +425,11 @@ async def _bench(
     producer = AIOKafkaProducer(**client_kwargs(settings), acks="all", enable_idempotence=False)  # type: ignore[arg-type]
     await producer.start()
     try:
-        started = await asyncio.gather(*(_spawn_hop(a.name, settings, batch) for a in arms), return_exceptions=True)
-        for arm, process in zip(arms, started, strict=True):
-            if not isinstance(process, BaseException):
-                arm.process = process
-        for process in started:
-            if isinstance(process, BaseException):
-                raise process
-        for arm in arms:
-            arm.reader = _Reader(settings, arm.sink, READER_FETCH_WAIT_MS)
-            await arm.reader.start()
-        # Latency: the arms take turns, one event in flight; a random pause before each puts
-        # the input at a random point of the hop's fetch cycle (back to back, the loop would
-        # lock onto one phase of it and measure the same wait every time).
-        rng = random.Random(7)
-        for n in range(WARMUP_EVENTS + timed):
-            for arm in arms:
-                await asyncio.sleep(rng.uniform(0, settings.fetch_max_wait_ms / 1000))
-                # the first event waits for the consumer group's join (about a second on Tansu)
-                latency = await _round_trip(arm, producer, timeout=60 if n == 0 else 30)
-                if n >= WARMUP_EVENTS:
-                    arm.result.latencies_ms.append(latency)
-                progress.advance(latency_tasks[arm.name])
-        # Throughput: rounds of a backlog per arm, the arms in turn (in alternating order), so a
-        # busy moment of a shared machine falls on both; readers poll at the service default.
-        for arm in arms:
-            assert arm.reader is not None
-            await arm.reader.stop()
-            arm.reader = _Reader(settings, arm.sink, settings.fetch_max_wait_ms)
-            await arm.reader.start()
-        for r in range(rounds):
-            for arm in arms if r % 2 == 0 else arms[::-1]:
-                rate = await _backlog(arm, producer, events, progress, throughput_tasks[arm.name], meter)
-                arm.result.rounds_events_per_s.append(rate)
+        await _start_hops(settings, arms, batch)
+        await _latency(settings, arms, producer, timed, progress, latency_tasks)
+        await _throughput(settings, arms, producer, events, rounds, progress, throughput_tasks, meter)
     finally:
-        for arm in arms:
-            if arm.process is not None:
-                arm.result.counters = await _stop_hop(arm.process)
-            if arm.reader is not None:
-                await arm.reader.stop()
-        await producer.stop()
-        await _drop_schemas(settings)
+        await _stop_arms(settings, arms, producer)
     return {a.name: a.result for a in arms}
 
 
@@ -407,51 +447,27 @@ async def _drop_schemas(settings: Any) -> None:
         await conn.close()
 
 
-def run_bus_bench(
-    events: int = 2000, console: Console | None = None, *, rounds: int = ROUNDS, batch: int = 1, door: bool = False,
-    plot_dir: Path = PLOTS,
-) -> dict[str, Any]:
-    """Measure the framework hop against raw aiokafka on a fresh embedded stack; return the numbers.
-
-    `events` inputs per backlog round (`rounds` rounds per arm) and as many closed-loop round
-    trips for latency (at most LATENCY_EVENTS_MAX). Starts and stops its own broker and
-    PostgreSQL (data under `.visionloop/bench/` of the current folder) and writes the latency
-    plot to `.visionloop/bench/bus_latency.png` there (`plot_dir`). The module docstring defines each figure.
-    """
-    from visionloop.libs.embedded import EmbeddedBroker, EmbeddedPostgres
+def _bench_settings(state: Path, bootstrap: str, database_url: str, tag: str) -> Any:
+    """Settings for one run: the embedded broker and PostgreSQL, topics and schemas of its own."""
     from visionloop.libs.settings import Settings
 
-    if events < 1 or rounds < 1 or batch < 1:
-        raise ValueError("events, rounds and batch must be at least 1")
-    console = console or Console(stderr=True)
-    state = (Path.cwd() / STATE).resolve()
-    broker = EmbeddedBroker(state / "logs" / "broker.log", door=door)  # door: through the rotation's relay
-    postgres = EmbeddedPostgres(state / "postgres")
-    tag = uuid.uuid4().hex[:8]
-    try:
-        with console.status("starting the embedded broker and PostgreSQL"):
-            database_url = postgres.start()
-            bootstrap = broker.start()
-        settings = Settings(
-            state_dir=state,
-            kafka_bootstrap=bootstrap,
-            kafka_embedded=True,
-            database_url=database_url,
-            topic_prefix=f"bench{tag}.",
-            schema_prefix=f"bench{tag}_",
-            instance=f"bench-{tag}",
-        )
-        columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console) as progress:
-            meter = _CpuMeter(broker.process.pid, postgres.data_dir)  # type: ignore[union-attr]
-            arms = asyncio.run(_bench(settings, events, rounds, progress, meter, batch))
-    finally:
-        with console.status("stopping the embedded broker and PostgreSQL"):
-            broker.close()
-            postgres.stop()
+    return Settings(
+        state_dir=state,
+        kafka_bootstrap=bootstrap,
+        kafka_embedded=True,
+        database_url=database_url,
+        topic_prefix=f"bench{tag}.",
+        schema_prefix=f"bench{tag}_",
+        instance=f"bench-{tag}",
+    )
 
+
+def _result(
+    arms: dict[str, ArmResult], settings: Any, *, events: int, rounds: int, batch: int, door: bool
+) -> dict[str, Any]:
+    """The figures of both arms and the machine, as `run_bus_bench` returns them (without the plot)."""
     framework, raw = arms["framework"], arms["raw"]
-    result: dict[str, Any] = {
+    return {
         "benchmark": "bus",
         "events": events,
         "rounds": rounds,
@@ -475,6 +491,43 @@ def run_bus_bench(
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
+
+
+def run_bus_bench(
+    events: int = 2000, console: Console | None = None, *, rounds: int = ROUNDS, batch: int = 1, door: bool = False,
+    plot_dir: Path = PLOTS,
+) -> dict[str, Any]:
+    """Measure the framework hop against raw aiokafka on a fresh embedded stack; return the numbers.
+
+    `events` inputs per backlog round (`rounds` rounds per arm) and as many closed-loop round
+    trips for latency (at most LATENCY_EVENTS_MAX). Starts and stops its own broker and
+    PostgreSQL (data under `.visionloop/bench/` of the current folder) and writes the latency
+    plot to `.visionloop/bench/bus_latency.png` there (`plot_dir`). The module docstring defines each figure.
+    """
+    from visionloop.libs.embedded import EmbeddedBroker, EmbeddedPostgres
+
+    if events < 1 or rounds < 1 or batch < 1:
+        raise ValueError("events, rounds and batch must be at least 1")
+    console = console or Console(stderr=True)
+    state = (Path.cwd() / STATE).resolve()
+    broker = EmbeddedBroker(state / "logs" / "broker.log", door=door)  # door: through the rotation's relay
+    postgres = EmbeddedPostgres(state / "postgres")
+    tag = uuid.uuid4().hex[:8]
+    try:
+        with console.status("starting the embedded broker and PostgreSQL"):
+            database_url = postgres.start()
+            bootstrap = broker.start()
+        settings = _bench_settings(state, bootstrap, database_url, tag)
+        columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            meter = _CpuMeter(broker.process.pid, postgres.data_dir)  # type: ignore[union-attr]
+            arms = asyncio.run(_bench(settings, events, rounds, progress, meter, batch))
+    finally:
+        with console.status("stopping the embedded broker and PostgreSQL"):
+            broker.close()
+            postgres.stop()
+
+    result = _result(arms, settings, events=events, rounds=rounds, batch=batch, door=door)
     plot = plot_dir / f"{PLOT.stem}{f'-batch{batch}' if batch > 1 else ''}{'-door' if door else ''}{PLOT.suffix}"
     result["plot"] = str(_plot(arms, (Path.cwd() / plot).resolve()))
     console.print(_table(result, arms))

@@ -97,14 +97,10 @@ async def _framework_hop(settings: Any, stop: asyncio.Event) -> dict[str, int]:
     return dict(runtime.counters)
 
 
-async def _raw_hop(settings: Any, stop: asyncio.Event) -> dict[str, int]:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-
+def _raw_output(settings: Any) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The raw hop's output, serialised once (the framework's size), and its headers."""
     from visionloop.contracts import Envelope, ImageIngested
-    from visionloop.libs.kafka import client_kwargs, consumer_kwargs
 
-    source, sink = _raw_topics(settings)
-    # A ready-made output of the framework's size: the raw arm does no serialisation at all.
     incoming = Envelope[ImageIngested].model_validate_json(_sample_input(0, "template")[1])
     template = Envelope.of(
         _accepted(incoming), producer=f"hop/{settings.instance}", project="bench", causation=incoming
@@ -117,6 +113,15 @@ async def _raw_hop(settings: Any, stop: asyncio.Event) -> dict[str, int]:
         ("event_id", str(template.event_id).encode()),
         ("correlation_id", template.correlation_id.encode()),
     ]
+    return value, headers
+
+
+def _raw_clients(settings: Any, source: str) -> tuple[Any, Any]:
+    """The raw hop's consumer (the bus's group settings, auto-commit off) and producer, not started."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from visionloop.libs.kafka import client_kwargs, consumer_kwargs
+
     consumer = AIOKafkaConsumer(
         source,
         **consumer_kwargs(settings),  # type: ignore[arg-type]  # the bus's fetch long-poll limit
@@ -127,6 +132,14 @@ async def _raw_hop(settings: Any, stop: asyncio.Event) -> dict[str, int]:
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
     )
     producer = AIOKafkaProducer(**client_kwargs(settings), acks="all", enable_idempotence=False)  # type: ignore[arg-type]
+    return consumer, producer
+
+
+async def _raw_hop(settings: Any, stop: asyncio.Event) -> dict[str, int]:
+    source, sink = _raw_topics(settings)
+    # A ready-made output of the framework's size: the raw arm does no serialisation at all.
+    value, headers = _raw_output(settings)
+    consumer, producer = _raw_clients(settings, source)
     await consumer.start()
     await producer.start()
     counters = {"handled": 0}

@@ -28,12 +28,20 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from visionloop.bench import PLOTS, machine
@@ -52,7 +60,14 @@ async def _seed(settings: Any, count: int, progress: Progress) -> None:
     """Fill the queue through the topic the recognizer writes."""
     from aiokafka import AIOKafkaProducer
 
-    from visionloop.contracts import Envelope, ImageRef, ImageSource, ImageUnrecognized, UnrecognizedReason, topic_of
+    from visionloop.contracts import (
+        Envelope,
+        ImageRef,
+        ImageSource,
+        ImageUnrecognized,
+        UnrecognizedReason,
+        topic_of,
+    )
     from visionloop.libs.kafka import client_kwargs, ensure_named
 
     await ensure_named(settings, [topic_of(ImageUnrecognized, settings.topic_prefix)])
@@ -80,9 +95,83 @@ async def _count(pool: Any, schema: str, where: str) -> int:
     return int(await pool.fetchval(f'SELECT count(*) FROM "{schema}".tasks WHERE {where}'))
 
 
-async def _drain(settings: Any, base_url: str, tasks: int, labellers: int, progress: Progress) -> dict[str, Any]:
-    import httpx
+async def _wait_created(pool: Any, schema: str, tasks: int, total: int, progress: Progress) -> None:
+    """Wait until the gateway has made a task of every event (at most 300 s)."""
+    waiting = progress.add_task("gateway: tasks created from the events", total=total)
+    deadline = time.monotonic() + 300
+    while (created := await _count(pool, schema, "project = 'bench'")) < total:
+        progress.update(waiting, completed=created)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {created} of {tasks} tasks were created within 300 s")
+        await asyncio.sleep(0.2)
+    progress.update(waiting, completed=total)
 
+
+@dataclass
+class _Drain:
+    """What the labellers share while they drain the queue: the leases handed out, the answers, the timings."""
+
+    base_url: str
+    total: int
+    progress: Progress
+    drain: TaskID
+    warmed: asyncio.Barrier
+    holders: dict[str, str] = field(default_factory=dict)
+    """Task -> lease it is held under now."""
+    double: int = 0
+    handed: list[str] = field(default_factory=list)
+    answered: dict[str, str] = field(default_factory=dict)
+    """Submission -> task."""
+    next_ms: list[float] = field(default_factory=list)
+    submit_ms: list[float] = field(default_factory=list)
+    done_at: list[float] = field(default_factory=list)
+    start: float = 0.0
+
+    async def labeller(self, n: int, token: str) -> None:
+        """One person: next task, then submit one to three boxes, until the queue answers 204 (the first round trip unmeasured)."""
+        import httpx
+
+        # The shared state as locals: the timed lines below do what the closure they come from did.
+        holders, handed, answered = self.holders, self.handed, self.answered
+        next_ms, submit_ms, done_at = self.next_ms, self.submit_ms, self.done_at
+        rng = random.Random(n)
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        async with httpx.AsyncClient(base_url=self.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60, limits=limits) as http:
+            for round_trip in range(self.total + 1):
+                if round_trip == 1:
+                    # Everyone has a connection, a checked token and one answer behind them: measure from here.
+                    if await self.warmed.wait() == 0:
+                        self.start = time.perf_counter()
+                    await asyncio.sleep(0)
+                measured = round_trip > 0
+                t0 = time.perf_counter()
+                got = await http.post(f"/v1/projects/{PROJECT}/tasks/next")
+                if measured:
+                    next_ms.append((time.perf_counter() - t0) * 1000)
+                if got.status_code == 204:
+                    return
+                got.raise_for_status()
+                task = got.json()
+                task_id, lease = task["task_id"], task["lease"]["lease_id"]
+                if task_id in holders and holders[task_id] != lease:
+                    self.double += 1
+                holders[task_id] = lease
+                handed.append(task_id)
+                boxes = []
+                for _ in range(rng.randint(1, 3)):
+                    x, y = rng.uniform(0, 1200), rng.uniform(0, 650)
+                    boxes.append({"class_name": rng.choice(["car", "person", "bicycle"]), "x1": x, "y1": y, "x2": x + rng.uniform(10, 80), "y2": y + rng.uniform(10, 70)})
+                t1 = time.perf_counter()
+                sent = await http.post(f"/v1/projects/{PROJECT}/tasks/{task_id}/submit", json={"lease_id": lease, "boxes": boxes})
+                if measured:
+                    submit_ms.append((time.perf_counter() - t1) * 1000)
+                    done_at.append(time.perf_counter() - self.start)
+                sent.raise_for_status()
+                answered[sent.json()["submission_id"]] = task_id
+                self.progress.advance(self.drain)
+
+
+async def _drain(settings: Any, base_url: str, tasks: int, labellers: int, progress: Progress) -> dict[str, Any]:
     from visionloop.libs.db import create_pool
     from visionloop.services.labeling_gateway.admin import create_project, create_token
 
@@ -93,88 +182,33 @@ async def _drain(settings: Any, base_url: str, tasks: int, labellers: int, progr
     total = tasks + labellers  # one warm-up round trip per labeller, not measured
     try:
         await _seed(settings, total, progress)
-        waiting = progress.add_task("gateway: tasks created from the events", total=total)
-        deadline = time.monotonic() + 300
-        while (created := await _count(pool, schema, "project = 'bench'")) < total:
-            progress.update(waiting, completed=created)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {created} of {tasks} tasks were created within 300 s")
-            await asyncio.sleep(0.2)
-        progress.update(waiting, completed=total)
-
-        holders: dict[str, str] = {}          # task -> lease it is held under now
-        double = 0
-        handed: list[str] = []
-        answered: dict[str, str] = {}         # submission -> task
-        next_ms: list[float] = []
-        submit_ms: list[float] = []
-        done_at: list[float] = []
+        await _wait_created(pool, schema, tasks, total, progress)
         drain = progress.add_task(f"{labellers} labellers: next + submit over HTTP", total=total)
-        warmed = asyncio.Barrier(labellers)
-        start = 0.0
-
-        async def labeller(n: int, token: str) -> None:
-            nonlocal double, start
-            rng = random.Random(n)
-            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-            async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60, limits=limits) as http:
-                for round_trip in range(total + 1):
-                    if round_trip == 1:
-                        # Everyone has a connection, a checked token and one answer behind them: measure from here.
-                        if await warmed.wait() == 0:
-                            start = time.perf_counter()
-                        await asyncio.sleep(0)
-                    measured = round_trip > 0
-                    t0 = time.perf_counter()
-                    got = await http.post(f"/v1/projects/{PROJECT}/tasks/next")
-                    if measured:
-                        next_ms.append((time.perf_counter() - t0) * 1000)
-                    if got.status_code == 204:
-                        return
-                    got.raise_for_status()
-                    task = got.json()
-                    task_id, lease = task["task_id"], task["lease"]["lease_id"]
-                    if task_id in holders and holders[task_id] != lease:
-                        double += 1
-                    holders[task_id] = lease
-                    handed.append(task_id)
-                    boxes = []
-                    for _ in range(rng.randint(1, 3)):
-                        x, y = rng.uniform(0, 1200), rng.uniform(0, 650)
-                        boxes.append({"class_name": rng.choice(["car", "person", "bicycle"]), "x1": x, "y1": y, "x2": x + rng.uniform(10, 80), "y2": y + rng.uniform(10, 70)})
-                    t1 = time.perf_counter()
-                    sent = await http.post(f"/v1/projects/{PROJECT}/tasks/{task_id}/submit", json={"lease_id": lease, "boxes": boxes})
-                    if measured:
-                        submit_ms.append((time.perf_counter() - t1) * 1000)
-                        done_at.append(time.perf_counter() - start)
-                    sent.raise_for_status()
-                    answered[sent.json()["submission_id"]] = task_id
-                    progress.advance(drain)
-
-        await asyncio.gather(*(labeller(n, token) for n, token in enumerate(tokens)))
-        elapsed = time.perf_counter() - start
-        measured_answers = len(done_at)
+        run = _Drain(base_url, total, progress, drain, asyncio.Barrier(labellers))
+        await asyncio.gather(*(run.labeller(n, token) for n, token in enumerate(tokens)))
+        elapsed = time.perf_counter() - run.start
+        measured_answers = len(run.done_at)
         unanswered = await _count(pool, schema, "project = 'bench' AND state <> 'submitted'")
-        events = await _events(settings, set(answered), progress)
+        events = await _events(settings, set(run.answered), progress)
     finally:
         await pool.close()
     # Lost: a task of the queue nobody answered, or an answer whose event never reached the topic.
-    lost = max(unanswered, total - len(set(answered.values()))) + (len(answered) - events)
+    lost = max(unanswered, total - len(set(run.answered.values()))) + (len(run.answered) - events)
     return {
         "tasks": tasks,
         "labellers": labellers,
         "roundtrips_per_s": round(measured_answers / elapsed, 1),
         "drain_s": round(elapsed, 2),
-        "next_task_p50_ms": round(float(np.percentile(next_ms, 50)), 2),
-        "next_task_p99_ms": round(float(np.percentile(next_ms, 99)), 2),
-        "submit_p50_ms": round(float(np.percentile(submit_ms, 50)), 2),
-        "submit_p99_ms": round(float(np.percentile(submit_ms, 99)), 2),
-        "double_assignments": double + (len(handed) - len(set(handed))),
+        "next_task_p50_ms": round(float(np.percentile(run.next_ms, 50)), 2),
+        "next_task_p99_ms": round(float(np.percentile(run.next_ms, 99)), 2),
+        "submit_p50_ms": round(float(np.percentile(run.submit_ms, 50)), 2),
+        "submit_p99_ms": round(float(np.percentile(run.submit_ms, 99)), 2),
+        "double_assignments": run.double + (len(run.handed) - len(set(run.handed))),
         "lost_tasks": lost,
         "label_submitted_events": events,
-        "_next_ms": next_ms,
-        "_submit_ms": submit_ms,
-        "_done_at": done_at,
+        "_next_ms": run.next_ms,
+        "_submit_ms": run.submit_ms,
+        "_done_at": run.done_at,
     }
 
 

@@ -111,10 +111,70 @@ def bench_precision_recall(originals: int = 300, distinct: int = 500) -> dict[st
     }
 
 
+async def _read(reader: Any, decided: dict[str, float], outcomes: dict[str, str]) -> None:
+    """Note when each decision is read, and its outcome (the reason of a rejection, or accepted), until cancelled."""
+    while True:
+        batch = await reader.getmany(timeout_ms=100)
+        now = time.perf_counter()
+        for records in batch.values():
+            for record in records:
+                data = json.loads(record.value)
+                sid = data["payload"]["submission_id"]
+                decided.setdefault(sid, now)
+                outcomes[sid] = data["payload"].get("reason") or "accepted"
+
+
+async def _until(decided: dict[str, float], sid: str, timeout: float = 120.0) -> None:
+    """Wait until the decision on `sid` has been read; TimeoutError after `timeout` seconds."""
+    deadline = time.perf_counter() + timeout
+    while sid not in decided:
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"no decision for {sid} within {timeout:.0f} s")
+        await asyncio.sleep(0.001)
+
+
+async def _latencies(submit: Any, decided: dict[str, float], images: list[bytes], progress: Progress) -> list[float]:
+    """Milliseconds from submit to decision, one image in flight; the first few (group joins, cold caches) are not counted."""
+    task = progress.add_task("end to end: latency (one in flight)", total=len(images))
+    latencies = []
+    for n, data in enumerate(images):
+        sid = f"lat-{n}"
+        start = time.perf_counter()
+        await submit(sid, data)
+        await _until(decided, sid)
+        if n >= 10:
+            latencies.append((decided[sid] - start) * 1000)
+        progress.advance(task)
+    return latencies
+
+
+async def _throughput(submit: Any, decided: dict[str, float], outcomes: dict[str, str], backlog: list[bytes],
+                      progress: Progress) -> tuple[float, dict[str, int]]:
+    """A backlog produced as fast as the broker takes it: seconds from the first produce to the last decision, and the outcomes."""
+    task = progress.add_task("end to end: throughput (backlog)", total=len(backlog))
+    start = time.perf_counter()
+    sends = [asyncio.ensure_future(submit(f"bulk-{n}", data)) for n, data in enumerate(backlog)]
+    await asyncio.gather(*sends)
+    for n in range(len(backlog)):
+        await _until(decided, f"bulk-{n}")
+        progress.update(task, completed=n + 1)
+    elapsed = max(decided[f"bulk-{n}"] for n in range(len(backlog))) - start
+    reasons: dict[str, int] = {}
+    for n in range(len(backlog)):
+        reasons[outcomes[f"bulk-{n}"]] = reasons.get(outcomes[f"bulk-{n}"], 0) + 1
+    return elapsed, reasons
+
+
 async def _end_to_end(settings: Any, latency_images: list[bytes], backlog: list[bytes], progress: Progress) -> dict[str, Any]:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    from visionloop.contracts import Envelope, ImageAccepted, ImageRejected, ImageSubmitted, topic_of
+    from visionloop.contracts import (
+        Envelope,
+        ImageAccepted,
+        ImageRejected,
+        ImageSubmitted,
+        topic_of,
+    )
     from visionloop.libs.kafka import client_kwargs, consumer_kwargs, ensure_named
 
     await ensure_named(settings, [topic_of(t, settings.topic_prefix) for t in (ImageAccepted, ImageRejected, ImageSubmitted)])
@@ -128,53 +188,14 @@ async def _end_to_end(settings: Any, latency_images: list[bytes], backlog: list[
     decided: dict[str, float] = {}
     outcomes: dict[str, str] = {}
 
-    async def read() -> None:
-        while True:
-            batch = await reader.getmany(timeout_ms=100)
-            now = time.perf_counter()
-            for records in batch.values():
-                for record in records:
-                    data = json.loads(record.value)
-                    sid = data["payload"]["submission_id"]
-                    decided.setdefault(sid, now)
-                    outcomes[sid] = data["payload"].get("reason") or "accepted"
-
     async def submit(sid: str, data: bytes) -> None:
         envelope = Envelope.of(ImageSubmitted(submission_id=sid, inline_bytes=data), producer="bench", project="bench")
         await producer.send_and_wait(topic_of(ImageSubmitted, settings.topic_prefix), envelope.model_dump_json().encode(), key=sid.encode())
 
-    async def until(sid: str, timeout: float = 120.0) -> None:
-        deadline = time.perf_counter() + timeout
-        while sid not in decided:
-            if time.perf_counter() > deadline:
-                raise TimeoutError(f"no decision for {sid} within {timeout:.0f} s")
-            await asyncio.sleep(0.001)
-
-    reading = asyncio.create_task(read())
+    reading = asyncio.create_task(_read(reader, decided, outcomes))
     try:
-        # Latency: one image in flight; the first few (group joins, cold caches) are not counted.
-        task = progress.add_task("end to end: latency (one in flight)", total=len(latency_images))
-        latencies = []
-        for n, data in enumerate(latency_images):
-            sid = f"lat-{n}"
-            start = time.perf_counter()
-            await submit(sid, data)
-            await until(sid)
-            if n >= 10:
-                latencies.append((decided[sid] - start) * 1000)
-            progress.advance(task)
-        # Throughput: a backlog produced as fast as the broker takes it.
-        task = progress.add_task("end to end: throughput (backlog)", total=len(backlog))
-        start = time.perf_counter()
-        sends = [asyncio.ensure_future(submit(f"bulk-{n}", data)) for n, data in enumerate(backlog)]
-        await asyncio.gather(*sends)
-        for n in range(len(backlog)):
-            await until(f"bulk-{n}")
-            progress.update(task, completed=n + 1)
-        elapsed = max(decided[f"bulk-{n}"] for n in range(len(backlog))) - start
-        reasons: dict[str, int] = {}
-        for n in range(len(backlog)):
-            reasons[outcomes[f"bulk-{n}"]] = reasons.get(outcomes[f"bulk-{n}"], 0) + 1
+        latencies = await _latencies(submit, decided, latency_images, progress)
+        elapsed, reasons = await _throughput(submit, decided, outcomes, backlog, progress)
         return {
             "e2e_images_per_s": round(len(backlog) / elapsed, 1),
             "e2e_p50_ms": round(float(np.percentile(latencies, 50)), 2),

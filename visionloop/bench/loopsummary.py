@@ -13,7 +13,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from visionloop.bench.loopstats import clopper_pearson, equal_quality, lower_bound, mean_ci, reduction
+from visionloop.bench.loopstats import (
+    clopper_pearson,
+    equal_quality,
+    lower_bound,
+    mean_ci,
+    reduction,
+)
 from visionloop.demo.effort import Actions, Costs, seconds
 
 

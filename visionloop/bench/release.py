@@ -83,15 +83,20 @@ async def _candidate(blobs: Any, detector: Any, state_dir: Path, imgsz: int) -> 
     ), images
 
 
-async def _run(settings: Any, detector: Any, imgsz: int, console: Console) -> dict[str, Any]:
+async def _open(settings: Any) -> tuple[Any, Any, Any, Any]:
+    """The blob store, the converter, packager and distributor started, and a reader and producer on their topics."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     from visionloop.app import ServiceHost
-    from visionloop.contracts import DeviceStatus, EdgeRelease, Envelope, ModelConverted, ModelPackaged, topic_of
+    from visionloop.contracts import (
+        DeviceStatus,
+        EdgeRelease,
+        ModelConverted,
+        ModelPackaged,
+        topic_of,
+    )
     from visionloop.libs.blob import open_blob_store
     from visionloop.libs.kafka import client_kwargs, consumer_kwargs, ensure_named
-    from visionloop.libs.signing import TrustStore
-    from visionloop.services.edge_agent.agent import EdgeAgent
 
     blobs = open_blob_store(settings.blob_location)
     host = ServiceHost(settings, ["converter", "packager", "distributor"])
@@ -101,56 +106,77 @@ async def _run(settings: Any, detector: Any, imgsz: int, console: Console) -> di
     reader = AIOKafkaConsumer(*topics, **(consumer_kwargs(settings) | {"fetch_max_wait_ms": 10}),
                               auto_offset_reset="latest", enable_auto_commit=False, group_id=None)
     producer = AIOKafkaProducer(**client_kwargs(settings), acks="all")  # type: ignore[arg-type]
+    return blobs, host, reader, producer
+
+
+async def _start_fleet(settings: Any, host: Any, agents: list[Any]) -> None:
+    """Start the edge agents (each appended to `agents`) and wait until the distributor knows every one."""
+    from visionloop.libs.signing import TrustStore
+    from visionloop.services.edge_agent.agent import EdgeAgent
+
+    trust = TrustStore.load([settings.state_dir / "keys"])
+    for n in range(AGENTS):
+        device = f"bench-{n:02d}"
+        agent = EdgeAgent(settings, "edge", device, settings.state_dir / "edge" / device, trust, heartbeat_s=1.0)
+        await agent.start()
+        agents.append(agent)
+    # Every agent has said it exists (its first heartbeat): the rollout knows the fleet.
+    pool = host._pool
+    assert pool is not None
+    schema = settings.schema_for("distributor")
+    deadline = time.monotonic() + 60
+    while await pool.fetchval(f'SELECT count(*) FROM "{schema}".devices') < AGENTS:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the edge agents did not report within 60 s")
+        await asyncio.sleep(0.1)
+
+
+async def _until_activated(reader: Any, started: float) -> tuple[dict[str, float], str | None, str]:
+    """Read the topics until every agent has activated: when each step was seen, the edge artifact's uri and precision."""
+    marks: dict[str, float] = {}
+    activated: set[str] = set()
+    int8_uri = None
+    result_precision = "int8"
+    while len(activated) < AGENTS:
+        batch = await reader.getmany(timeout_ms=100)
+        now = time.monotonic()
+        for records in batch.values():
+            for record in records:
+                doc = json.loads(record.value)
+                kind = doc.get("event_type")
+                if kind == "model.converted":
+                    marks.setdefault("converted", now)
+                    for artifact in doc["payload"]["artifacts"]:
+                        if artifact["target"] == "edge":
+                            int8_uri = artifact["uri"]
+                            result_precision = artifact["precision"]
+                elif kind == "model.packaged":
+                    marks["packaged"] = now
+                elif kind == "release.edge":
+                    marks.setdefault("released", now)
+                elif kind == "device.status" and doc["payload"]["state"] == "activated":
+                    activated.add(doc["payload"]["device_id"])
+        if now - started > 600:
+            raise RuntimeError(f"only {len(activated)} of {AGENTS} agents activated within 600 s")
+    return marks, int8_uri, result_precision
+
+
+async def _run(settings: Any, detector: Any, imgsz: int, console: Console) -> dict[str, Any]:
+    from visionloop.contracts import Envelope, topic_of
+
+    blobs, host, reader, producer = await _open(settings)
     agents: list[Any] = []
     try:
         await reader.start()
         await producer.start()
-        trust = TrustStore.load([settings.state_dir / "keys"])
-        for n in range(AGENTS):
-            device = f"bench-{n:02d}"
-            agent = EdgeAgent(settings, "edge", device, settings.state_dir / "edge" / device, trust, heartbeat_s=1.0)
-            await agent.start()
-            agents.append(agent)
-        # Every agent has said it exists (its first heartbeat): the rollout knows the fleet.
-        pool = host._pool
-        assert pool is not None
-        schema = settings.schema_for("distributor")
-        deadline = time.monotonic() + 60
-        while await pool.fetchval(f'SELECT count(*) FROM "{schema}".devices') < AGENTS:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the edge agents did not report within 60 s")
-            await asyncio.sleep(0.1)
+        await _start_fleet(settings, host, agents)
         candidate, images = await _candidate(blobs, detector, settings.state_dir, imgsz)
         await asyncio.sleep(1.0)  # the reader's partitions are assigned
         console.print(f"{AGENTS} edge agents ready; producing a passing `model evaluated`")
         envelope = Envelope.of(candidate, producer="bench", project="bench")
         started = time.monotonic()
         await producer.send_and_wait(topic_of(candidate, settings.topic_prefix), envelope.model_dump_json().encode(), key=b"bench-detector")
-        marks: dict[str, float] = {}
-        activated: set[str] = set()
-        int8_uri = None
-        result_precision = "int8"
-        while len(activated) < AGENTS:
-            batch = await reader.getmany(timeout_ms=100)
-            now = time.monotonic()
-            for records in batch.values():
-                for record in records:
-                    doc = json.loads(record.value)
-                    kind = doc.get("event_type")
-                    if kind == "model.converted":
-                        marks.setdefault("converted", now)
-                        for artifact in doc["payload"]["artifacts"]:
-                            if artifact["target"] == "edge":
-                                int8_uri = artifact["uri"]
-                                result_precision = artifact["precision"]
-                    elif kind == "model.packaged":
-                        marks["packaged"] = now
-                    elif kind == "release.edge":
-                        marks.setdefault("released", now)
-                    elif kind == "device.status" and doc["payload"]["state"] == "activated":
-                        activated.add(doc["payload"]["device_id"])
-            if now - started > 600:
-                raise RuntimeError(f"only {len(activated)} of {AGENTS} agents activated within 600 s")
+        marks, int8_uri, result_precision = await _until_activated(reader, started)
         ended = time.monotonic()
         if int8_uri is None:
             raise RuntimeError("the converter shipped no edge artifact")

@@ -340,73 +340,78 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
         await task
 
 
+async def _sample(names: list[str], supervisor: Any, stack: Any, postmaster: int | None, me: psutil.Process, cpu: _CpuMeter,
+                  probe: LagProbe, db: Any, tally: _Tally, t0: list[float]) -> Sample:
+    """One sample: each process tree's memory (its CPU noted in `cpu`), the lag, the database's sizes."""
+    rss = {}
+    for name in names:
+        procs = tree(supervisor.pid(name))
+        rss[name] = rss_of(procs)
+        cpu.observe("services", procs)
+    broker, postgres = tree(_broker_pid(stack)), tree(postmaster)
+    cpu.observe("broker", broker)
+    cpu.observe("postgres", postgres)
+    cpu.observe("bench", [me])
+    cpu.tick()
+    lag = await probe.read()
+    row = await db.fetchrow(_DB_QUERY)
+    assert row is not None
+    return Sample(t=round(time.monotonic() - t0[0], 2), rss=rss, infra={"broker": rss_of(broker), "postgres": rss_of(postgres, pss=True)},
+                  lag=lag, db_bytes=int(row["db"]), inbox_bytes=int(row["inbox"]), outbox_bytes=int(row["outbox"]),
+                  inbox_rows=int(row["inbox_rows"]), submitted=tally.submitted, decided=len(tally.decisions))
+
+
 async def _watch(settings: Any, stack: Any, supervisor: Any, probe: LagProbe, db: Any, tally: _Tally, following: asyncio.Task[None],
                  names: list[str], *, rate: float, seconds: float, sample_s: float, drain_s: float, console: Console) -> dict[str, Any]:
     """Submit at `rate` for `seconds` while sampling every `sample_s`; then drain; the samples and tallies."""
     samples: list[Sample] = []
     cpu = _CpuMeter()
-
     postmaster = _postmaster(stack.postgres.data_dir if stack.postgres is not None else None)
     me = psutil.Process()
     started, t0 = asyncio.Event(), []  # type: ignore[var-annotated]
-
-    async def sample() -> Sample:
-        rss = {}
-        for name in names:
-            procs = tree(supervisor.pid(name))
-            rss[name] = rss_of(procs)
-            cpu.observe("services", procs)
-        broker, postgres = tree(_broker_pid(stack)), tree(postmaster)
-        cpu.observe("broker", broker)
-        cpu.observe("postgres", postgres)
-        cpu.observe("bench", [me])
-        cpu.tick()
-        lag = await probe.read()
-        row = await db.fetchrow(_DB_QUERY)
-        assert row is not None
-        return Sample(
-            t=round(time.monotonic() - t0[0], 2), rss=rss,
-            infra={"broker": rss_of(broker), "postgres": rss_of(postgres, pss=True)}, lag=lag,
-            db_bytes=int(row["db"]), inbox_bytes=int(row["inbox"]), outbox_bytes=int(row["outbox"]), inbox_rows=int(row["inbox_rows"]),
-            submitted=tally.submitted, decided=len(tally.decisions),
-        )
-
+    sample = lambda: _sample(names, supervisor, stack, postmaster, me, cpu, probe, db, tally, t0)
     image_groups = {g for t, g in probe.pairs if ".image." in t}
     progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console)
     publishing = asyncio.create_task(_publish(settings, rate, seconds, tally, started, t0))
     try:
-        with progress:
-            run = progress.add_task(f"soak {rate:g}/s", total=seconds, info="")
-            await started.wait()
-            drain_started: float | None = None
-            drain_task = None
-            while True:
-                if following.done():
-                    following.result()  # the decision reader failed: say why
-                s = await sample()
-                samples.append(s)
-                info = (f"sent {s.submitted:,} decided {s.decided:,} lag {sum(s.lag.values()):,} "
-                        f"rss {sum(s.rss.values()) / MB:,.0f} MB db {s.db_bytes / MB:,.0f} MB")
-                if drain_started is None:
-                    progress.update(run, completed=min(s.t, seconds), info=info)
-                    if publishing.done():
-                        publishing.result()
-                        progress.update(run, completed=seconds)
-                        drain_started = time.monotonic()
-                        drain_task = progress.add_task("drain", total=tally.submitted, info="")
-                else:
-                    progress.update(drain_task, completed=s.decided, info=info)  # type: ignore[arg-type]
-                    finished = s.decided >= tally.submitted and all(s.lag.get(g, 0) == 0 for g in image_groups)
-                    if finished or time.monotonic() - drain_started > drain_s:
-                        break
-                next_at = t0[0] + len(samples) * sample_s
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()) if drain_started is None else 1.0)
+        drain_started = await _sample_until_drained(sample, samples, progress, image_groups, publishing, following, tally, started, t0,
+                                                    rate=rate, seconds=seconds, sample_s=sample_s, drain_s=drain_s)
     finally:
         await _cancel(publishing)
-    return {
-        "samples": samples, "tally": tally, "drain_s": time.monotonic() - drain_started, "cpu_s": cpu.report(),  # type: ignore[operator]
-        "restarts": dict(supervisor.restarts), "submit_seconds": seconds, "groups": probe.pairs,
-    }
+    return {"samples": samples, "tally": tally, "drain_s": time.monotonic() - drain_started, "cpu_s": cpu.report(),
+            "restarts": dict(supervisor.restarts), "submit_seconds": seconds, "groups": probe.pairs}
+
+
+async def _sample_until_drained(sample: Any, samples: list[Sample], progress: Progress, image_groups: set[str], publishing: asyncio.Task[None],
+                                following: asyncio.Task[None], tally: _Tally, started: asyncio.Event, t0: list[float], *,
+                                rate: float, seconds: float, sample_s: float, drain_s: float) -> float:
+    """Sample every `sample_s` while `publishing` sends, then each second until all is decided or `drain_s` passed; the drain's start."""
+    with progress:
+        run = progress.add_task(f"soak {rate:g}/s", total=seconds, info="")
+        await started.wait()
+        drain_started: float | None = None
+        drain_task = None
+        while True:
+            if following.done():
+                following.result()  # the decision reader failed: say why
+            s = await sample()
+            samples.append(s)
+            info = (f"sent {s.submitted:,} decided {s.decided:,} lag {sum(s.lag.values()):,} "
+                    f"rss {sum(s.rss.values()) / MB:,.0f} MB db {s.db_bytes / MB:,.0f} MB")
+            if drain_started is None:
+                progress.update(run, completed=min(s.t, seconds), info=info)
+                if publishing.done():
+                    publishing.result()
+                    progress.update(run, completed=seconds)
+                    drain_started = time.monotonic()
+                    drain_task = progress.add_task("drain", total=tally.submitted, info="")
+            else:
+                progress.update(drain_task, completed=s.decided, info=info)  # type: ignore[arg-type]
+                finished = s.decided >= tally.submitted and all(s.lag.get(g, 0) == 0 for g in image_groups)
+                if finished or time.monotonic() - drain_started > drain_s:
+                    return drain_started
+            next_at = t0[0] + len(samples) * sample_s
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()) if drain_started is None else 1.0)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-
 FOLLOWER_GROUP = "bench.soak.follower"
 """The decision reader's consumer group: a rotation keeps what it has not read yet."""
 FOLLOWED = ("ImageAccepted", "ImageRejected", "ImageRecognized", "ImageUnrecognized")

@@ -128,112 +128,146 @@ DUPLICATE_KEYS: dict[str, Callable[[dict[str, Any]], Any]] = {
 """Per event type, the effect it records: two events (two event ids) with one key are one effect twice."""
 
 
-def reconcile(items: dict[str, Any], events: Iterable[dict[str, Any]], truth: Truth, devices: dict[str, int | None]) -> Reconciliation:
-    """Check the end state against the invariants of the module docstring; count and name every discrepancy.
+@dataclass
+class _Seen:
+    """What the project's events record, indexed for `reconcile`."""
 
-    `items`: what upstream submitted, by submission id; `events`: the event log (one per event id);
-    `devices`: each edge agent's active model version at the end.
-    """
-    out = Reconciliation(submitted=len(items))
-    project_events = [e for e in events if e.get("project") == PROJECT]
-    by_key: defaultdict[Any, set[str]] = defaultdict(set)
-    decisions: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
-    registrations: defaultdict[tuple[str, int, str], set[str]] = defaultdict(set)
-    verified_images: defaultdict[str, set[str]] = defaultdict(set)
-    verified_event_images: set[str] = set()
+    by_key: defaultdict[Any, set[str]] = field(default_factory=lambda: defaultdict(set))
+    """Effect (`DUPLICATE_KEYS`) -> the ids of the events that record it."""
+    decisions: defaultdict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    """Submission id -> its `image accepted` and `image rejected` events."""
+    registrations: defaultdict[tuple[str, int, str], set[str]] = field(default_factory=lambda: defaultdict(set))
+    """(model id, version, target) -> when it was registered."""
+    verified_images: defaultdict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    """Image id -> the ids of its verified labels kept for training."""
+    verified_event_images: set[str] = field(default_factory=set)
+    """Image ids with a `label verified` event kept for training."""
+
+
+def _dead_letters(out: Reconciliation, events: Iterable[dict[str, Any]]) -> None:
+    """Count every message a service gave up on, as a discrepancy."""
     for e in events:
         if e.get("event_type") == "message.deadlettered":
             p = e.get("payload") or {}
             out.dead_letters += 1
             out.discrepancies.append(f"dead letter: {p.get('service')} gave up on {p.get('original', {}).get('topic')} "
                                      f"({p.get('reason')}: {str(p.get('message'))[:200]})")
+
+
+def _index(project_events: list[dict[str, Any]]) -> _Seen:
+    """Index the project's events by the effect each records (an event missing a field is left out)."""
+    seen = _Seen()
     for e in project_events:
         kind = e.get("event_type")
         with contextlib.suppress(KeyError, TypeError):
             if kind in DUPLICATE_KEYS:
-                by_key[DUPLICATE_KEYS[kind](e)].add(str(e["event_id"]))
+                seen.by_key[DUPLICATE_KEYS[kind](e)].add(str(e["event_id"]))
             if kind in ("image.accepted", "image.rejected"):
-                decisions[e["payload"]["submission_id"]].append(e)
+                seen.decisions[e["payload"]["submission_id"]].append(e)
             elif kind == "model.registered":
                 p = e["payload"]
                 ref = p["lineage"]["model"]
-                registrations[(ref["model_id"], int(ref["version"]), p["target"])].add(str(p["registered_at"]))
+                seen.registrations[(ref["model_id"], int(ref["version"]), p["target"])].add(str(p["registered_at"]))
             elif kind == "label.verified" and not e["payload"].get("for_test_set"):
                 image = e["payload"]["image"]["image_id"]
-                verified_images[image].add(e["payload"]["label_id"])
-                verified_event_images.add(image)
+                seen.verified_images[image].add(e["payload"]["label_id"])
+                seen.verified_event_images.add(image)
+    return seen
 
-    def duplicate(kind: str, extra: int, message: str) -> None:
-        out.duplicated += extra
-        out.duplicated_by_kind[kind] += extra
-        out.discrepancies.append(f"duplicated: {message}")
 
-    for key, ids in by_key.items():
+def _duplicate(out: Reconciliation, kind: str, extra: int, message: str) -> None:
+    """Count `extra` copies of one effect, as a discrepancy."""
+    out.duplicated += extra
+    out.duplicated_by_kind[kind] += extra
+    out.discrepancies.append(f"duplicated: {message}")
+
+
+def _duplicates(out: Reconciliation, seen: _Seen, truth: Truth) -> None:
+    """Count every effect recorded more than once, in the events or in PostgreSQL."""
+    for key, ids in seen.by_key.items():
         if len(ids) > 1:
-            duplicate(key[0], len(ids) - 1, f"{key[0]} {key[1:]} recorded by {len(ids)} events ({', '.join(sorted(ids)[:4])})")
-    for ref, stamps in registrations.items():
+            _duplicate(out, key[0], len(ids) - 1, f"{key[0]} {key[1:]} recorded by {len(ids)} events ({', '.join(sorted(ids)[:4])})")
+    for ref, stamps in seen.registrations.items():
         if len(stamps) > 1:
-            duplicate("library registration", len(stamps) - 1, f"model {ref} registered {len(stamps)} times")
+            _duplicate(out, "library registration", len(stamps) - 1, f"model {ref} registered {len(stamps)} times")
     for ref, n in truth.library.items():
         if n > 1:
-            duplicate("library registration", n - 1, f"model {ref} has {n} library entries")
-    for image, labels in verified_images.items():
+            _duplicate(out, "library registration", n - 1, f"model {ref} has {n} library entries")
+    for image, labels in seen.verified_images.items():
         if len(labels) > 1:
-            duplicate("verified image", len(labels) - 1, f"image {image[:16]} verified {len(labels)} times ({', '.join(sorted(labels))})")
+            _duplicate(out, "verified image", len(labels) - 1, f"image {image[:16]} verified {len(labels)} times ({', '.join(sorted(labels))})")
     runs = Counter(m["run_id"] for m in truth.models)
     for run_id, n in runs.items():
         if n > 1:
-            duplicate("model per run", n - 1, f"run {run_id} produced {n} model versions")
+            _duplicate(out, "model per run", n - 1, f"run {run_id} produced {n} model versions")
 
-    def lost(submission: str, where: str) -> None:
-        out.lost += 1
-        out.discrepancies.append(f"lost: {submission}: {where}")
 
+def _lost(out: Reconciliation, submission: str, where: str) -> None:
+    """Count one submission lost, as a discrepancy saying where."""
+    out.lost += 1
+    out.discrepancies.append(f"lost: {submission}: {where}")
+
+
+def _rejected(out: Reconciliation, submission: str, row: dict[str, Any], event: dict[str, Any], truth: Truth) -> None:
+    """Count a rejected submission; name a rejection its service's table does not show."""
+    reason = event["payload"]["reason"]
+    stage = event["payload"].get("stage")
+    if stage == "ingest" and (row["outcome"] != "rejected" or row["reason"] != reason):
+        out.discrepancies.append(f"mismatch: {submission}: rejected by ingest ({reason}) but ingest's table says {row['outcome']} {row['reason']}")
+    elif stage == "dedup":
+        db = truth.decisions.get(row["image_id"] or "")
+        if db is None:
+            out.discrepancies.append(f"mismatch: {submission}: rejected by dedup ({reason}) but dedup has no decision on its image")
+        elif reason not in ("duplicate",) and (db["outcome"] != "rejected" or db["reason"] != reason):
+            out.discrepancies.append(f"mismatch: {submission}: rejected by dedup ({reason}), dedup's table says {db['outcome']} {db['reason']}")
+    out.rejected += 1
+    out.reasons[reason] += 1
+
+
+def _accepted(out: Reconciliation, submission: str, event: dict[str, Any], truth: Truth, seen: _Seen) -> None:
+    """Count an accepted submission labelled or waiting for a person; anything else is lost."""
+    image = event["payload"]["image"]["image_id"]
+    db = truth.decisions.get(image)
+    if db is None or db["outcome"] != "accepted":
+        out.discrepancies.append(f"mismatch: {submission}: accepted, but dedup's table says {db['outcome'] if db else 'nothing'}")
+    states = truth.tasks.get(image, [])
+    if image in truth.labels and image in seen.verified_event_images:
+        out.labelled += 1
+        if image not in truth.samples:
+            out.discrepancies.append(f"mismatch: {submission}: image {image[:16]} is labelled but not in the trainer's dataset")
+    elif any(s in PENDING_PERSON for s in states):
+        out.pending += 1
+    elif not truth.recognitions.get(image):
+        _lost(out, submission, f"accepted (image {image[:16]}) but never recognised or refused by the recognizer")
+    elif not states:
+        _lost(out, submission, f"recognised (image {image[:16]}) but no labelling task was made")
+    else:
+        _lost(out, submission, f"image {image[:16]} is neither labelled nor waiting for a person (tasks: {', '.join(states)})")
+
+
+def _submissions(out: Reconciliation, items: dict[str, Any], seen: _Seen, truth: Truth) -> None:
+    """Follow every submission to its one terminal decision; then the trainer's images to their labels."""
     for submission in sorted(items):
         row = truth.submissions.get(submission)
-        decided = decisions.get(submission, [])
+        decided = seen.decisions.get(submission, [])
         if row is None:
-            lost(submission, "ingest has no record of it")
+            _lost(out, submission, "ingest has no record of it")
             continue
         if not decided:
-            lost(submission, f"ingest {row['outcome']} it but no decision was ever published")
+            _lost(out, submission, f"ingest {row['outcome']} it but no decision was ever published")
             continue
         event = decided[0]
         if event["event_type"] == "image.rejected":
-            reason = event["payload"]["reason"]
-            stage = event["payload"].get("stage")
-            if stage == "ingest" and (row["outcome"] != "rejected" or row["reason"] != reason):
-                out.discrepancies.append(f"mismatch: {submission}: rejected by ingest ({reason}) but ingest's table says {row['outcome']} {row['reason']}")
-            elif stage == "dedup":
-                db = truth.decisions.get(row["image_id"] or "")
-                if db is None:
-                    out.discrepancies.append(f"mismatch: {submission}: rejected by dedup ({reason}) but dedup has no decision on its image")
-                elif reason not in ("duplicate",) and (db["outcome"] != "rejected" or db["reason"] != reason):
-                    out.discrepancies.append(f"mismatch: {submission}: rejected by dedup ({reason}), dedup's table says {db['outcome']} {db['reason']}")
-            out.rejected += 1
-            out.reasons[reason] += 1
+            _rejected(out, submission, row, event, truth)
             continue
-        image = event["payload"]["image"]["image_id"]
-        db = truth.decisions.get(image)
-        if db is None or db["outcome"] != "accepted":
-            out.discrepancies.append(f"mismatch: {submission}: accepted, but dedup's table says {db['outcome'] if db else 'nothing'}")
-        states = truth.tasks.get(image, [])
-        if image in truth.labels and image in verified_event_images:
-            out.labelled += 1
-            if image not in truth.samples:
-                out.discrepancies.append(f"mismatch: {submission}: image {image[:16]} is labelled but not in the trainer's dataset")
-        elif any(s in PENDING_PERSON for s in states):
-            out.pending += 1
-        elif not truth.recognitions.get(image):
-            lost(submission, f"accepted (image {image[:16]}) but never recognised or refused by the recognizer")
-        elif not states:
-            lost(submission, f"recognised (image {image[:16]}) but no labelling task was made")
-        else:
-            lost(submission, f"image {image[:16]} is neither labelled nor waiting for a person (tasks: {', '.join(states)})")
+        _accepted(out, submission, event, truth, seen)
     for image, role in truth.samples.items():
         if role == "train" and image not in truth.labels:
             out.discrepancies.append(f"mismatch: the trainer trains on image {image[:16]}, which has no verified label at the gateway")
 
+
+def _releases(out: Reconciliation, truth: Truth, devices: dict[str, int | None]) -> None:
+    """Check every release ended, each device runs the fleet's last completed release, and no training run is left open."""
     for release in truth.releases:
         out.releases[release["release_id"]] = release["status"]
         if release["status"] not in KNOWN_RELEASE_STATES:
@@ -251,4 +285,19 @@ def reconcile(items: dict[str, Any], events: Iterable[dict[str, Any]], truth: Tr
     for run in truth.runs:
         if run["status"] in ("queued", "running"):
             out.discrepancies.append(f"training run {run['run_id']} ended {run['status']}")
+
+
+def reconcile(items: dict[str, Any], events: Iterable[dict[str, Any]], truth: Truth, devices: dict[str, int | None]) -> Reconciliation:
+    """Check the end state against the invariants of the module docstring; count and name every discrepancy.
+
+    `items`: what upstream submitted, by submission id; `events`: the event log (one per event id);
+    `devices`: each edge agent's active model version at the end.
+    """
+    out = Reconciliation(submitted=len(items))
+    project_events = [e for e in events if e.get("project") == PROJECT]
+    _dead_letters(out, events)
+    seen = _index(project_events)
+    _duplicates(out, seen, truth)
+    _submissions(out, items, seen, truth)
+    _releases(out, truth, devices)
     return out

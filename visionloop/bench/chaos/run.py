@@ -31,7 +31,7 @@ from visionloop.bench.chaos.config import (
     sid,
 )
 from visionloop.bench.chaos.events import EventLog
-from visionloop.bench.chaos.monkey import Monkey
+from visionloop.bench.chaos.monkey import Kill, Monkey
 from visionloop.bench.chaos.reconcile import Reconciliation, load_truth, reconcile
 from visionloop.demo.wait import wait_until
 from visionloop.libs.lag import Progress as LagProgress
@@ -97,6 +97,8 @@ class ChaosRun:
         """Consumer groups with lag at the end, stuck or slow (`settle_lag`)."""
         self.partitions: dict[str, Any] | None = None
         """Per topic and consumer group, the end and the committed offset of every partition."""
+        self.monkey_task: asyncio.Task[None] | None = None
+        """The monkey's loop, from the first round until the run stops."""
 
     def elapsed(self) -> float:
         """Seconds since the run started."""
@@ -273,13 +275,7 @@ class ChaosRun:
     # -- the scenario --------------------------------------------------------------------------------------
     async def run(self, stack: Any, settings: Any) -> dict[str, Any]:
         """Start every service as a process, run the rounds under fire, settle, reconcile."""
-        import httpx
-
-        from visionloop.demo.annotator import Annotator
         from visionloop.libs.db import create_pool
-        from visionloop.libs.signing import TrustStore, ensure_key_pair
-        from visionloop.services.edge_agent.agent import EdgeAgent
-        from visionloop.services.labeling_gateway.admin import create_project, create_token
         from visionloop.supervisor import Supervisor
 
         self.stack, self.settings = stack, settings
@@ -291,69 +287,95 @@ class ChaosRun:
         self.pool = await create_pool(settings, min_size=1, max_size=4)
         reader = asyncio.create_task(self.events.run(), name="chaos-events")
         sampler = asyncio.create_task(self.sample(), name="chaos-sampler")
-        monkey: asyncio.Task[None] | None = None
+        self.monkey_task = None
         problems: list[str] = []
         try:
-            self.say(f"starting {len(self.services)} services, each its own process"
-                     + (f" (replicas: {', '.join(f'{s}={n}' for s, n in self.cfg.replicas)})" if self.cfg.replicas else ""))
-            await self.sup.start(timeout_s=300)
-            await create_project(settings, PROJECT, list(CLASSES), created_by="chaos")
-            _, alice_token = await create_token(settings, project=PROJECT, role="annotator", user_id="alice", created_by="chaos")
-            _, bob_token = await create_token(settings, project=PROJECT, role="reviewer", user_id="bob", created_by="chaos")
-            _, admin_token = await create_token(settings, project=PROJECT, role="admin", user_id="carol", created_by="chaos")
-            ensure_key_pair(settings.state_dir / "keys")
-            trust = TrustStore.load([settings.state_dir / "keys"])
-            for n in range(self.cfg.agents):
-                device = f"edge-{n:02d}"
-                agent = EdgeAgent(settings, FLEET, device, settings.state_dir / "edge" / device, trust, heartbeat_s=2.0)
-                await agent.start()
-                self.agents.append(agent)
-            base = self.sup.endpoints()["labeling-gateway"]
-            async with httpx.AsyncClient(base_url=base, timeout=60) as http:
-                alice = Annotator(base, alice_token, PROJECT, self.world, user_id="alice", noise_px=self.cfg.noise_px, rng_seed=1)
-                bob = Annotator(base, bob_token, PROJECT, self.world, user_id="bob", noise_px=self.cfg.noise_px, rng_seed=2)
-                async with alice, bob:
-                    try:
-                        if self.cfg.test_images:
-                            await self.import_test_set(http, admin_token, CLASSES, self.cfg.test_images, offset=0)
-                        monkey = asyncio.create_task(self.monkey.loop(), name="chaos-monkey")
-                        for n, size in enumerate(self.cfg.rounds):
-                            classes = CLASSES
-                            if n == 2:
-                                await self._new_class(http, admin_token)
-                                classes = (*CLASSES, NEW_CLASS)
-                            await self.round(n, size, classes, [alice, bob])
-                    except ChaosStalled as exc:
-                        problems.append(f"scenario stalled: {exc}")
-                        self.say(f"[red]scenario stalled[/]: {exc}")
-            self.say("settling: every killed service back, the pipeline quiet")
-            await self.monkey.settle()
-            if monkey is not None:
-                monkey.cancel()
-            await self.quiet()
-            self.lag = await self.settle_lag()
-            with contextlib.suppress(Exception):
-                self.partitions = (await read_partitions(settings, self.groups())).as_dict()
-            truth = await load_truth(self.pool, settings)
-            devices = {a.device_id: (a.active.model.version if a.active else None) for a in self.agents}
-            outcome = reconcile(self.items, self.events.events.values(), truth, devices)
+            tokens = await self._start(settings)
+            await self._scenario(tokens, problems)
+            outcome = await self._settle(settings)
         finally:
-            if monkey is not None:
-                monkey.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await monkey
-            for agent in self.agents:
-                with contextlib.suppress(Exception):
-                    await agent.stop()
-            with contextlib.suppress(Exception):
-                await self.sup.stop()
-            for task in (reader, sampler):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            with contextlib.suppress(Exception):
-                await self.pool.close()
+            await self._stop(reader, sampler)
         return self.result(outcome, problems)
+
+    async def _start(self, settings: Any) -> tuple[str, str, str]:
+        """Start the services, the project and the edge agents; the tokens of alice (annotator), bob (reviewer), carol (admin)."""
+        from visionloop.libs.signing import TrustStore, ensure_key_pair
+        from visionloop.services.edge_agent.agent import EdgeAgent
+        from visionloop.services.labeling_gateway.admin import create_project, create_token
+
+        self.say(f"starting {len(self.services)} services, each its own process"
+                 + (f" (replicas: {', '.join(f'{s}={n}' for s, n in self.cfg.replicas)})" if self.cfg.replicas else ""))
+        await self.sup.start(timeout_s=300)
+        await create_project(settings, PROJECT, list(CLASSES), created_by="chaos")
+        _, alice_token = await create_token(settings, project=PROJECT, role="annotator", user_id="alice", created_by="chaos")
+        _, bob_token = await create_token(settings, project=PROJECT, role="reviewer", user_id="bob", created_by="chaos")
+        _, admin_token = await create_token(settings, project=PROJECT, role="admin", user_id="carol", created_by="chaos")
+        ensure_key_pair(settings.state_dir / "keys")
+        trust = TrustStore.load([settings.state_dir / "keys"])
+        for n in range(self.cfg.agents):
+            device = f"edge-{n:02d}"
+            agent = EdgeAgent(settings, FLEET, device, settings.state_dir / "edge" / device, trust, heartbeat_s=2.0)
+            await agent.start()
+            self.agents.append(agent)
+        return alice_token, bob_token, admin_token
+
+    async def _scenario(self, tokens: tuple[str, str, str], problems: list[str]) -> None:
+        """The test set, then the monkey let loose and the rounds, alice and bob labelling; a stall goes in `problems`."""
+        import httpx
+
+        from visionloop.demo.annotator import Annotator
+
+        alice_token, bob_token, admin_token = tokens
+        base = self.sup.endpoints()["labeling-gateway"]
+        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+            alice = Annotator(base, alice_token, PROJECT, self.world, user_id="alice", noise_px=self.cfg.noise_px, rng_seed=1)
+            bob = Annotator(base, bob_token, PROJECT, self.world, user_id="bob", noise_px=self.cfg.noise_px, rng_seed=2)
+            async with alice, bob:
+                try:
+                    if self.cfg.test_images:
+                        await self.import_test_set(http, admin_token, CLASSES, self.cfg.test_images, offset=0)
+                    self.monkey_task = asyncio.create_task(self.monkey.loop(), name="chaos-monkey")
+                    for n, size in enumerate(self.cfg.rounds):
+                        classes = CLASSES
+                        if n == 2:
+                            await self._new_class(http, admin_token)
+                            classes = (*CLASSES, NEW_CLASS)
+                        await self.round(n, size, classes, [alice, bob])
+                except ChaosStalled as exc:
+                    problems.append(f"scenario stalled: {exc}")
+                    self.say(f"[red]scenario stalled[/]: {exc}")
+
+    async def _settle(self, settings: Any) -> Reconciliation:
+        """Every killed service back and the pipeline quiet; the lag, the partitions, and the end state reconciled."""
+        self.say("settling: every killed service back, the pipeline quiet")
+        await self.monkey.settle()
+        if self.monkey_task is not None:
+            self.monkey_task.cancel()
+        await self.quiet()
+        self.lag = await self.settle_lag()
+        with contextlib.suppress(Exception):
+            self.partitions = (await read_partitions(settings, self.groups())).as_dict()
+        truth = await load_truth(self.pool, settings)
+        devices = {a.device_id: (a.active.model.version if a.active else None) for a in self.agents}
+        return reconcile(self.items, self.events.events.values(), truth, devices)
+
+    async def _stop(self, reader: asyncio.Task[None], sampler: asyncio.Task[None]) -> None:
+        """Stop the monkey, the edge agents, the services, the event reader and the sampler; close the pool."""
+        if self.monkey_task is not None:
+            self.monkey_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.monkey_task
+        for agent in self.agents:
+            with contextlib.suppress(Exception):
+                await agent.stop()
+        with contextlib.suppress(Exception):
+            await self.sup.stop()
+        for task in (reader, sampler):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self.pool.close()
 
     async def _new_class(self, http: Any, token: str) -> None:
         import httpx
@@ -487,35 +509,11 @@ class ChaosRun:
         kills = self.monkey.kills
         by_service = Counter(k.service for k in kills)
         recovered = [k.recovered_s for k in kills if k.recovered_s is not None]
-        problems = problems + self.stalls + self.monkey.failures + outcome.discrepancies
-        wanted = self.cfg.kills_per_service
-        for name in self.cfg.processes(self.cfg.services or self.services):
-            if by_service[name] < wanted:
-                problems.append(f"kill plan not carried out: {name} was killed {by_service[name]} time(s), {wanted} planned")
-        if self.cfg.training_kills and not any(k.why == "mid-training" for k in kills):
-            problems.append("kill plan not carried out: the trainer was never killed during a training run")
-        if self.cfg.release_kills and not any(k.why == "mid-release" for k in kills):
-            problems.append("kill plan not carried out: no converter, packager or distributor kill during a release")
-        if len(self.monkey.broker_restarts) < self.cfg.broker_restarts:
-            problems.append("kill plan not carried out: the broker was not restarted")
-        if self.lag is None:
-            problems.append("consumer lag could not be read before the reconciliation")
-        else:
-            problems += [f"consumer group stuck: {key} (lag per partition {parts})" for key, parts in self.lag.stuck.items()]
-            problems += [f"consumer group committed past the log: {key} (by {parts})" for key, parts in self.lag.ahead.items()]
+        problems = problems + self.stalls + self.monkey.failures + outcome.discrepancies + self._plan_and_lag_problems(kills, by_service)
         return {
             "machine": machine(),
             "size": asdict(self.cfg) | {"submitted": self.cfg.submitted},
-            "submitted": outcome.submitted,
-            "terminal": outcome.terminal,
-            "rejected": outcome.rejected,
-            "rejected_by_reason": dict(outcome.reasons),
-            "labelled": outcome.labelled,
-            "pending_person": outcome.pending,
-            "lost": outcome.lost,
-            "duplicated": outcome.duplicated,
-            "duplicated_by_kind": dict(outcome.duplicated_by_kind),
-            "dead_letters": outcome.dead_letters,
+            **_counts(outcome),
             "kills": len(kills),
             "kills_by_service": dict(sorted(by_service.items())),
             "kills_mid_training": sum(k.why == "mid-training" for k in kills),
@@ -545,3 +543,39 @@ class ChaosRun:
             "wall_s": round(self.elapsed(), 1),
             "folder": str(self.folder),
         }
+
+    def _plan_and_lag_problems(self, kills: list[Kill], by_service: Counter[str]) -> list[str]:
+        """Each part of the kill plan not carried out, then each consumer group stuck or committed past the log."""
+        problems: list[str] = []
+        wanted = self.cfg.kills_per_service
+        for name in self.cfg.processes(self.cfg.services or self.services):
+            if by_service[name] < wanted:
+                problems.append(f"kill plan not carried out: {name} was killed {by_service[name]} time(s), {wanted} planned")
+        if self.cfg.training_kills and not any(k.why == "mid-training" for k in kills):
+            problems.append("kill plan not carried out: the trainer was never killed during a training run")
+        if self.cfg.release_kills and not any(k.why == "mid-release" for k in kills):
+            problems.append("kill plan not carried out: no converter, packager or distributor kill during a release")
+        if len(self.monkey.broker_restarts) < self.cfg.broker_restarts:
+            problems.append("kill plan not carried out: the broker was not restarted")
+        if self.lag is None:
+            problems.append("consumer lag could not be read before the reconciliation")
+        else:
+            problems += [f"consumer group stuck: {key} (lag per partition {parts})" for key, parts in self.lag.stuck.items()]
+            problems += [f"consumer group committed past the log: {key} (by {parts})" for key, parts in self.lag.ahead.items()]
+        return problems
+
+
+def _counts(outcome: Reconciliation) -> dict[str, Any]:
+    """The reconciliation's counts, as the run's figures name them."""
+    return {
+        "submitted": outcome.submitted,
+        "terminal": outcome.terminal,
+        "rejected": outcome.rejected,
+        "rejected_by_reason": dict(outcome.reasons),
+        "labelled": outcome.labelled,
+        "pending_person": outcome.pending,
+        "lost": outcome.lost,
+        "duplicated": outcome.duplicated,
+        "duplicated_by_kind": dict(outcome.duplicated_by_kind),
+        "dead_letters": outcome.dead_letters,
+    }
