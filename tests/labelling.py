@@ -1,5 +1,6 @@
 """Helpers of the labelling tests (gateway + verifier): a running stack over real HTTP, tokens,
-events published in bulk, and waiting for the loop's answers."""
+events published in bulk, and waiting for the loop's answers. `fake_lab` runs the services on the
+in-memory bus (no Kafka); `running_lab` over the real broker."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ from visionloop.contracts import (
     UnrecognizedReason,
     topic_of,
 )
+from visionloop.libs.bus.fake import FakeBus
 from visionloop.libs.kafka import client_kwargs, ensure_named
 from visionloop.libs.settings import Settings
 from visionloop.services.labeling_gateway import store
@@ -105,8 +108,11 @@ async def publish_many(settings: Settings, payloads: list[Payload], *, project: 
     return envelopes
 
 
+LABEL_PAYLOADS = (LabelSubmitted, LabelVerified, LabelRejected, TrainingRequested)
+
+
 def label_topics(settings: Settings) -> list[str]:
-    return [topic_of(p, settings.topic_prefix) for p in (LabelSubmitted, LabelVerified, LabelRejected, TrainingRequested)]
+    return [topic_of(p, settings.topic_prefix) for p in LABEL_PAYLOADS]
 
 
 @dataclass
@@ -120,6 +126,8 @@ class Lab:
     project: str
     tokens: dict[str, str] = field(default_factory=dict)
     events: Collector | None = None
+    bus: FakeBus | None = None
+    """The in-memory bus of a `fake_lab` (None over the real broker)."""
 
     @property
     def base_url(self) -> str:
@@ -162,8 +170,21 @@ class Lab:
         await eventually(enough, timeout=timeout, interval=0.1)
 
     def messages(self, event_type: str) -> list[dict[str, Any]]:
+        """The label topics' events of `event_type` so far, as JSON (as a consumer reads them)."""
+        if self.bus is not None:
+            return [json.loads(e.model_dump_json()) for e in self.bus.log
+                    if isinstance(e.payload, LABEL_PAYLOADS) and e.event_type == event_type]
         assert self.events is not None
         return [m for m in self.events.messages if m.get("event_type") == event_type]
+
+    async def publish(self, payloads: list[Payload], *, project: str) -> list[Envelope[Any]]:
+        """Publish image events (on the fake bus: delivered, with all they cause, before this returns)."""
+        if self.bus is None:
+            return await publish_many(self.settings, payloads, project=project)
+        envelopes = [Envelope.of(p, producer="test", project=project, correlation_id=p.image.image_id)  # type: ignore[attr-defined]
+                     for p in payloads]
+        await self.bus.deliver(*envelopes)
+        return envelopes
 
     async def wait_events(self, event_type: str, count: int, timeout: float = 30) -> list[dict[str, Any]]:
         await eventually(lambda: len(self.messages(event_type)) >= count, timeout=timeout, interval=0.05)
@@ -217,6 +238,86 @@ async def running_lab(
         await lab.events.__aexit__(None, None, None)
         await http.aclose()
         await host.stop()
+        for row in await pool.fetch("SELECT nspname FROM pg_namespace WHERE nspname LIKE $1", settings.schema_prefix + "%"):
+            await pool.execute(f'DROP SCHEMA IF EXISTS "{row["nspname"]}" CASCADE')
+        await pool.close()
+
+
+def _delivering(app: Any, bus: FakeBus) -> Any:
+    """`app` that delivers what a request emitted (and what that causes) before the answer leaves,
+    as if the outbox relay and the consumers were instant."""
+
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                await bus.flush()
+            await send(message)
+
+        await app(scope, receive, sending)
+
+    return wrapped
+
+
+async def _relay(bus: FakeBus) -> None:
+    """Deliver what background loops emit (webhooks, timers), every 20 ms."""
+    while True:
+        if any(runtime.outside for runtime in bus.runtimes):
+            await bus.flush()
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def fake_lab(
+    database_url: str, folder: Path, *, env: dict[str, str] | None = None, services: tuple[str, ...] = ("labeling-gateway", "verifier"),
+) -> AsyncIterator[Lab]:
+    """`running_lab` on the in-memory bus (libs/bus/fake.py): the services' own wiring, their SQL on
+    PostgreSQL, their HTTP apps served on loopback, their background loops running; no Kafka. An
+    event emitted by a request is delivered, with all it causes, before the answer leaves; one a
+    background loop emits, within 20 ms. Delivery itself (relay, offsets, retries, restarts) is
+    proven over the real broker elsewhere (test_bus.py, test_broker_restart.py, test_chaos.py)."""
+    from visionloop import services as registry
+    from visionloop.libs.blob import open_blob_store
+    from visionloop.libs.service import Adapters
+
+    settings = lab_settings("127.0.0.1:9", database_url, folder)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10)
+    assert pool is not None
+    bus = FakeBus()
+    adapters = Adapters(blobs=open_blob_store(settings.blob_location))
+    server = ServiceHost(settings, [])  # only its loopback HTTP serving is used
+    loops: list[asyncio.Task[Any]] = []
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in (env or {}).items():
+                patch.setenv(name, value)
+            for name in services:
+                spec = registry.get(name)
+                runtime = bus.runtime(spec.name, pool=pool, settings=settings)
+                app = spec.wire(runtime, adapters, spec.settings() if spec.settings else None)  # type: ignore[arg-type]
+                await runtime.migrate(spec.migrations)
+                await runtime.start()
+                loops += [asyncio.create_task(work(), name=f"{name}-{what}") for what, work in runtime.background_work.items()]
+                if app is not None:
+                    await server._serve(spec.name, _delivering(app, bus), 0)
+        relay = asyncio.create_task(_relay(bus), name="fake-relay")
+        loops.append(relay)
+        http = httpx.AsyncClient(base_url=server.endpoints["labeling-gateway"], timeout=30)
+        lab = Lab(settings=settings, pool=pool, host=server, http=http, project="", bus=bus)
+        server.runtimes = bus.runtimes  # type: ignore[assignment]
+        lab.tokens["global-admin"] = await lab.token("admin", "root", project=None)
+        yield lab
+        await http.aclose()
+        if relay.done():
+            relay.result()  # a handler that failed on an event a background loop emitted
+    finally:
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        server.runtimes = []
+        await server.stop()
         for row in await pool.fetch("SELECT nspname FROM pg_namespace WHERE nspname LIKE $1", settings.schema_prefix + "%"):
             await pool.execute(f'DROP SCHEMA IF EXISTS "{row["nspname"]}" CASCADE')
         await pool.close()

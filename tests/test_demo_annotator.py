@@ -1,4 +1,5 @@
-"""The demo's simulated annotator against the real gateway and verifier over loopback HTTP: it
+"""The demo's simulated annotator against the gateway and verifier (on the in-memory bus,
+`fake_lab`) over loopback HTTP: it
 draws the world's truth (within its noise) on unrecognised images, accepts right pre-labels,
 corrects wrong ones, rejects hopeless ones, skips images the world does not know, and its
 counters add up."""
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from helpers import eventually
-from labelling import Lab, publish_many, recognition, running_lab, stored_image
+from labelling import Lab, fake_lab, recognition, stored_image
 
 from visionloop.contracts import (
     Box,
@@ -29,8 +30,8 @@ NOISE = 2.0
 
 
 @pytest.fixture(scope="module")
-async def lab(kafka_bootstrap: str, database_url: str, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    async with running_lab(kafka_bootstrap, database_url, tmp_path_factory.mktemp("demo-annotator"), env=ENV) as running:
+async def lab(database_url: str, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    async with fake_lab(database_url, tmp_path_factory.mktemp("demo-annotator"), env=ENV) as running:
         yield running
 
 
@@ -87,7 +88,7 @@ async def test_annotator_draws_the_truth_and_skips_strangers(lab: Lab) -> None:
     ]
     stranger, _ = await stored_image(lab.blobs, seed=5)
     events = [_unrecognized(refs[0], classes, guesses), *(_unrecognized(r, classes) for r in refs[1:]), _unrecognized(stranger, classes)]
-    await publish_many(lab.settings, events, project=lab.project)
+    await lab.publish(events, project=lab.project)
     await lab.wait_tasks(11, where=f"project = '{lab.project}'")
 
     async with Annotator(lab.base_url, await lab.token("annotator", "sim-ann"), lab.project, world, user_id="sim-ann",
@@ -146,7 +147,7 @@ async def test_reviewer_accepts_corrects_and_rejects_by_the_truth(lab: Lab) -> N
         [*truth[6], Box(x1=0, y1=0, x2=10, y2=10, class_name=classes[0])],               # a box over nothing
         [Box(x1=0, y1=0, x2=10, y2=10, class_name=classes[1])],                          # all wrong: reject
     ]
-    await publish_many(lab.settings, [_recognized(r, p, classes) for r, p in zip(refs, prelabels, strict=True)], project=lab.project)
+    await lab.publish([_recognized(r, p, classes) for r, p in zip(refs, prelabels, strict=True)], project=lab.project)
     await lab.wait_tasks(8, where=f"project = '{lab.project}' AND kind = 'review' AND state = 'queued'")
 
     async with Annotator(lab.base_url, await lab.token("reviewer", "sim-rev"), lab.project, world, user_id="sim-rev",

@@ -73,3 +73,29 @@ async def test_an_undeclared_contract_is_refused_and_a_permanent_error_is_dead_l
     runtime.consumers.clear()
     assert len(await bus.deliver(ingested())) == 1  # nothing emitted by a failed handler
     assert len(other.dead_letters) == 1 and other.counters["dead_lettered"] == 1
+
+
+async def test_deliveries_side_by_side_each_carry_on_only_what_their_own_handler_emitted() -> None:
+    """Several tasks may deliver at once (HTTP requests of a served app, a relay): a delivery's
+    output is its own unit's events, never those of a handler that ran beside it."""
+    import asyncio
+
+    bus = FakeBus()
+    gate = asyncio.Event()
+
+    async def accept(event: Envelope[ImageIngested], unit: Unit[ImageIngested]) -> None:
+        if event.payload.submission_id == "slow":
+            await gate.wait()  # the other delivery runs and emits meanwhile
+        unit.emit(accepted_of(event))
+
+    dedup = bus.runtime("dedup")
+    dedup.consume(ImageIngested, accept)
+    dedup.produces(ImageAccepted)
+    slow = Envelope.of(ImageIngested(submission_id="slow", image=IMAGE, source=ImageSource()), producer="ingest/test", project="p")
+    waiting = asyncio.create_task(bus.deliver(slow))
+    await asyncio.sleep(0)
+    fast = await bus.deliver(ingested())
+    gate.set()
+    seen = await waiting
+    assert [e.event_type for e in fast] == [e.event_type for e in seen] == ["image.ingested", "image.accepted"]
+    assert seen[1].causation_id == slow.event_id and fast[1].causation_id == fast[0].event_id

@@ -1,6 +1,7 @@
-"""Import and export over real HTTP: a COCO import bootstraps a project (and its frozen test set)
-through the verifier; its COCO, YOLO and Label Studio exports load with pycocotools and with
-Ultralytics' dataset checker; importing each export into a new project gives the same boxes."""
+"""Import and export over real HTTP (the gateway and verifier on the in-memory bus, `fake_lab`):
+a COCO import bootstraps a project (and its frozen test set) through the verifier; its COCO, YOLO
+and Label Studio exports load with pycocotools and with Ultralytics' dataset checker; importing
+each export into a new project gives the same boxes."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from labelling import Lab, png, running_lab
+from labelling import Lab, fake_lab, png
 
 CLASSES = ["car", "person", "bicycle"]
 
 
 @pytest.fixture(scope="module")
-async def lab(kafka_bootstrap: str, database_url: str, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    async with running_lab(kafka_bootstrap, database_url, tmp_path_factory.mktemp("datasets")) as running:
+async def lab(database_url: str, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    async with fake_lab(database_url, tmp_path_factory.mktemp("datasets")) as running:
         yield running
 
 

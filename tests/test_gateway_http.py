@@ -1,6 +1,7 @@
 """The gateway's HTTP surface: every endpoint of its OpenAPI document refuses a missing token, a
 token of another project and a role too low; hostile submissions get a clear 4xx with a reason
-code; images are served only to the project's labellers (or by signed URL), never as blob paths."""
+code; images are served only to the project's labellers (or by signed URL), never as blob paths.
+The gateway and the verifier run on the in-memory bus (tests/labelling.py `fake_lab`)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ from helpers import eventually
 from labelling import (
     Lab,
     fake_image,
-    publish_many,
+    fake_lab,
     recognized,
-    running_lab,
     stored_image,
     unrecognized,
 )
@@ -31,8 +31,8 @@ LS_PROJECT = "41.1700000000"
 
 
 @pytest.fixture(scope="module")
-async def lab(kafka_bootstrap: str, database_url: str, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    async with running_lab(kafka_bootstrap, database_url, tmp_path_factory.mktemp("http"), env=ENV) as running:
+async def lab(database_url: str, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    async with fake_lab(database_url, tmp_path_factory.mktemp("http"), env=ENV) as running:
         await running.use_project("guarded")
         yield running
 
@@ -130,7 +130,7 @@ async def _lease(lab: Lab, project: str, token: str) -> dict[str, Any]:
 
 async def test_hostile_submissions_are_refused_with_reason_codes(lab: Lab) -> None:
     await lab.use_project("hostile")
-    await publish_many(lab.settings, [unrecognized(fake_image(1, 640, 480), 0.5)], project="hostile")
+    await lab.publish([unrecognized(fake_image(1, 640, 480), 0.5)], project="hostile")
     await lab.wait_tasks(1, where="project = 'hostile'")
     task = await _lease(lab, "hostile", lab.tokens["annotator"])
     url = f"/v1/projects/hostile/tasks/{task['task_id']}/submit"
@@ -203,7 +203,7 @@ async def test_review_decisions_and_percent_boxes(lab: Lab) -> None:
     prelabels = [Detection(x1=100, y1=100, x2=200, y2=200, class_name="car", score=0.8),
                  Detection(x1=300, y1=100, x2=400, y2=300, class_name="person", score=0.7)]
     images = [fake_image(n, 1000, 500) for n in range(3)]
-    await publish_many(lab.settings, [recognized(image, prelabels) for image in images], project="review")
+    await lab.publish([recognized(image, prelabels) for image in images], project="review")
     await lab.wait_tasks(3, where="project = 'review' AND state = 'queued'")
     annotator = await lab.http.post("/v1/projects/review/tasks/next", headers=lab.auth("annotator"))
     assert annotator.status_code == 204  # review tasks need a reviewer
@@ -252,7 +252,7 @@ async def test_review_decisions_and_percent_boxes(lab: Lab) -> None:
 async def test_images_are_served_to_the_project_only(lab: Lab) -> None:
     await lab.use_project("pictures")
     image, data = await stored_image(lab.blobs, seed=5)
-    await publish_many(lab.settings, [unrecognized(image, 0.4)], project="pictures")
+    await lab.publish([unrecognized(image, 0.4)], project="pictures")
     await lab.wait_tasks(1, where="project = 'pictures'")
     task = await _lease(lab, "pictures", lab.tokens["annotator"])
     assert "blob" not in json.dumps(task) and "file://" not in json.dumps(task)

@@ -1,7 +1,8 @@
 """Label Studio as a client of the gateway (its ML backend), with recorded request shapes: setup,
 predict with several tasks (images fetched from Label Studio with its token, and only from it),
 webhook annotation events and Start Training, acknowledged at once and processed durably, and
-/predict calls that never wait on each other."""
+/predict calls that never wait on each other. The gateway and the verifier run on the in-memory
+bus (tests/labelling.py `fake_lab`), the webhook worker among their background loops."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import AsyncIterator
 import ls_recorded as ls
 import pytest
 import uvicorn
-from labelling import Lab, publish_many, recognized, running_lab, stored_image
+from labelling import Lab, fake_lab, recognized, stored_image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -68,8 +69,8 @@ async def serving(app_owner: FakeLabelStudio) -> AsyncIterator[FakeLabelStudio]:
 
 
 @pytest.fixture(scope="module")
-async def lab(kafka_bootstrap: str, database_url: str, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    async with running_lab(kafka_bootstrap, database_url, tmp_path_factory.mktemp("ls"), env=ENV) as running:
+async def lab(database_url: str, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    async with fake_lab(database_url, tmp_path_factory.mktemp("ls"), env=ENV) as running:
         await running.use_project("parking")
         yield running
 
@@ -88,7 +89,7 @@ async def test_label_studio_round_trip(lab: Lab) -> None:
         studio.files[f"/data/upload/{LS_ID}/stranger.png"] = unknown_bytes
         prelabels = [Detection(x1=40, y1=20, x2=120, y2=100, class_name="car", score=0.91),
                      Detection(x1=200, y1=50, x2=260, y2=190, class_name="person", score=0.66)]
-        await publish_many(lab.settings, [recognized(ref, prelabels) for ref in refs], project="parking")
+        await lab.publish([recognized(ref, prelabels) for ref in refs], project="parking")
         await lab.wait_tasks(3, where="project = 'parking'")
 
         assert (await lab.http.get("/health")).json()["status"] == "UP"

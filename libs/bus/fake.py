@@ -14,7 +14,8 @@ What it keeps of the consumer policy: one transaction per delivery holding the h
 only when the handler succeeds, `PermanentError` dead-lettered, and a refusal of undeclared
 contracts. What it leaves out is what the real-stack tests prove: Kafka, the outbox relay,
 offsets, retries with backoff, and the broker's epoch. Handlers run in the caller's task, in
-delivery order, so a test reads no clock and waits for nothing. Events emitted outside a handler
+delivery order, so a test reads no clock and waits for nothing; several tasks may deliver side by
+side (a served app's requests), each carrying on only what its own handlers emitted. Events emitted outside a handler
 (`transaction()`: HTTP endpoints, workers) wait in `outside` until `FakeBus.flush()`; `start()`
 runs the wiring's start hooks (`on_start`), never its background loops.
 """
@@ -172,7 +173,6 @@ class FakeRuntime:
             if (consumer.group, event.event_id) in self._inbox:
                 self.counters["duplicates_skipped"] += 1
                 continue
-            before = len(self.emitted)
             try:
                 async with self._unit(event) as unit:
                     if consumer.prepare is None:
@@ -189,7 +189,7 @@ class FakeRuntime:
                 continue
             self._inbox.add((consumer.group, event.event_id))
             self.counters["handled"] += 1
-            out.extend(self.emitted[before:])
+            out.extend(emitted.envelope for emitted in unit.emitted)  # this unit's own: other deliveries may run beside it
         return out
 
 
