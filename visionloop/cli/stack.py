@@ -127,7 +127,8 @@ async def _up(settings, names: list[str], run_file: Path, smoke: bool, processes
         except Exception as exc:  # noqa: BLE001 - the loop runs without it; submit then needs --token
             console.print(f"[yellow]no local ingest token for `visionloop submit` ({exc}); pass --token[/]")
     try:
-        run_file.write_text(
+        written = run_file.with_suffix(".tmp")
+        written.write_text(
             json.dumps(
                 {
                     "pid": os.getpid(),
@@ -144,6 +145,7 @@ async def _up(settings, names: list[str], run_file: Path, smoke: bool, processes
                 indent=2,
             )
         )
+        written.replace(run_file)  # atomic: a command run meanwhile (status, submit, a test) never reads half a file
         _print_where(settings, names, endpoints)
         if smoke:
             return await _smoke(settings, names)
