@@ -34,9 +34,8 @@ from visionloop.contracts import (
 from visionloop.libs import package, signing
 from visionloop.libs.scenes import render_scene
 from visionloop.services.edge_agent.agent import EdgeAgent
-from visionloop.services.edge_agent.decide import check_fit
-from visionloop.services.edge_agent.slots import Refused, Slots
 from visionloop.services.edge_agent.http import create_app, local_token
+from visionloop.services.edge_agent.slots import Refused, Slots
 
 CLASSES = ["circle", "square", "triangle"]
 FLEET = "lab"
@@ -314,14 +313,6 @@ async def test_http_without_a_model(settings, tmp_path: Path) -> None:  # noqa: 
         answer = await http.post("/v1/predict", content=scene_png()[0])
         assert answer.status_code == 503 and answer.json()["reason"] == "no_model"
 
-
-def test_fit_checks() -> None:
-    spec = package.Manifest.model_validate_json(build(1, fleets=["lab"]).manifest_bytes)
-    rel = release(build(1), "http://x/p", "r")
-    assert check_fit(spec, rel, fleet="lab", target="edge", max_input_size=128) is None
-    assert check_fit(spec, rel, fleet="dock", target="edge", max_input_size=640)[0] is DeviceFailureReason.WRONG_FLEET
-    assert check_fit(spec, rel, fleet="lab", target="server", max_input_size=640)[0] is DeviceFailureReason.WRONG_TARGET
-    assert check_fit(spec, rel, fleet="lab", target="edge", max_input_size=96)[0] is DeviceFailureReason.INPUT_SIZE_MISMATCH
 
 
 async def test_cli_predicts_with_the_installed_model(settings, tmp_path: Path) -> None:  # noqa: ANN001

@@ -111,3 +111,10 @@ def test_no_file_over_600_lines_and_no_function_over_60() -> None:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 60
     )
     assert long_files == [] and long_functions == []
+
+
+def test_every_service_s_decisions_have_their_own_unit_tests() -> None:
+    """`services/<name>/decide.py` comes with `tests/<name>/test_decide.py` (no broker, no database)."""
+    services = sorted(p.parent.name for p in (ROOT / "services").glob("*/decide.py"))
+    assert len(services) >= 11
+    assert [s for s in services if not (ROOT / "tests" / s / "test_decide.py").is_file()] == []

@@ -139,8 +139,3 @@ def test_key_is_created_only_where_allowed(tmp_path) -> None:
     assert from_file is not None and signing.key_id(from_file) == signing.key_id(key) and source == str(private)
 
 
-def test_project_policy_overrides_fleets_per_target() -> None:
-    config = PackagerSettings(fleets={"edge": ["all-edge"], "server": ["dc"]}, projects={"p": {"fleets": {"edge": ["lab"]}, "max_det": 10}})
-    policy = config.policy("p")
-    assert policy.fleets == {Target.EDGE: ["lab"], Target.SERVER: ["dc"]} and policy.max_det == 10
-    assert config.policy("other").fleets[Target.EDGE] == ["all-edge"]
