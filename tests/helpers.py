@@ -9,7 +9,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from visionloop.contracts import Envelope, Payload, topic_of
+from visionloop.contracts import Box, Detection, Envelope, Payload, topic_of
 from visionloop.libs.kafka import client_kwargs, consumer_kwargs, ensure_named
 from visionloop.libs.settings import Settings
 
@@ -147,3 +147,13 @@ class Collector:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self._consumer.stop()
+
+
+def box(x1: float, y1: float, x2: float, y2: float, cls: str = "car", score: float | None = None) -> Box:
+    """A box in pixels (a label's)."""
+    return Box(x1=x1, y1=y1, x2=x2, y2=y2, class_name=cls, score=score)
+
+
+def det(x1: float, y1: float, x2: float, y2: float, cls: str = "car", score: float = 0.9) -> Detection:
+    """A detection in pixels (a model's)."""
+    return Detection(x1=x1, y1=y1, x2=x2, y2=y2, class_name=cls, score=score)

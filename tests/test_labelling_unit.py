@@ -13,11 +13,11 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
+from helpers import box, det
 from PIL import Image
 
 from visionloop.contracts import (
     Box,
-    Detection,
     ImageRef,
     LabelActions,
     Labeller,
@@ -56,15 +56,6 @@ from visionloop.services.verifier.config import Policy as VerifierPolicy
 from visionloop.services.verifier.config import VerifierSettings
 from visionloop.services.verifier.consensus import needed, vote
 from visionloop.services.verifier.verify import check_boxes, verify
-
-
-def box(x1: float, y1: float, x2: float, y2: float, cls: str = "car", score: float | None = None) -> Box:
-    return Box(x1=x1, y1=y1, x2=x2, y2=y2, class_name=cls, score=score)
-
-
-def det(x1: float, y1: float, x2: float, y2: float, cls: str = "car", score: float = 0.9) -> Detection:
-    return Detection(x1=x1, y1=y1, x2=x2, y2=y2, class_name=cls, score=score)
-
 
 # -- formats -----------------------------------------------------------------------------------------------
 

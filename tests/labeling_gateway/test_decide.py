@@ -11,10 +11,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
+from helpers import box, det
 
 from visionloop.contracts import (
-    Box,
-    Detection,
     ImageRef,
     LabelActions,
     LabelRejectReason,
@@ -35,14 +34,6 @@ from visionloop.services.labeling_gateway.decide import (
     training_arguments,
     usable,
 )
-
-
-def box(x1: float, y1: float, x2: float, y2: float, cls: str = "car", score: float | None = None) -> Box:
-    return Box(x1=x1, y1=y1, x2=x2, y2=y2, class_name=cls, score=score)
-
-
-def det(x1: float, y1: float, x2: float, y2: float, cls: str = "car", score: float = 0.9) -> Detection:
-    return Detection(x1=x1, y1=y1, x2=x2, y2=y2, class_name=cls, score=score)
 
 
 def counter() -> Callable[[str], str]:
