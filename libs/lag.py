@@ -173,3 +173,16 @@ async def progress(settings: Settings, groups: Iterable[tuple[str, str]], *, int
         else:
             slow[key] = slow.get(key, 0) + p.lag
     return Progress(stuck=stuck, slow=slow, ahead=ahead, caught_up=sorted(k for k, v in totals.items() if v == 0))
+
+
+async def consumer_groups(settings: Settings) -> list[str]:
+    """The name of every consumer group the broker knows (anyone's: filter by name)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))  # type: ignore[arg-type]
+    await admin.start()
+    try:
+        listed = await admin.list_consumer_groups()
+    finally:
+        await admin.close()
+    return sorted({group for group, *_ in listed})

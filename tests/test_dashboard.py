@@ -34,34 +34,8 @@ from visionloop.contracts.release import DeviceState, RolloutStage
 from visionloop.contracts.status import StatusKind
 from visionloop.libs.library import LibraryWriter
 from visionloop.services.labeling_gateway.admin import create_project
-from visionloop.services.labeling_gateway.dashboard import group_owner, handled_per_s, instance_state, release_status
 
 ENV = {"VL_VERIFIER_PROJECTS": '{"dash": {"auto_accept": false}}'}
-
-
-# -- the decisions, without a broker -------------------------------------------------------------------
-
-
-def test_throughput_is_the_counter_growth_over_the_uptime_growth() -> None:
-    assert handled_per_s(None, 5.0, 10) is None
-    assert handled_per_s((5.0, 10), 7.0, 30) == 10.0
-    assert handled_per_s((5.0, 10), 1.0, 2) is None  # restarted under the same name
-    assert handled_per_s((5.0, 10), 5.0, 10) is None
-
-
-def test_states_and_group_owners() -> None:
-    assert instance_state("heartbeat", 2.0, 1.0) == "running"
-    assert instance_state("heartbeat", 20.0, 1.0) == "silent"
-    assert instance_state("stopped", 0.0, 1.0) == "stopped"
-    assert release_status("activate", 0, 10.0) == "canary"
-    assert release_status("activate", 2, 50.0) == "rolling out"
-    assert release_status("activate", 3, 100.0) == "complete"
-    assert release_status("rollback", 0, 100.0) == "rollback"
-    assert group_owner("tx.dedup.image.ingested", "tx.") == ("dedup", "tx.vl.image.ingested.v1")
-    assert group_owner("tx.labeling-gateway.release.edge", "tx.") == ("labeling-gateway", "tx.vl.release.edge.v1")
-    assert group_owner("tx.recognizer.model.registered.host-1", "tx.") == ("recognizer", "tx.vl.model.registered.v1")
-    assert group_owner("ty.dedup.image.ingested", "tx.") is None
-    assert group_owner("tx.someone", "tx.") is None
 
 
 # -- through the broker and PostgreSQL -----------------------------------------------------------------

@@ -9,6 +9,7 @@ the runtime that owns them only for the type checker). And the sizes STYLE.md se
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import networkx as nx
@@ -118,3 +119,32 @@ def test_every_service_s_decisions_have_their_own_unit_tests() -> None:
     services = sorted(p.parent.name for p in (ROOT / "services").glob("*/decide.py"))
     assert len(services) >= 11
     assert [s for s in services if not (ROOT / "tests" / s / "test_decide.py").is_file()] == []
+
+
+SQL = re.compile(r"^\s*(SELECT|INSERT\s+INTO|UPDATE\s+\S+\s+SET|DELETE\s+FROM|WITH\s+\w+\s+AS)\b", re.IGNORECASE)
+
+
+def _sql_strings(path: Path) -> list[int]:
+    """Lines of the string literals (f-strings' text included) that start as a SQL statement."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and SQL.match(node.value):
+            found.append(node.lineno)
+        elif isinstance(node, ast.JoinedStr) and node.values:
+            head = node.values[0]
+            if isinstance(head, ast.Constant) and isinstance(head.value, str) and SQL.match(head.value):
+                found.append(node.lineno)
+    return sorted(set(found))
+
+
+def test_a_service_s_sql_is_in_its_store_modules() -> None:
+    """Every SQL statement of a service sits in `store.py` (or a `<part>_store.py` beside it, as the
+    gateway's economy, dashboard and Label Studio queries do)."""
+    outside = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for path in sorted((ROOT / "services").rglob("*.py"))
+        if not (path.name == "store.py" or path.name.endswith("_store.py"))
+        for line in _sql_strings(path)
+    ]
+    assert outside == []
+    assert _sql_strings(ROOT / "services" / "labeling_gateway" / "dashboard_store.py")  # the check sees SQL

@@ -254,8 +254,7 @@ def _leases(app: FastAPI, gw: Gateway, r: _Shared) -> None:
         async with gw.pool.acquire() as conn:
             await existing(conn, project)
             async with conn.transaction():
-                # One lease at a time per labeller: concurrent calls of one person cannot take two slots.
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"vl-lease:{project}:{principal.user_id}")
+                await store.hold_labeller(conn, project, principal.user_id)
                 row = await store.held_task(conn, s, project, principal.user_id)
                 resumed = row is not None and row["kind"] in wanted
                 if not resumed:

@@ -12,11 +12,13 @@ Five panels, each from what the gateway may know without talking to another serv
   and the latest `device.status` of each device per release, counted by state;
 - **economy** (per project, as inline SVG plots): test mAP50-95, human seconds, auto-accept rate
   and precision per model version, and queue depth over time (economy.py says how each is
-  measured). It follows `model.evaluated` here; service.py's `label.verified` handler records
-  how each label set was verified (`economy_store.record_verified`).
+  measured).
 
-Heartbeats, releases and device reports are kept in tables (`0002_dashboard.sql`), not in
-memory: gateway replicas share one consumer group per topic, so each sees only part of them.
+The read model behind the panels is kept by the gateway's handlers (handlers.py: `on_status`,
+`on_release`, `on_device`, `on_evaluated`, and `on_verified` for the economy) in tables of its
+own (dashboard_store.py, `0002_dashboard.sql`), not in memory: gateway replicas share one
+consumer group per topic, so each sees only part of them. The decisions (throughput, states,
+which service owns a consumer group) are in decide.py.
 
 Routes: `GET /dashboard` (the page) and `GET /dashboard/static/{name}` are public and carry no
 data; the page asks for a token (or takes `?token=` once), keeps it in sessionStorage and polls
@@ -42,25 +44,20 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
-from visionloop.contracts import (
-    TOPICS,
-    DeviceStatus,
-    EdgeRelease,
-    Envelope,
-    ModelEvaluated,
-    PipelineStatus,
-    ServerRelease,
-)
-from visionloop.contracts.release import DeviceState, Release, ReleaseAction
-from visionloop.contracts.status import StatusKind
-from visionloop.libs.bus import Runtime, Unit
-from visionloop.libs.kafka import client_kwargs
+from visionloop.libs.bus import Runtime
+from visionloop.libs.lag import consumer_groups as broker_groups
 from visionloop.libs.library import ModelLibrary
 from visionloop.libs.settings import Settings
-from visionloop.services.labeling_gateway import economy_store, store
+from visionloop.services.labeling_gateway import dashboard_store, economy_store, store
 from visionloop.services.labeling_gateway.api import ProjectPath
 from visionloop.services.labeling_gateway.auth import Principal, Role
-from visionloop.services.labeling_gateway.decide import Refusal
+from visionloop.services.labeling_gateway.decide import (
+    Refusal,
+    dead_lettered,
+    group_owner,
+    instance_state,
+    release_status,
+)
 from visionloop.services.labeling_gateway.economy import EconomyOut, assemble
 from visionloop.services.labeling_gateway.http import Gateway, RefusalAnswer, guard, role_extra
 from visionloop.services.labeling_gateway.svg import economy_plots
@@ -77,151 +74,13 @@ RELEASES_SHOWN = 50
 CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'"
 
 
-# -- decisions ----------------------------------------------------------------------------------------
-
-
-def handled_per_s(previous: tuple[float, int] | None, uptime_s: float, handled: int) -> float | None:
-    """Events handled per second between two statuses of one instance, as (uptime, handled).
-
-    None for the first status, or when uptime or the counter went backwards (a restart under
-    the same instance name: its counters started again from zero).
-    """
-    if previous is None:
-        return None
-    dt, dn = uptime_s - previous[0], handled - previous[1]
-    if dt <= 0 or dn < 0:
-        return None
-    return dn / dt
-
-
-def dead_lettered(counters: dict[str, int]) -> int:
-    """Messages an instance sent to the dead-letter topic (every reason)."""
-    return sum(v for k, v in counters.items() if k.startswith("dead_lettered"))
-
-
-def instance_state(kind: str, seen_s_ago: float, heartbeat_s: float) -> str:
-    """`running`, `stopped`, `failed`, or `silent` when three heartbeats (at least 15 s) are missing."""
-    if kind in ("stopped", "failed"):
-        return kind
-    return "silent" if seen_s_ago > max(3 * heartbeat_s, 15.0) else "running"
-
-
-def release_status(action: str, stage_index: int, stage_percent: float) -> str:
-    """What the latest event of a release says: `rollback`, `complete` (the whole fleet),
-    `canary` (stage 0) or `rolling out`."""
-    if action == ReleaseAction.ROLLBACK.value:
-        return "rollback"
-    if stage_percent >= 100.0:
-        return "complete"
-    return "canary" if stage_index == 0 else "rolling out"
-
-
-def group_owner(group: str, topic_prefix: str) -> tuple[str, str] | None:
-    """(service, topic) of a consumer group named as the bus names them,
-    `<topic prefix><service>.<event type>[.<suffix>]`; None for anyone else's group."""
-    if not group.startswith(topic_prefix):
-        return None
-    service, _, rest = group[len(topic_prefix):].partition(".")
-    if not service or not rest:
-        return None
-    # The longest event type that fits (`release.edge` before `release`).
-    for spec in sorted(TOPICS.values(), key=lambda s: -len(s.payload.event_type)):
-        event_type = spec.payload.event_type
-        if rest == event_type or rest.startswith(event_type + "."):
-            return service, topic_prefix + spec.name
-    return None
-
-
-# -- the read model: handlers of the topics the dashboard follows ---------------------------------------
-
-
-async def on_status(event: Envelope[PipelineStatus], unit: Unit[Any]) -> None:
-    """Keep each instance's latest status and its throughput since the one before."""
-    p, s = event.payload, unit.schema
-    if p.kind is StatusKind.PROGRESS:
-        return  # progress reports carry counters too, but say nothing new about the instance
-    prev = await unit.conn.fetchrow(
-        f"""SELECT uptime_s, coalesce((counters->>'handled')::bigint, 0) AS handled, handled_per_s, occurred_at
-            FROM {s}.dash_instances WHERE service = $1 AND instance = $2 FOR UPDATE""",
-        p.service, p.instance,
-    )
-    if prev is not None and prev["occurred_at"] > event.occurred_at:
-        return  # an older status, redelivered
-    handled = int(p.counters.get("handled", 0))
-    rate = handled_per_s((prev["uptime_s"], prev["handled"]) if prev else None, p.uptime_s, handled)
-    if rate is None and prev is not None and p.uptime_s >= prev["uptime_s"] and handled >= prev["handled"]:
-        rate = prev["handled_per_s"]  # the same instant twice: keep the last rate
-    await unit.conn.execute(
-        f"""INSERT INTO {s}.dash_instances (service, instance, kind, uptime_s, counters, gauges, handled_per_s, occurred_at)
-            VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7, $8)
-            ON CONFLICT (service, instance) DO UPDATE SET kind = excluded.kind, uptime_s = excluded.uptime_s,
-                counters = excluded.counters, gauges = excluded.gauges, handled_per_s = excluded.handled_per_s,
-                occurred_at = excluded.occurred_at""",
-        p.service, p.instance, p.kind.value, p.uptime_s, _json(p.counters), _json(p.gauges), rate, event.occurred_at,
-    )
-
-
-async def on_release(event: Envelope[Release], unit: Unit[Any]) -> None:
-    """Keep the latest stage of each release."""
-    p, s = event.payload, unit.schema
-    kind = "edge" if isinstance(p, EdgeRelease) else "server"
-    rollback_to = f"{p.rollback_to.model_id} v{p.rollback_to.version}" if p.rollback_to else None
-    await unit.conn.execute(
-        f"""INSERT INTO {s}.dash_releases (release_id, kind, fleet, target, action, model_id, model_version, rollback_to,
-                                           stage_index, stage_percent, first_at, occurred_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11)
-            ON CONFLICT (release_id) DO UPDATE SET action = excluded.action, rollback_to = excluded.rollback_to,
-                stage_index = excluded.stage_index, stage_percent = excluded.stage_percent,
-                first_at = least(dash_releases.first_at, excluded.first_at), occurred_at = excluded.occurred_at
-            WHERE dash_releases.occurred_at <= excluded.occurred_at""",
-        p.release_id, kind, p.fleet, p.target.value, p.action.value, p.model.model_id, p.model.version, rollback_to,
-        p.stage.index, p.stage.percent, event.occurred_at,
-    )
-
-
-async def on_device(event: Envelope[DeviceStatus], unit: Unit[Any]) -> None:
-    """Keep each device's latest state per release (a heartbeat only says it is alive)."""
-    p, s = event.payload, unit.schema
-    active = f"{p.active_model.model_id} v{p.active_model.version}" if p.active_model else None
-    heartbeat = p.state is DeviceState.HEARTBEAT
-    await unit.conn.execute(
-        f"""INSERT INTO {s}.dash_devices AS d (release_id, device_id, fleet, state, reason, active_model, occurred_at, last_seen)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
-            ON CONFLICT (release_id, device_id) DO UPDATE SET
-                last_seen = greatest(d.last_seen, excluded.last_seen),
-                active_model = CASE WHEN excluded.occurred_at >= d.occurred_at THEN coalesce(excluded.active_model, d.active_model) ELSE d.active_model END,
-                state = CASE WHEN NOT $8 AND excluded.occurred_at >= d.occurred_at THEN excluded.state ELSE d.state END,
-                reason = CASE WHEN NOT $8 AND excluded.occurred_at >= d.occurred_at THEN excluded.reason ELSE d.reason END,
-                occurred_at = CASE WHEN NOT $8 AND excluded.occurred_at >= d.occurred_at THEN excluded.occurred_at ELSE d.occurred_at END""",
-        p.release_id or "", p.device_id, p.fleet, p.state.value, p.reason.value if p.reason else None, active,
-        event.occurred_at, heartbeat,
-    )
-
-
-async def on_evaluated(event: Envelope[ModelEvaluated], unit: Unit[Any]) -> None:
-    """Keep each model version's latest test-set metrics (the economy's mAP)."""
-    await economy_store.record_evaluation(unit.conn, unit.schema, event.project, event.payload, event.occurred_at)
-
-
-def _json(value: dict[str, Any]) -> str:
-    return json.dumps(value, sort_keys=True)
-
-
 # -- consumer lag, from the broker ----------------------------------------------------------------------
 
 
 async def consumer_groups(settings: Settings) -> list[tuple[str, str, str]]:
     """(service, topic, group) of every consumer group of this deployment the broker knows."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(**client_kwargs(settings))  # type: ignore[arg-type]
-    await admin.start()
-    try:
-        listed = await admin.list_consumer_groups()
-    finally:
-        await admin.close()
     found = []
-    for group, *_ in listed:
+    for group in await broker_groups(settings):
         owner = group_owner(group, settings.topic_prefix)
         if owner is not None:
             found.append((owner[0], owner[1], group))
@@ -376,11 +235,7 @@ class EconomyPlotsOut(BaseModel):
 
 
 async def _services(pool: asyncpg.Pool, s: str, heartbeat_s: float, lags: list[dict[str, Any]], lag_known: bool) -> list[ServiceOut]:
-    rows = await pool.fetch(
-        f"""SELECT *, extract(epoch FROM now() - occurred_at) AS ago FROM {s}.dash_instances
-            WHERE occurred_at > now() - make_interval(secs => $1) ORDER BY service, instance""",
-        SHOWN_FOR_S,
-    )
+    rows = await dashboard_store.recent_instances(pool, s, SHOWN_FOR_S)
     by_service: dict[str, int] = {}
     for lag in lags:
         by_service[lag["service"]] = by_service.get(lag["service"], 0) + lag["lag"]
@@ -404,19 +259,13 @@ def _counters(raw: Any) -> dict[str, int]:
 
 
 async def _queue(pool: asyncpg.Pool, s: str, project: str | None) -> list[QueueOut]:
-    rows = await pool.fetch(
-        f"""SELECT project, kind,
-                   CASE WHEN state = 'queued' AND held_until > now() THEN 'leased' ELSE state END AS state, count(*) AS n
-            FROM {s}.tasks WHERE state IN ('verifying', 'queued', 'submitted') AND ($1::text IS NULL OR project = $1)
-            GROUP BY 1, 2, 3 ORDER BY 1, 2""",
-        project,
-    )
+    rows = await dashboard_store.open_tasks(pool, s, project)
     found: dict[tuple[str, str], QueueOut] = {}
     for r in rows:
         item = found.setdefault((r["project"], r["kind"]), QueueOut(project=r["project"], kind=r["kind"]))
         setattr(item, r["state"], int(r["n"]))
         item.total += int(r["n"])
-    for r in await store.queued_by_reason(pool, s, project):
+    for r in await dashboard_store.queued_by_reason(pool, s, project):
         if (r["project"], r["kind"]) in found:
             found[(r["project"], r["kind"])].reasons[r["reason"]] = int(r["n"])
     return list(found.values())
@@ -435,11 +284,8 @@ async def _models(pool: asyncpg.Pool, settings: Settings, project: str | None) -
 
 
 async def _releases(pool: asyncpg.Pool, s: str) -> list[ReleaseOut]:
-    rows = await pool.fetch(f"SELECT * FROM {s}.dash_releases ORDER BY occurred_at DESC LIMIT {RELEASES_SHOWN}")
-    counts = await pool.fetch(
-        f"SELECT release_id, state, count(*) AS n FROM {s}.dash_devices WHERE release_id = ANY($1::text[]) GROUP BY 1, 2 ORDER BY 1, 2",
-        [r["release_id"] for r in rows],
-    )
+    rows = await dashboard_store.latest_releases(pool, s, RELEASES_SHOWN)
+    counts = await dashboard_store.device_counts(pool, s, [r["release_id"] for r in rows])
     devices: dict[str, dict[str, int]] = {}
     for c in counts:
         devices.setdefault(c["release_id"], {})[c["state"]] = int(c["n"])
@@ -463,13 +309,9 @@ def _asset(name: str) -> bytes:
 
 
 def register(app: FastAPI, gw: Gateway) -> None:
-    """Follow the topics the dashboard shows and serve the page and its JSON."""
+    """Serve the page and its JSON (service.py wires the handlers that keep its read model), and
+    read the consumer lag in the background while someone looks."""
     runtime: Runtime = gw.runtime
-    runtime.consume(PipelineStatus, on_status)
-    runtime.consume(EdgeRelease, on_release)
-    runtime.consume(ServerRelease, on_release)
-    runtime.consume(DeviceStatus, on_device)
-    runtime.consume(ModelEvaluated, on_evaluated)
     lag = LagCache(runtime.settings)
     runtime.background("dashboard-lag", lag.work)
     reader = Depends(guard(gw, Role.ANNOTATOR))

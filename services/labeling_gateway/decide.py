@@ -25,8 +25,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from visionloop.contracts import (
+    TOPICS,
     Box,
     Detection,
+    DeviceStatus,
+    EdgeRelease,
     ImageRef,
     LabelActions,
     Labeller,
@@ -35,8 +38,10 @@ from visionloop.contracts import (
     LabelSubmitted,
     ModelRef,
     ReviewDecision,
+    ServerRelease,
     TaskKind,
 )
+from visionloop.contracts.release import ReleaseAction
 from visionloop.libs.boxes import clip, geometry_problem
 from visionloop.services.labeling_gateway.actions import same_boxes
 from visionloop.services.labeling_gateway.config import Policy
@@ -408,3 +413,87 @@ def training_arguments(pairs: list[str]) -> dict[str, str | int | float | bool]:
                     continue
         found[name.strip()] = value
     return found
+
+
+# -- the dashboard ------------------------------------------------------------------------------------
+
+
+def handled_per_s(previous: tuple[float, int] | None, uptime_s: float, handled: int) -> float | None:
+    """Events handled per second between two statuses of one instance, as (uptime, handled).
+
+    None for the first status, or when uptime or the counter went backwards (a restart under
+    the same instance name: its counters started again from zero).
+    """
+    if previous is None:
+        return None
+    dt, dn = uptime_s - previous[0], handled - previous[1]
+    if dt <= 0 or dn < 0:
+        return None
+    return dn / dt
+
+
+def status_rate(previous: tuple[float, int, float | None] | None, uptime_s: float, handled: int) -> float | None:
+    """The throughput to keep with a new status, given the last kept (uptime, handled, rate):
+    `handled_per_s`, or the last rate when the same instant comes twice."""
+    rate = handled_per_s(previous[:2] if previous else None, uptime_s, handled)
+    if rate is None and previous is not None and uptime_s >= previous[0] and handled >= previous[1]:
+        return previous[2]
+    return rate
+
+
+def release_row(release: EdgeRelease | ServerRelease) -> dict[str, Any]:
+    """What the dashboard keeps of a release event."""
+    return {
+        "release_id": release.release_id, "kind": "edge" if isinstance(release, EdgeRelease) else "server",
+        "fleet": release.fleet, "target": release.target.value, "action": release.action.value,
+        "model_id": release.model.model_id, "model_version": release.model.version,
+        "rollback_to": f"{release.rollback_to.model_id} v{release.rollback_to.version}" if release.rollback_to else None,
+        "stage_index": release.stage.index, "stage_percent": release.stage.percent,
+    }
+
+
+def device_row(status: DeviceStatus) -> dict[str, Any]:
+    """What the dashboard keeps of a device report (a report outside any release under `""`)."""
+    return {
+        "release_id": status.release_id or "", "device_id": status.device_id, "fleet": status.fleet,
+        "state": status.state.value, "reason": status.reason.value if status.reason else None,
+        "active_model": f"{status.active_model.model_id} v{status.active_model.version}" if status.active_model else None,
+    }
+
+
+def dead_lettered(counters: dict[str, int]) -> int:
+    """Messages an instance sent to the dead-letter topic (every reason)."""
+    return sum(v for k, v in counters.items() if k.startswith("dead_lettered"))
+
+
+def instance_state(kind: str, seen_s_ago: float, heartbeat_s: float) -> str:
+    """`running`, `stopped`, `failed`, or `silent` when three heartbeats (at least 15 s) are missing."""
+    if kind in ("stopped", "failed"):
+        return kind
+    return "silent" if seen_s_ago > max(3 * heartbeat_s, 15.0) else "running"
+
+
+def release_status(action: str, stage_index: int, stage_percent: float) -> str:
+    """What the latest event of a release says: `rollback`, `complete` (the whole fleet),
+    `canary` (stage 0) or `rolling out`."""
+    if action == ReleaseAction.ROLLBACK.value:
+        return "rollback"
+    if stage_percent >= 100.0:
+        return "complete"
+    return "canary" if stage_index == 0 else "rolling out"
+
+
+def group_owner(group: str, topic_prefix: str) -> tuple[str, str] | None:
+    """(service, topic) of a consumer group named as the bus names them,
+    `<topic prefix><service>.<event type>[.<suffix>]`; None for anyone else's group."""
+    if not group.startswith(topic_prefix):
+        return None
+    service, _, rest = group[len(topic_prefix):].partition(".")
+    if not service or not rest:
+        return None
+    # The longest event type that fits (`release.edge` before `release`).
+    for spec in sorted(TOPICS.values(), key=lambda s: -len(s.payload.event_type)):
+        event_type = spec.payload.event_type
+        if rest == event_type or rest.startswith(event_type + "."):
+            return service, topic_prefix + spec.name
+    return None

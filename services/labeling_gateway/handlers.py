@@ -1,7 +1,12 @@
 """The gateway's handlers, one per consumed topic: `image unrecognized` (people draw the boxes),
 `image recognized` (the pre-labels go to the verifier, or to a reviewer), `label rejected` (a
 reviewer, or the work redone) and `label verified` (kept for export; its tasks are done). The
-gateway (`http.Gateway`) is the context; the wiring binds it."""
+gateway (`http.Gateway`) is the context; the wiring binds it.
+
+And the dashboard's read model (dashboard.py serves it): `pipeline status`, `release edge`,
+`release server`, `device status` and `model evaluated`, kept in tables of the gateway's own
+(`dashboard_store`), not in memory: gateway replicas share one consumer group per topic, so each
+sees only part of them."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import uuid
 from typing import Any
 
 from visionloop.contracts import (
+    DeviceStatus,
     Envelope,
     ImageRecognized,
     ImageUnrecognized,
@@ -16,17 +22,24 @@ from visionloop.contracts import (
     LabelRejectReason,
     LabelSourceKind,
     LabelVerified,
+    ModelEvaluated,
     ModelRef,
+    PipelineStatus,
     TaskKind,
 )
 from visionloop.contracts.envelope import utcnow
+from visionloop.contracts.release import DeviceState, Release
+from visionloop.contracts.status import StatusKind
 from visionloop.libs.bus import Unit
-from visionloop.services.labeling_gateway import economy_store, store
+from visionloop.services.labeling_gateway import dashboard_store, economy_store, store
 from visionloop.services.labeling_gateway.decide import (
     annotate_tasks,
+    device_row,
     label_submitted,
     reannotate_tasks,
+    release_row,
     review_task,
+    status_rate,
     usable,
 )
 from visionloop.services.labeling_gateway.http import Gateway
@@ -153,3 +166,38 @@ async def _offer_to_verifier(unit: Unit[Any], payload: ImageRecognized, project:
         decision=None, boxes=offered.boxes, actions={}, opened_at=None, submitted_at=now, duration_s=None,
     ))
     unit.emit(offered)
+
+
+# -- the dashboard's read model: `pipeline status`, `release edge|server`, `device status`, `model evaluated` --
+
+
+async def on_status(event: Envelope[PipelineStatus], unit: Unit[Any]) -> None:
+    """Keep each instance's latest status and its throughput since the one before."""
+    p, s = event.payload, unit.schema
+    if p.kind is StatusKind.PROGRESS:
+        return  # progress reports carry counters too, but say nothing new about the instance
+    prev = await dashboard_store.last_status(unit.conn, s, p.service, p.instance)
+    if prev is not None and prev["occurred_at"] > event.occurred_at:
+        return  # an older status, redelivered
+    handled = int(p.counters.get("handled", 0))
+    rate = status_rate((prev["uptime_s"], prev["handled"], prev["handled_per_s"]) if prev else None, p.uptime_s, handled)
+    await dashboard_store.keep_status(
+        unit.conn, s, service=p.service, instance=p.instance, kind=p.kind.value, uptime_s=p.uptime_s,
+        counters=p.counters, gauges=p.gauges, rate=rate, at=event.occurred_at,
+    )
+
+
+async def on_release(event: Envelope[Release], unit: Unit[Any]) -> None:
+    """Keep the latest stage of each release (edge and server alike)."""
+    await dashboard_store.keep_release(unit.conn, unit.schema, release_row(event.payload), event.occurred_at)
+
+
+async def on_device(event: Envelope[DeviceStatus], unit: Unit[Any]) -> None:
+    """Keep each device's latest state per release (a heartbeat only says it is alive)."""
+    heartbeat = event.payload.state is DeviceState.HEARTBEAT
+    await dashboard_store.keep_device(unit.conn, unit.schema, device_row(event.payload), event.occurred_at, heartbeat=heartbeat)
+
+
+async def on_evaluated(event: Envelope[ModelEvaluated], unit: Unit[Any]) -> None:
+    """Keep each model version's latest test-set metrics (the economy's mAP)."""
+    await economy_store.record_evaluation(unit.conn, unit.schema, event.project, event.payload, event.occurred_at)

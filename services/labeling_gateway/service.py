@@ -12,8 +12,8 @@ Consumes:
 
 Emits `label submitted` (every answer, through the outbox) and `training requested` (Label
 Studio's "Start Training"). Serves the HTTP API on `port` (api.py, labelstudio.py) and the
-dashboard (dashboard.py), which follows `pipeline status`, `release edge`, `release server`,
-`device status` and `model evaluated` into read-model tables of its own.
+dashboard (dashboard.py), whose read model the handlers keep from `pipeline status`, `release
+edge`, `release server`, `device status` and `model evaluated`, in tables of the gateway's own.
 """
 
 from __future__ import annotations
@@ -23,12 +23,18 @@ import logging
 from pathlib import Path
 
 from fastapi import FastAPI
+
 from visionloop.contracts import (
+    DeviceStatus,
+    EdgeRelease,
     ImageRecognized,
     ImageUnrecognized,
     LabelRejected,
     LabelSubmitted,
     LabelVerified,
+    ModelEvaluated,
+    PipelineStatus,
+    ServerRelease,
     TrainingRequested,
 )
 from visionloop.libs.bus import Runtime
@@ -81,6 +87,11 @@ def wire(runtime: Runtime, adapters: Adapters, config: GatewaySettings) -> FastA
     for payload, handler in ((ImageUnrecognized, handlers.on_unrecognized), (ImageRecognized, handlers.on_recognized),
                              (LabelRejected, handlers.on_rejected), (LabelVerified, handlers.on_verified)):
         runtime.consume(payload, bound(handler, gw))
+    # The dashboard's read model (dashboard.py serves it).
+    for payload, plain in ((PipelineStatus, handlers.on_status), (EdgeRelease, handlers.on_release),
+                           (ServerRelease, handlers.on_release), (DeviceStatus, handlers.on_device),
+                           (ModelEvaluated, handlers.on_evaluated)):
+        runtime.consume(payload, plain)
     runtime.produces(LabelSubmitted, TrainingRequested)
     return app
 

@@ -275,6 +275,12 @@ _TASK_COLUMNS = """t.task_id, t.project, t.image_id, t.kind, t.state, t.priority
     i.blob_uri, i.width, i.height, i.format, i.byte_size"""
 
 
+async def hold_labeller(conn: asyncpg.Connection, project: str, user_id: str) -> None:
+    """One lease at a time per labeller (until the transaction ends): concurrent calls of one
+    person cannot take two slots."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"vl-lease:{project}:{user_id}")
+
+
 async def held_task(conn: asyncpg.Connection, s: str, project: str, user_id: str) -> asyncpg.Record | None:
     """The task `user_id` holds in `project` right now, if any."""
     return await conn.fetchrow(
@@ -567,15 +573,6 @@ async def task_list(conn: Any, s: str, project: str, *, state: str | None, reaso
         project, state, reason, limit, offset,
     )
     return [dict(r) for r in rows]
-
-
-async def queued_by_reason(conn: Any, s: str, project: str | None) -> list[asyncpg.Record]:
-    """Tasks waiting for people (queued, held or not) by project, kind and why they are for people."""
-    return await conn.fetch(
-        f"""SELECT project, kind, coalesce(reason, 'unknown') AS reason, count(*) AS n FROM {s}.tasks
-            WHERE state = 'queued' AND ($1::text IS NULL OR project = $1) GROUP BY 1, 2, 3 ORDER BY 1, 2, 4 DESC""",
-        project,
-    )
 
 
 async def record_import(conn: Any, s: str, import_id: str, project: str, fmt: str, created_by: str) -> None:

@@ -14,23 +14,35 @@ import pytest
 from helpers import box, det
 
 from visionloop.contracts import (
+    DeviceStatus,
+    EdgeRelease,
     ImageRef,
     LabelActions,
     LabelRejectReason,
     LabelSourceKind,
     ModelRef,
     ReviewDecision,
+    ServerRelease,
+    Target,
     TaskKind,
 )
+from visionloop.contracts.release import DeviceState, ReleaseAction, RolloutStage
 from visionloop.services.labeling_gateway.config import Policy
 from visionloop.services.labeling_gateway.decide import (
     Refusal,
     SubmitIn,
     annotate_tasks,
+    device_row,
+    group_owner,
+    handled_per_s,
+    instance_state,
     label_submitted,
     prepare_submission,
     reannotate_tasks,
+    release_row,
+    release_status,
     review_task,
+    status_rate,
     training_arguments,
     usable,
 )
@@ -118,3 +130,50 @@ def test_training_arguments_are_typed_and_a_malformed_pair_is_refused() -> None:
             training_arguments([bad])
         assert (err.value.status, err.value.reason) == (422, "invalid_training_argument") and bad in err.value.message
     assert usable(["car", "", "x" * 65, "tab\there", "person"]) == ["car", "person"]
+
+
+# -- the dashboard -----------------------------------------------------------------------------------
+
+
+def test_throughput_is_the_counter_growth_over_the_uptime_growth() -> None:
+    assert handled_per_s(None, 5.0, 10) is None
+    assert handled_per_s((5.0, 10), 7.0, 30) == 10.0
+    assert handled_per_s((5.0, 10), 1.0, 2) is None  # restarted under the same name
+    assert handled_per_s((5.0, 10), 5.0, 10) is None
+
+
+def test_the_same_instant_twice_keeps_the_last_rate_and_a_restart_forgets_it() -> None:
+    assert status_rate(None, 5.0, 10) is None
+    assert status_rate((5.0, 10, 3.0), 7.0, 30) == 10.0
+    assert status_rate((5.0, 10, 3.0), 5.0, 10) == 3.0  # redelivered: the same instant
+    assert status_rate((5.0, 10, 3.0), 1.0, 2) is None  # restarted under the same name
+
+
+def test_states_and_group_owners() -> None:
+    assert instance_state("heartbeat", 2.0, 1.0) == "running"
+    assert instance_state("heartbeat", 20.0, 1.0) == "silent"
+    assert instance_state("heartbeat", 14.0, 1.0) == "running"  # at least 15 s whatever the interval
+    assert instance_state("stopped", 0.0, 1.0) == "stopped"
+    assert release_status("activate", 0, 10.0) == "canary"
+    assert release_status("activate", 2, 50.0) == "rolling out"
+    assert release_status("activate", 3, 100.0) == "complete"
+    assert release_status("rollback", 0, 100.0) == "rollback"
+    assert group_owner("tx.dedup.image.ingested", "tx.") == ("dedup", "tx.vl.image.ingested.v1")
+    assert group_owner("tx.labeling-gateway.release.edge", "tx.") == ("labeling-gateway", "tx.vl.release.edge.v1")
+    assert group_owner("tx.recognizer.model.registered.host-1", "tx.") == ("recognizer", "tx.vl.model.registered.v1")
+    assert group_owner("ty.dedup.image.ingested", "tx.") is None
+    assert group_owner("tx.someone", "tx.") is None
+
+
+def test_what_the_dashboard_keeps_of_releases_and_devices() -> None:
+    model = ModelRef(model_id="yard-detector", version=2)
+    signed = {"package_uri": "file:///p.tar", "package_sha256": "0" * 64, "signature": "c2ln", "key_id": "k1"}
+    edge = EdgeRelease(release_id="r1", fleet="cams", target=Target.EDGE, model=model, stage=RolloutStage(index=0, percent=25.0), **signed)
+    row = release_row(edge)
+    assert (row["kind"], row["fleet"], row["model_id"], row["model_version"], row["rollback_to"]) == ("edge", "cams", "yard-detector", 2, None)
+    assert (row["stage_index"], row["stage_percent"], row["action"]) == (0, 25.0, "activate")
+    back = ServerRelease(release_id="r2", fleet="gpu", target=Target.SERVER, model=model, action=ReleaseAction.ROLLBACK,
+                         rollback_to=ModelRef(model_id="yard-detector", version=1), stage=RolloutStage(index=1, percent=100.0), **signed)
+    assert (release_row(back)["kind"], release_row(back)["rollback_to"]) == ("server", "yard-detector v1")
+    report = device_row(DeviceStatus(fleet="cams", device_id="cam-1", state=DeviceState.FAILED, model=model))
+    assert report == {"release_id": "", "device_id": "cam-1", "fleet": "cams", "state": "failed", "reason": None, "active_model": None}
