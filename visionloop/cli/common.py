@@ -173,6 +173,15 @@ def _demo_logging() -> None:
     logthrottle.install()
 
 
+def unknown_name_hint(name: str, allowed: Sequence[str]) -> str:
+    """What to say of a name that is not among `allowed`: its close matches (as Ultralytics says
+    of an unknown argument), or every allowed name when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(allowed), n=3, cutoff=0.6)
+    return f"did you mean {' or '.join(close)}?" if close else f"allowed: {', '.join(sorted(allowed))}"
+
+
 def report_table(title: str, *columns: str, **options: Any) -> Table:
     """A report table whose cells wrap rather than being cut (ids stay whole at any terminal width)."""
     found = Table(title=title, **options)

@@ -9,7 +9,15 @@ from typing import Annotated, Any
 
 import typer
 
-from visionloop.cli.common import ConfigOpt, _attach, _settings, app, console, out
+from visionloop.cli.common import (
+    ConfigOpt,
+    _attach,
+    _settings,
+    app,
+    console,
+    out,
+    unknown_name_hint,
+)
 
 
 @app.command("import")
@@ -60,14 +68,10 @@ def _refuse(reason: str, message: str) -> None:
 
 
 def _training_arguments(pairs: list[str], allowed: frozenset[str]) -> list[str]:
-    import difflib
-
     for pair in pairs:
         name = pair.partition("=")[0].strip()
         if "=" not in pair or name not in allowed:
-            close = difflib.get_close_matches(name, sorted(allowed), n=3, cutoff=0.6)
-            hint = f"did you mean {' or '.join(close)}?" if close else f"allowed: {', '.join(sorted(allowed))}"
-            _refuse("unknown_hyperparameter", f"{pair!r} is not a training argument NAME=VALUE; {hint}")
+            _refuse("unknown_hyperparameter", f"{pair!r} is not a training argument NAME=VALUE; {unknown_name_hint(name, list(allowed))}")
     return pairs
 
 

@@ -21,6 +21,7 @@ from visionloop.cli.common import (
     release_app,
     show_rows,
     trainer_app,
+    unknown_name_hint,
 )
 
 # -- the trainer ------------------------------------------------------------------------------------
@@ -54,14 +55,9 @@ def trainer_request(
     overrides = dict(_hyperparameter(p) for p in set_ or [])
     unknown = sorted(set(overrides) - TUNABLE)
     if unknown:
-        import difflib
-
         for name in unknown:
-            close = difflib.get_close_matches(name, sorted(TUNABLE), n=3, cutoff=0.6)
-            hint = f"did you mean {' or '.join(close)}?" if close else "no close match"
-            console.print(f"[red]refused (unknown_hyperparameter)[/]: {name!r} is not a training argument; {hint}",
-                          highlight=False, soft_wrap=True)
-        console.print(f"allowed: {', '.join(sorted(TUNABLE))}", highlight=False, soft_wrap=True)
+            console.print(f"[red]refused (unknown_hyperparameter)[/]: {name!r} is not a training argument; "
+                          f"{unknown_name_hint(name, sorted(TUNABLE))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     settings = _attach(_settings(config))
     envelope = asyncio.run(publish_once(
