@@ -128,6 +128,7 @@ def _logging(level: str) -> None:
 
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML or TOML settings file (VL_CONFIG).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")]
 WriteDocsOpt = Annotated[bool, typer.Option("--write-docs", help="Write the plot to docs/benchmarks/ (default: .visionloop/bench/).")]
 
 DatasetOpt = Annotated[Path | None, typer.Option(
