@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import os
 import time
 import uuid
-import zipfile
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -51,7 +49,7 @@ from visionloop.demo.effort import Actions
 from visionloop.demo.wait import wait_until
 from visionloop.demo.progress import Step
 from visionloop.demo.sizes import WorldSize
-from visionloop.demo.world import Item, ItemKind, publish
+from visionloop.demo.world import Item, ItemKind, frozen_test_zip, publish
 
 log = logging.getLogger(__name__)
 
@@ -344,19 +342,10 @@ class Demo:
 
     async def _import_test_set(self, http: httpx.AsyncClient, token: str, classes: tuple[str, ...], n: int, *, offset: int) -> None:
         """Import `n` labelled scenes as the frozen test set, as an admin would (a COCO zip)."""
-        from visionloop.libs.formats import LabelledImage, coco_document
-
         items = [i for i in self.world.test_set(n, classes, offset=offset) if i.kind is ItemKind.FRESH]
         self.test_items.extend(items)
-        images = [LabelledImage(file_name=f"{i.image_id}.jpg", width=i.width, height=i.height, boxes=tuple(i.truth or ()),
-                                split="test", image_id=i.image_id) for i in items]
-        archive = io.BytesIO()
-        with zipfile.ZipFile(archive, "w") as z:
-            z.writestr("annotations/test.json", json.dumps(coco_document(images, list(classes))))
-            for item in items:
-                z.writestr(f"images/{item.image_id}.jpg", item.data)
         response = await http.post(f"/v1/projects/{self.project}/import", params={"format": "coco", "test_set": "true"},
-                                   content=archive.getvalue(), headers={"Authorization": f"Bearer {token}", "Content-Type": "application/zip"})
+                                   content=frozen_test_zip(items, classes), headers={"Authorization": f"Bearer {token}", "Content-Type": "application/zip"})
         response.raise_for_status()
         self.progress(f"imported {len(items)} test images ({', '.join(classes)})")
         await self.until("the test set verified", lambda: len([e for e in self.of("label.verified") if e["payload"].get("for_test_set")])

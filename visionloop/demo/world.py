@@ -480,3 +480,21 @@ async def publish(
     finally:
         await producer.stop()
     return envelopes
+
+
+def frozen_test_zip(items: Sequence[Item], classes: Sequence[str]) -> bytes:
+    """`items` as a COCO zip of a frozen test set (`annotations/test.json` + `images/`), the way an
+    admin imports one (`POST /v1/projects/{p}/import?format=coco&test_set=true`)."""
+    import json
+    import zipfile
+
+    from visionloop.libs.formats import LabelledImage, coco_document
+
+    images = [LabelledImage(file_name=f"{i.image_id}.jpg", width=i.width, height=i.height, boxes=tuple(i.truth or ()),
+                            split="test", image_id=i.image_id) for i in items]
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("annotations/test.json", json.dumps(coco_document(images, list(classes))))
+        for item in items:
+            z.writestr(f"images/{item.image_id}.jpg", item.data)
+    return archive.getvalue()

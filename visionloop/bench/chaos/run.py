@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
-import json
 import logging
 import statistics
 import time
-import zipfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
@@ -210,25 +207,18 @@ class ChaosRun:
         """The frozen test set, imported by an admin as a COCO zip (retried while the gateway is down)."""
         import httpx
 
-        from visionloop.demo.world import ItemKind, World
-        from visionloop.libs.formats import LabelledImage, coco_document
+        from visionloop.demo.world import ItemKind, World, frozen_test_zip
 
         world = World(self.cfg.seed + 1000 + offset, classes, width=self.cfg.width, height=self.cfg.height,
                       objects=self.cfg.objects, size=self.cfg.size)
         items = [i for i in world.stream(n) if i.kind is ItemKind.FRESH]
-        images = [LabelledImage(file_name=f"{i.image_id}.jpg", width=i.width, height=i.height, boxes=tuple(i.truth or ()),
-                                split="test", image_id=i.image_id) for i in items]
-        archive = io.BytesIO()
-        with zipfile.ZipFile(archive, "w") as z:
-            z.writestr("annotations/test.json", json.dumps(coco_document(images, list(classes))))
-            for item in items:
-                z.writestr(f"images/{item.image_id}.jpg", item.data)
+        archive = frozen_test_zip(items, classes)
         schema = self.settings.schema_for("labeling-gateway")
         before = await self.pool.fetchval(f'SELECT count(*) FROM "{schema}".imports WHERE project = $1', PROJECT)
         for _ in range(60):
             try:
                 response = await http.post(f"/v1/projects/{PROJECT}/import", params={"format": "coco", "test_set": "true"},
-                                           content=archive.getvalue(),
+                                           content=archive,
                                            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/zip"})
                 if response.status_code < 500:
                     response.raise_for_status()
