@@ -134,19 +134,23 @@ def _decision_reader(settings: Any, fetch_wait_ms: int) -> Any:
     )
 
 
-def _accepted_event(refs: list[Any], n: int) -> tuple[str, bytes, bytes]:
-    """The `n`th `image accepted` of the run: its event id, key and serialised envelope."""
+def accepted_event(ref: Any, submission_id: str, *, producer: str = "bench/driver") -> tuple[str, bytes, bytes]:
+    """An `image accepted` of a stored image: its event id, key (the image id) and serialised envelope."""
     from visionloop.contracts import Envelope, ImageAccepted, ImageHashes, ImageRef, ImageSource
 
-    ref = refs[n % len(refs)]
     payload = ImageAccepted(
-        submission_id=f"bench-{n}",
+        submission_id=submission_id,
         image=ImageRef(image_id=ref.sha256, blob_uri=ref.uri, width=640, height=480, format="JPEG", byte_size=ref.size),
         source=ImageSource(domain={"site": "bench"}, source_system="bench"),
         hashes=ImageHashes(phash="0" * 16),
     )
-    envelope = Envelope.of(payload, producer="bench/driver", project="bench")
+    envelope = Envelope.of(payload, producer=producer, project="bench")
     return str(envelope.event_id), ref.sha256.encode(), envelope.model_dump_json().encode()
+
+
+def _accepted_event(refs: list[Any], n: int) -> tuple[str, bytes, bytes]:
+    """The `n`th `image accepted` of the run (the stored images cycled)."""
+    return accepted_event(refs[n % len(refs)], f"bench-{n}")
 
 
 @dataclass

@@ -113,20 +113,9 @@ def _recognizer_stream(settings: Any) -> Stream:
 
 def _accepted(prefix: str, refs: list[Any], count: int) -> list[Message]:
     """`count` `image accepted` events over the stored images (cycled), keyed by image id."""
-    from visionloop.contracts import Envelope, ImageAccepted, ImageHashes, ImageRef, ImageSource
+    from visionloop.bench.recognizer import accepted_event
 
-    out = []
-    for n in range(count):
-        ref = refs[n % len(refs)]
-        payload = ImageAccepted(
-            submission_id=f"{prefix}-{n}",
-            image=ImageRef(image_id=ref.sha256, blob_uri=ref.uri, width=640, height=480, format="JPEG", byte_size=ref.size),
-            source=ImageSource(domain={"site": "bench"}, source_system="bench"),
-            hashes=ImageHashes(phash="0" * 16),
-        )
-        envelope = Envelope.of(payload, producer="bench/scale", project="bench")
-        out.append((str(envelope.event_id), ref.sha256.encode(), envelope.model_dump_json().encode()))
-    return out
+    return [accepted_event(refs[n % len(refs)], f"{prefix}-{n}", producer="bench/scale") for n in range(count)]
 
 
 async def _settled(settings: Any, names: list[str], members: int) -> float:
