@@ -273,9 +273,7 @@ def synthetic_detector(cache_dir: Path, *, state_dir: Path | None = None, recipe
     from visionloop.libs.scenes import render_scene
 
     recipe = recipe or SYNTHETIC_RECIPE
-    ul_version = _version("ultralytics")
-    key = recipe_key({**recipe, "ultralytics": ul_version, "torch": _version("torch")})
-    folder = Path(cache_dir).resolve() / key
+    folder = _synthetic_folder(cache_dir, recipe)
     state_dir = state_dir or folder / "state"
     weights = folder / "best.pt"
     classes = tuple(recipe["classes"])
@@ -302,6 +300,17 @@ def synthetic_detector(cache_dir: Path, *, state_dir: Path | None = None, recipe
                 os.replace(weights.with_suffix(".tmp"), weights)
                 (folder / "recipe.json").write_text(json.dumps(recipe, indent=2))
     return SyntheticDetector(folder=folder, weights=weights, class_names=classes, state_dir=state_dir)
+
+
+def _synthetic_folder(cache_dir: Path, recipe: dict[str, Any]) -> Path:
+    """Where `synthetic_detector` keeps what `recipe` trains: keyed by the recipe and the Ultralytics and torch versions."""
+    key = recipe_key({**recipe, "ultralytics": _version("ultralytics"), "torch": _version("torch")})
+    return Path(cache_dir).resolve() / key
+
+
+def synthetic_detector_cached(cache_dir: Path, recipe: dict[str, Any] | None = None) -> bool:
+    """Whether `synthetic_detector(cache_dir, recipe)` has its detector on disk already (no training)."""
+    return (_synthetic_folder(cache_dir, recipe or SYNTHETIC_RECIPE) / "best.pt").exists()
 
 
 def _version(package: str) -> str:

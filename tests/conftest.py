@@ -90,6 +90,27 @@ def s3_endpoint() -> Iterator[str]:
     server.stop()
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Train the suite's shared detector (tests/detector.py) before the first test, when a test
+    that will run uses it and this checkout has not trained it yet: on a fresh clone that is one
+    to five minutes on two cores, which no single test's timeout should pay for (the first one
+    that asked for it used to: seen, a 300 s timeout on a slow machine)."""
+    import sys
+
+    detector = sys.modules.get("detector")
+    if detector is None or session.config.option.collectonly:
+        return
+    users = any(getattr(value, "__module__", None) == "detector"
+                for item in session.items if (module := getattr(item, "module", None)) is not None
+                for value in vars(module).values())
+    if not users or detector.is_trained():
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("training the test suite's detector once for this checkout (a few minutes; cached after)")
+    detector.trained()
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
     """With VL_DOORS_SUMMARY set (`make doors`), one last line `doors: N passed, M failed` (zeros included)."""
     import os

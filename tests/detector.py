@@ -11,9 +11,14 @@ import functools
 import io
 from pathlib import Path
 
-from visionloop.libs.yolo import SyntheticDetector, synthetic_detector
+from visionloop.libs.yolo import SyntheticDetector, synthetic_detector, synthetic_detector_cached
 
 TEST_STATE = Path(__file__).resolve().parent.parent / ".visionloop" / "test"
+
+
+def is_trained() -> bool:
+    """Whether `trained()` will find its detector on disk (or already has it)."""
+    return trained.cache_info().currsize > 0 or synthetic_detector_cached(TEST_STATE / "models")
 
 
 @functools.cache
