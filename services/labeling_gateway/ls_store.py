@@ -44,8 +44,9 @@ async def store_webhook(conn: asyncpg.Connection, s: str, project: str, action: 
 
 
 async def claim_webhooks(conn: asyncpg.Connection, s: str, limit: int, claim_s: float) -> list[asyncpg.Record]:
-    """Claim pending webhooks (and ones whose claim ran out: a worker died) for processing."""
-    return await conn.fetch(
+    """Claim pending webhooks (and ones whose claim ran out: a worker died) for processing, oldest
+    first (UPDATE ... RETURNING does not keep the subquery's order: sorted here)."""
+    rows = await conn.fetch(
         f"""UPDATE {s}.webhooks w SET state = 'processing', attempts = attempts + 1,
                    claimed_until = now() + make_interval(secs => $2)
             FROM (SELECT id FROM {s}.webhooks
@@ -57,6 +58,7 @@ async def claim_webhooks(conn: asyncpg.Connection, s: str, limit: int, claim_s: 
         limit,
         claim_s,
     )
+    return sorted(rows, key=lambda r: r["id"])
 
 
 async def finish_webhook(conn: asyncpg.Connection, s: str, webhook_id: int, state: str, error: str | None = None) -> bool:
