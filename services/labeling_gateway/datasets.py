@@ -38,12 +38,7 @@ from visionloop.libs.formats import FormatError, LabelledImage
 from visionloop.services.labeling_gateway import store
 from visionloop.services.labeling_gateway.api_models import ImportOut
 from visionloop.services.labeling_gateway.auth import Principal, sign
-from visionloop.services.labeling_gateway.decide import (
-    MAX_ISSUES_SHOWN,
-    Refusal,
-    label_submitted,
-    no_import_training,
-)
+from visionloop.services.labeling_gateway.decide import MAX_ISSUES_SHOWN, Refusal, label_submitted
 
 if TYPE_CHECKING:
     from visionloop.services.labeling_gateway.http import Gateway
@@ -393,12 +388,11 @@ async def import_(
 
 
 async def _ask_training(gw: "Gateway", project: str, out: ImportOut, training: dict[str, Any] | None, principal: Principal) -> ImportOut:
-    """One `training requested` for the whole import (the trainer waits for its labels), or none
-    (`decide.no_import_training` says why)."""
-    refused = no_import_training(asked=training is not None, images=out.images, tests=out.test_set)
-    if refused is not None:
-        return out.model_copy(update={"training": refused})
-    training = training or {}
+    """One `training requested` for the whole import (the trainer waits for its labels), or none."""
+    if training is None:
+        return out.model_copy(update={"training": "none asked (train=false): the import's labels never fire the count trigger"})
+    if out.images == 0:
+        return out.model_copy(update={"training": "none: the import sent no new label set"})
     request = TrainingRequested(trigger=TrainingTrigger.IMPORT, requested_by=principal.user_id, hyperparameters=training,
                                 import_id=out.import_id, import_labels=out.images)
     async with gw.runtime.transaction() as unit:

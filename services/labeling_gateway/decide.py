@@ -394,19 +394,6 @@ def label_submitted(
     )
 
 
-def no_import_training(*, asked: bool, images: int, tests: int) -> str | None:
-    """Why an import asks for no training run (`ImportOut.training`), or None when it asks for one:
-    not asked (`train=false`), no new label set, or every label set for the frozen test set (a run
-    would fail `not_enough_data`: the test set never trains)."""
-    if not asked:
-        return "none asked (train=false): the import's labels never fire the count trigger"
-    if images == 0:
-        return "none: the import sent no new label set"
-    if tests >= images:
-        return f"none: all {images} label sets of the import are for the frozen test set, which never trains"
-    return None
-
-
 def training_arguments(pairs: list[str]) -> dict[str, str | int | float | bool]:
     """`NAME=VALUE` training arguments of an import, typed (numbers and booleans); refused with a reason."""
     found: dict[str, str | int | float | bool] = {}

@@ -37,7 +37,6 @@ from visionloop.services.labeling_gateway.decide import (
     handled_per_s,
     instance_state,
     label_submitted,
-    no_import_training,
     prepare_submission,
     reannotate_tasks,
     release_row,
@@ -178,11 +177,3 @@ def test_what_the_dashboard_keeps_of_releases_and_devices() -> None:
     assert (release_row(back)["kind"], release_row(back)["rollback_to"]) == ("server", "yard-detector v1")
     report = device_row(DeviceStatus(fleet="cams", device_id="cam-1", state=DeviceState.FAILED, model=model))
     assert report == {"release_id": "", "device_id": "cam-1", "fleet": "cams", "state": "failed", "reason": None, "active_model": None}
-
-
-def test_an_import_asks_for_a_run_only_when_it_brings_training_images() -> None:
-    assert no_import_training(asked=True, images=14, tests=3) is None
-    assert no_import_training(asked=False, images=14, tests=3).startswith("none asked (train=false)")
-    assert no_import_training(asked=True, images=0, tests=0) == "none: the import sent no new label set"
-    # A frozen test set alone: a run would fail not_enough_data (seen: the demo's first run, 0 training images).
-    assert "frozen test set" in no_import_training(asked=True, images=20, tests=20)

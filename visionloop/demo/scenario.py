@@ -266,16 +266,9 @@ class Demo:
         project = self.project if project == "" else project
         return [e for e in self.events if e.get("event_type") == event_type and (project is None or e.get("project") == project)]
 
-    async def until(self, what: str, predicate: Any, timeout: float | None = None, *, training: bool = False) -> Any:
-        """Wait for `predicate`; with `training`, for as long as training epochs go on, and `timeout` after the last one."""
+    async def until(self, what: str, predicate: Any, timeout: float | None = None) -> Any:
         limit = timeout or self.cfg.timeout_s
-        since = " of the last training epoch" if training else ""
-        return await wait_until(predicate, limit, 0.2, lambda: TimeoutError(f"demo: {what} did not happen within {limit:.0f} s{since}"),
-                                progress=self._epochs_done if training else None)
-
-    def _epochs_done(self) -> int:
-        """Training epochs done so far, every run together (grows while any run trains)."""
-        return sum(done for done, _ in self._run_epochs.values())
+        return await wait_until(predicate, limit, 0.2, lambda: TimeoutError(f"demo: {what} did not happen within {limit:.0f} s"))
 
     # -- the run ------------------------------------------------------------------------------------
     async def run(self, settings: Any) -> dict[str, Any]:
@@ -401,7 +394,7 @@ class Demo:
         await publish_once(settings, TrainingRequested(requested_by="demo"), project=self.project, producer="demo", key=self.project)
         self.progress(f"{name}: {len(fresh)} images labelled; training model v{version}")
         evaluated = await self.until(f"model v{version} evaluated", lambda: next(
-            (e for e in self.of("model.evaluated") if e["payload"]["lineage"]["model"]["version"] == version), None), training=True)
+            (e for e in self.of("model.evaluated") if e["payload"]["lineage"]["model"]["version"] == version), None))
         log_.model = {"version": version, "passed": evaluated["payload"]["passed"], "metrics": evaluated["payload"]["candidate"],
                       "champion": evaluated["payload"].get("champion"), "failures": evaluated["payload"]["failures"],
                       "classes": evaluated["payload"]["lineage"]["class_names"]}
