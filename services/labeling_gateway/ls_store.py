@@ -45,20 +45,20 @@ async def store_webhook(conn: asyncpg.Connection, s: str, project: str, action: 
 
 async def claim_webhooks(conn: asyncpg.Connection, s: str, limit: int, claim_s: float) -> list[asyncpg.Record]:
     """Claim pending webhooks (and ones whose claim ran out: a worker died) for processing, oldest
-    first (UPDATE ... RETURNING does not keep the subquery's order: sorted here)."""
-    rows = await conn.fetch(
-        f"""UPDATE {s}.webhooks w SET state = 'processing', attempts = attempts + 1,
+    first (UPDATE ... RETURNING does not keep the subquery's order: the outer SELECT orders them)."""
+    return await conn.fetch(
+        f"""WITH claimed AS (UPDATE {s}.webhooks w SET state = 'processing', attempts = attempts + 1,
                    claimed_until = now() + make_interval(secs => $2)
             FROM (SELECT id FROM {s}.webhooks
                   WHERE (state = 'pending' AND (claimed_until IS NULL OR claimed_until <= now()))
                      OR (state = 'processing' AND claimed_until <= now())
                   ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) c
             WHERE w.id = c.id
-            RETURNING w.id, w.project, w.action, w.body, w.attempts""",
+            RETURNING w.id, w.project, w.action, w.body, w.attempts)
+            SELECT * FROM claimed ORDER BY id""",
         limit,
         claim_s,
     )
-    return sorted(rows, key=lambda r: r["id"])
 
 
 async def finish_webhook(conn: asyncpg.Connection, s: str, webhook_id: int, state: str, error: str | None = None) -> bool:
