@@ -1,6 +1,6 @@
 """The test suite's detector: trained once from a yaml on synthetic scenes, cached across sessions.
 
-`trained()` trains `libs.yolo.SYNTHETIC_RECIPE` (about a minute on two cores the first time)
+`trained()` trains `libs.yolo.SYNTHETIC_RECIPE` (2-4 minutes on two cores the first time)
 under `.visionloop/test/models/<recipe hash>/` and reuses it afterwards. Nothing is downloaded and
 no model file is committed.
 """

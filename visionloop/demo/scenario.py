@@ -93,9 +93,12 @@ class DemoConfig(WorldSize):
 
     @classmethod
     def quick(cls) -> "DemoConfig":
-        """A run small enough for CI (about 3 minutes on two cores); its models learn little."""
+        """A small run (7-16 minutes on two cores, measured); its models learn little.
+
+        Every wait has the full demo's limit (`timeout_s`): on a slow two-core machine round 1's
+        training alone took 5 minutes, and a 300 s limit gave up at epoch 28 of 30."""
         return cls(rounds=(150, 60, 60), test_images=20, new_class_test_images=8, width=160, height=120, imgsz=128, epochs=30,
-                   finetune_epochs=8, batch=8, agents=3, timeout_s=300.0)
+                   finetune_epochs=8, batch=8, agents=3)
 
 
 @dataclass
