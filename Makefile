@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= $(or $(VL_VENV),$(HOME)/.local/share/visionloop/venv)
 VL := $(VENV)/bin/visionloop
 
-.PHONY: help setup demo demo-quick smoke up test test-slow test-all doors contracts contracts-check bench-bus compose-check clean
+.PHONY: help setup demo demo-quick smoke up test test-slow test-long test-all doors contracts contracts-check bench-bus compose-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -14,7 +14,7 @@ setup:  ## create or reuse the environment and install this checkout
 demo: setup  ## set up and run the whole loop in three rounds on the embedded stack; writes a report
 	$(VL) demo
 
-demo-quick: setup  ## the CI-sized demo (about 3 minutes)
+demo-quick: setup  ## the small demo (3 to 16 minutes on 2 vCPU, by machine)
 	$(VL) demo --quick
 
 smoke: setup  ## start the embedded stack, push one sample image through, stop
@@ -23,13 +23,16 @@ smoke: setup  ## start the embedded stack, push one sample image through, stop
 up: setup  ## set up and run every service on the embedded stack until Ctrl-C
 	$(VL) up
 
-test:  ## set up and run the test suite without the slow real-stack tests (under 10 minutes on 2 vCPU)
-	./scripts/test.sh -m "not slow"
+test:  ## set up and run the test suite without the slow and long tests (7-13 minutes on 2 vCPU)
+	./scripts/test.sh -m "not slow and not long"
 
-test-slow:  ## the slow real-stack tests only (demo, benches, chaos, training, `up`); CI runs them after `make test`
+test-slow:  ## the slow real-stack tests (training runs, releases to agents); CI runs them after `make test`
 	./scripts/test.sh -m slow
 
-test-all:  ## every test in one run (what CI runs, in two parts)
+test-long:  ## the quick demo, the benches, reduced chaos, `up` with processes (about 50 minutes on a slow 2 vCPU; not in CI)
+	./scripts/test.sh -m long
+
+test-all:  ## every test in one run
 	./scripts/test.sh
 
 DOORS := ingest_hostile ingest_http ingest_inspect ingest_sources ingest_policy security fuzz_http fuzz_events \

@@ -14,7 +14,7 @@ import pytest
 REQUIRED = ("events_per_s", "raw_events_per_s", "ratio_vs_raw", "hop_p50_ms", "hop_p99_ms")
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_bench_bus_prints_its_figures_as_a_last_json_line(tmp_path: Path) -> None:
     # Run from a scratch folder: the bench's PostgreSQL data and its plot go under the current folder.
     done = subprocess.run(

@@ -37,7 +37,7 @@ from visionloop.libs.embedded import EmbeddedBroker
 from visionloop.libs.kafka import client_kwargs, consumer_kwargs, ensure_named
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_reduced_chaos_loses_and_duplicates_nothing(database_url: str, tmp_path: Path) -> None:
     started = time.monotonic()
     result = run_chaos_bench(ChaosConfig.ci(), state=tmp_path / "chaos", database_url=database_url, plot=tmp_path / "chaos.png")

@@ -137,7 +137,7 @@ def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> QuickDemo:
                     _watch(demo, err, folder, run)
                 except Exception as exc:  # the demo's own test still judges the run
                     run.browser_error = f"{type(exc).__name__}: {exc}"
-            demo.wait(timeout=600)
+            demo.wait(timeout=2300)
         finally:
             if demo.poll() is None:  # Ctrl-C first, so the demo stops its embedded PostgreSQL and broker
                 demo.send_signal(signal.SIGINT)
@@ -151,8 +151,8 @@ def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> QuickDemo:
     return run
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.long
+@pytest.mark.timeout(2400)
 def test_quick_demo_closes_the_loop_three_times(quick_demo: QuickDemo) -> None:
     assert quick_demo.returncode == 0, quick_demo.stderr[-4000:]
     summary = json.loads(quick_demo.stdout.strip().splitlines()[-1])
@@ -179,8 +179,8 @@ def test_quick_demo_closes_the_loop_three_times(quick_demo: QuickDemo) -> None:
     assert re.search(r"round 3 · edge agents activated v3.*\b3/3\b", log), log[-3000:]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)  # when it runs alone, the demo starts here
+@pytest.mark.long
+@pytest.mark.timeout(2400)  # when it runs alone, the demo starts here
 def test_dashboard_shows_the_quick_demo_live_in_chromium(quick_demo: QuickDemo) -> None:
     if shutil.which("chromium") is None:
         pytest.skip("chromium is not installed (apt-get install chromium): the demo ran without a browser watching")

@@ -84,7 +84,7 @@ def test_up_runs_until_interrupted_and_stops_everything(state_dir: Path) -> None
     assert not (state_dir / "postgres" / "postmaster.pid").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_up_processes_restarts_killed_services_one_by_one(state_dir: Path, tmp_path: Path) -> None:
     """`up --processes`: each service its own process; a SIGKILLed one comes back and serves; `restart` restarts one."""
     from visionloop.libs.scenes import render_scene
@@ -139,7 +139,7 @@ def test_up_processes_restarts_killed_services_one_by_one(state_dir: Path, tmp_p
     assert not any((ready / f"{name}.json").exists() for name in ("ingest", "dedup"))
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_up_replicas_share_port_and_group_and_a_killed_broker_is_restarted(state_dir: Path, tmp_path: Path) -> None:
     """`up --processes --replicas ingest=2,dedup=2`: two processes each, one HTTP port, one consumer
     group; then the embedded broker is SIGKILLed: `up` says so in one line, starts it again, and

@@ -101,7 +101,7 @@ def bench_release(
 
 @bench_app.command("loop")
 def bench_loop(
-    quick: Annotated[bool, typer.Option("--quick", help="The CI-sized scenario, every arm, one seed unless --seeds.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="The quick demo's scenario, every arm, one seed unless --seeds.")] = False,
     rounds: Annotated[str | None, typer.Option(help="Images per round: bootstrap,review,new-class (default 100,400,120).")] = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds per arm (default 3; --quick: 1).", min=1)] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs of the first model (default 30); another budget is another row.", min=1)] = None,

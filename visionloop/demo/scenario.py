@@ -61,7 +61,7 @@ auto-accept); pre-labels reviewed, and auto-accepted where calibration allows (t
 
 @dataclass(frozen=True)
 class DemoConfig(WorldSize):
-    """The scenario's size (`WorldSize`, the demo's defaults) and its arm; `quick()` is the CI-sized one."""
+    """The scenario's size (`WorldSize`, the demo's defaults) and its arm; `quick()` is the small one."""
 
     timeout_s: float = 900.0
     arm: str = "loop"
