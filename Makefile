@@ -29,7 +29,7 @@ test:  ## set up and run the test suite without the slow and long tests (7-13 mi
 test-slow:  ## the slow real-stack tests (training runs, releases to agents); CI runs them after `make test`
 	./scripts/test.sh -m slow
 
-test-long:  ## the quick demo, the benches, reduced chaos, `up` with processes (about 50 minutes on a slow 2 vCPU; not in CI)
+test-long:  ## the quick demo, the benches, reduced chaos, `up` with processes (about 33 minutes on a slow 2 vCPU; not in CI)
 	./scripts/test.sh -m long
 
 test-all:  ## every test in one run
