@@ -14,7 +14,7 @@ setup:  ## create or reuse the environment and install this checkout
 demo: setup  ## set up and run the whole loop in three rounds on the embedded stack; writes a report
 	$(VL) demo
 
-demo-quick: setup  ## the small demo (3 to 16 minutes on 2 vCPU, by machine)
+demo-quick: setup  ## the small demo (3 to 11 minutes on 2 vCPU, by machine)
 	$(VL) demo --quick
 
 smoke: setup  ## start the embedded stack, push one sample image through, stop
@@ -23,7 +23,7 @@ smoke: setup  ## start the embedded stack, push one sample image through, stop
 up: setup  ## set up and run every service on the embedded stack until Ctrl-C
 	$(VL) up
 
-test:  ## set up and run the test suite without the slow and long tests (7-13 minutes on 2 vCPU)
+test:  ## set up and run the test suite without the slow and long tests (7-14 minutes on 2 vCPU)
 	./scripts/test.sh -m "not slow and not long"
 
 test-slow:  ## the slow real-stack tests (training runs, releases to agents); CI runs them after `make test`

@@ -27,7 +27,7 @@ demo_app.add_typer(world_app, name="world")
 @demo_app.callback(invoke_without_command=True)
 def demo(
     ctx: typer.Context,
-    quick: Annotated[bool, typer.Option("--quick", help="A small run (3 to 16 minutes on two cores, by machine); its models learn little.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A small run (3 to 11 minutes on two cores, by machine); its models learn little.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="End with one JSON line summarising the report.")] = False,
     dataset: DatasetOpt = None,
     world: WorldOpt = "photo",

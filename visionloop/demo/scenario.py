@@ -93,7 +93,7 @@ class DemoConfig(WorldSize):
 
     @classmethod
     def quick(cls) -> "DemoConfig":
-        """A small run (3 to 16 minutes on two cores, by machine); its models learn little.
+        """A small run (3 to 11 minutes on two cores, by machine); its models learn little.
 
         Every wait has the full demo's limit (`timeout_s`): on a slow two-core machine round 1's
         training alone took 5 minutes, and a 300 s limit gave up at epoch 28 of 30."""
