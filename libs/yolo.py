@@ -14,7 +14,6 @@ itself, or from a local checkpoint the operator named: nothing is ever downloade
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -62,8 +61,7 @@ def configure(state_dir: Path) -> Path:
     """Prepare Ultralytics' environment under `state_dir`; return its private config folder.
 
     Sets `YOLO_CONFIG_DIR=<state_dir>/ultralytics`, `YOLO_OFFLINE=1`, `YOLO_AUTOINSTALL=0` and
-    `YOLO_VERBOSE=0` (unless already set) and `OMP_NUM_THREADS` to every core unless set (see
-    `cpu_threads`), and places a TTF there as `Ultralytics/Arial.ttf` and
+    `YOLO_VERBOSE=0` (unless already set), and places a TTF there as `Ultralytics/Arial.ttf` and
     `Arial.Unicode.ttf` so plotting never downloads one. Must run before `import ultralytics`;
     `ultralytics()` does both in the right order.
     """
@@ -79,8 +77,6 @@ def configure(state_dir: Path) -> Path:
     os.environ["YOLO_OFFLINE"] = "1"
     os.environ["YOLO_AUTOINSTALL"] = "0"
     os.environ.setdefault("YOLO_VERBOSE", "0")
-    if "ultralytics" not in sys.modules:  # else Ultralytics has set it to 1 when it was unset
-        os.environ.setdefault("OMP_NUM_THREADS", str(cpu_threads()))
     return config_dir
 
 
@@ -116,15 +112,13 @@ def ultralytics(state_dir: Path) -> ModuleType:
 
 
 def cpu_threads() -> int:
-    """The threads torch computes with on CPU here: `OMP_NUM_THREADS` when it is set (`configure`
-    sets it before Ultralytics' import would set it to 1), else every core this process may use.
+    """The threads torch computes with on CPU here: every core this process may use.
 
     Ultralytics' `select_device` sets `min(8, cores - 1)`, leaving a core to its dataloader
     workers; training here uses none (`workers: 0`), so on two cores it trained on one thread.
+    (`OMP_NUM_THREADS` is not read: Ultralytics' import sets it to 1 when it is unset, so 1 does not
+    tell an operator's choice from Ultralytics' default.)
     """
-    with contextlib.suppress(ValueError):
-        if (asked := int(os.environ.get("OMP_NUM_THREADS", ""))) > 0:
-            return asked
     if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
