@@ -26,7 +26,7 @@ up: setup  ## set up and run every service on the embedded stack until Ctrl-C
 test:  ## set up and run the test suite without the slow and long tests (7-14 minutes on 2 vCPU)
 	./scripts/test.sh -m "not slow and not long"
 
-test-slow:  ## the slow real-stack tests (training runs, releases to agents); CI runs them after `make test`
+test-slow:  ## the slow real-stack tests (training runs, a canary rollback); CI runs them after `make test`
 	./scripts/test.sh -m slow
 
 test-long:  ## the quick demo, the benches, reduced chaos, `up` with processes (about 33 minutes on a slow 2 vCPU; not in CI)
