@@ -24,6 +24,7 @@ from visionloop.libs.bus import Runtime
 from visionloop.libs.db import quote_ident
 from visionloop.libs.formats import LabelledImage, file_name_for, write_yolo
 from visionloop.libs.manifest import Member, manifest
+from visionloop.libs.yolo import cpu_threads
 from visionloop.services.trainer import decide, pretrained, store
 from visionloop.services.trainer.config import Policy
 from visionloop.services.trainer.dataset import (
@@ -262,7 +263,7 @@ class RunWorker:
         """Train in a child process; stream its progress; kill it past the time limit."""
         stderr = open(folder / "train.log", "wb")  # noqa: SIM115 - closed below
         env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() or 1)))
+        env.setdefault("OMP_NUM_THREADS", str(cpu_threads()))  # the child trains on as many (libs/yolo.py)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "visionloop.services.trainer.child", str(folder / "job.json"),
             stdout=asyncio.subprocess.PIPE, stderr=stderr, start_new_session=True, cwd=folder, env=env,
